@@ -1,0 +1,37 @@
+# Quick start:  make demo   |   make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test lint check bench clean
+
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.done
+
+demo: setup
+	$(VENV)/bin/deferinit demo
+
+# Runs the whole suite: src doctests and tests/. Exit code 5 (no tests ran) fails.
+test: setup
+	$(PY) -m pytest src tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+check: lint test
+
+bench: setup
+	$(PY) benchmarks/forward_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

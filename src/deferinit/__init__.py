@@ -1,0 +1,51 @@
+"""deferinit: complete deferred initialization (延后初始化) for PyTorch.
+
+Write a network without input sizes; every layer's size is inferred when data
+first passes through, and parameters are created and initialized exactly as
+eager PyTorch would have.
+
+>>> import torch
+>>> from torch import nn
+>>> import deferinit as di
+>>> from deferinit import nn as dnn
+>>> net = nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10))
+>>> di.is_built(net)
+False
+>>> net(torch.randn(2, 20)).shape
+torch.Size([2, 10])
+>>> net[0]
+Linear(in_features=20, out_features=256, bias=True)
+"""
+
+import torch as _torch
+from torch.nn.parameter import UninitializedBuffer as _UB
+from torch.nn.parameter import UninitializedParameter as _UP
+
+from . import nn
+from ._api import is_built, pending, reset
+from ._deferred import Deferred, defer
+from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
+from ._initialize import initialize
+from ._rules import Rule, dim
+
+__version__ = "0.1.0"
+
+# An unbuilt model's state dict holds placeholders; let weights_only loading accept them.
+_torch.serialization.add_safe_globals([_UP, _UB])
+
+__all__ = [
+    "Deferred",
+    "DeferredInitError",
+    "InferenceError",
+    "NotBuiltError",
+    "Rule",
+    "ShapeMismatchError",
+    "__version__",
+    "defer",
+    "dim",
+    "initialize",
+    "is_built",
+    "nn",
+    "pending",
+    "reset",
+]

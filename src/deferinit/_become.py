@@ -1,0 +1,207 @@
+"""The one place where a placeholder *becomes* the layer it stands for.
+
+Why the magic: an optimizer created before the first forward, a parent's
+``_modules`` entry and a user's variable all hold the placeholder object, and
+d2l-style init functions test ``type(m) == nn.Linear``. So the real layer is
+constructed normally (its own ``__init__``, ``reset_parameters`` and RNG use, in
+the default dtype and device, exactly as eager code would), and then the same
+Python object takes over its ``__dict__`` and ``__class__``. The placeholder
+parameters themselves turn into the real ones, keeping their identity. Every
+step is recorded so that a failure leaves the layer exactly as it was.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from ._deferred import (
+    BUILD_LOCK,
+    Deferred,
+    _install_placeholders,
+    _layout,
+    constructor_call,
+    placeholder_tensors,
+)
+from ._errors import InferenceError
+from ._guard import Guard
+from ._naming import label
+from ._rules import describe
+from ._state import State, replace
+
+__all__ = ["Transaction", "become", "build_and_run", "unbecome"]
+
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _hook_tables(d: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in d.items() if isinstance(v, dict) and "hooks" in k and k not in _TABLES]
+
+
+class Transaction:
+    """Undo record of one :func:`become`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.cls = type(module)
+        self.dict = module.__dict__
+        self.hooks = {k: list(module.__dict__[k].items()) for k in _hook_tables(module.__dict__)}
+        self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
+
+    def rollback(self) -> None:
+        # Class first: a thread that looks now waits on the build lock.
+        object.__setattr__(self.module, "__class__", self.cls)
+        object.__setattr__(self.module, "__dict__", self.dict)
+        for key, items in self.hooks.items():
+            table = self.dict[key]
+            table.clear()
+            table.update(items)
+        for tensor, cls, data in self.tensors:
+            tensor.data = data
+            tensor.__class__ = cls
+
+
+def become(module: Deferred, values: dict[str, Any], *, built_from: str | None) -> Transaction:
+    """Construct the real layer with ``values`` and turn ``module`` into it."""
+    state = module._di
+    cls = type(module)
+    args, kwargs = constructor_call(cls, state.arguments, values)
+    try:
+        real = cls._di_cls(*args, **kwargs)
+    except Exception as error:
+        shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if k not in state.explicit)
+        got = f" (inferred {shown} from {built_from})" if built_from else ""
+        raise InferenceError(
+            f"{label(module)}: {cls._di_cls.__name__} could not be constructed with the "
+            f"sizes{got}: {type(error).__name__}: {error}. The layer is left unbuilt. "
+            f"Fix: pass an input whose sizes the layer accepts, or give them explicitly."
+        ) from error
+    real.train(module.training)
+    txn = Transaction(module)
+    _adopt_placeholders(module, real, txn)
+    new = real.__dict__
+    own: dict[str, list[Any]] = {}
+    for key in _hook_tables(module.__dict__):
+        table = module.__dict__[key]
+        theirs = new.get(key, {})
+        own[key] = list(theirs)
+        merged = [*theirs.items(), *table.items()]  # the layer's own hooks first, as eager
+        table.clear()
+        table.update((k, _rebind(v, real, module)) for k, v in merged)
+        new[key] = table
+    new["_di"] = replace(state, values=dict(values), built_from=built_from, own_hooks=own)
+    new["forward"] = Guard(module)
+    # Dict first, then class: a thread that looks in between finds the guard.
+    object.__setattr__(module, "__dict__", new)
+    object.__setattr__(module, "__class__", type(real))
+    return txn
+
+
+def _rebind(value: Any, old: object, new: object) -> Any:
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    return value
+
+
+def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) -> None:
+    for name, placeholder in placeholder_tensors(module):
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = real.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        table = owner._parameters if leaf in owner._parameters else owner._buffers
+        value = table.get(leaf)
+        if value is None or type(placeholder) not in (UninitializedParameter, UninitializedBuffer):
+            continue
+        data = value.data
+        if data.dtype != placeholder.dtype or data.device != placeholder.device:
+            # The user moved the placeholder (.double(), .to(device)): as eager code
+            # would, initialize in the constructor's dtype and device, then convert.
+            data = data.to(device=placeholder.device, dtype=placeholder.dtype)
+        txn.tensors.append((placeholder, type(placeholder), placeholder.data))
+        placeholder.data = data
+        placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined]
+        table[leaf] = placeholder
+
+
+def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The first forward: build from this call, initialize, run; undo on failure."""
+    with BUILD_LOCK:
+        if not isinstance(module, Deferred):  # another thread built it meanwhile
+            return module.forward(*args, **kwargs)
+        values = module.infer(args, kwargs)
+        built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
+        txn = become(module, values, built_from=built_from)
+        try:
+            from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+
+            run_registered(module)
+            return type(module).forward(module, *args, **kwargs)
+        except Exception as error:
+            txn.rollback()
+            raise InferenceError(
+                f"{label(module)}: built with {_sizes(values)} from {built_from}, but its "
+                f"forward then failed: {type(error).__name__}: {error}. The layer is left "
+                f"unbuilt, with the same placeholders. Fix: pass the input the layer "
+                f"expects (e.g. a floating-point tensor of the right rank), then call again."
+            ) from error
+
+
+def _sizes(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def unbecome(module: nn.Module) -> bool:
+    """Turn a layer that deferinit built back into a placeholder (``di.reset``).
+
+    Sizes are forgotten; initializers, hooks, train/eval mode, dtype and device
+    are kept, and so are the parameter objects (emptied in place), so an
+    optimizer that holds them keeps training them after the next build.
+    Returns whether anything changed.
+    """
+    state: State | None = module.__dict__.get("_di")
+    if state is None or isinstance(module, Deferred):
+        return False
+    cls = state.deferred
+    if len(state.explicit) == len(cls._di_rules):
+        return False  # every size was given: nothing to forget
+    fresh = replace(state, values=None, built_from=None, own_hooks={})
+    fresh.layout = _layout(cls, fresh)
+    placeholder = cls.__new__(cls)
+    nn.Module.__init__(placeholder)
+    object.__setattr__(placeholder, "_di", fresh)
+    _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
+    current = module.__dict__
+    for name, slot in placeholder_tensors(placeholder):
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        table = owner._parameters if leaf in owner._parameters else owner._buffers
+        old = table.get(leaf)
+        if old is None:
+            continue
+        target = placeholder.get_submodule(owner_name)
+        target_table = target._parameters if slot.__class__ is UninitializedParameter else target._buffers
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        old.__class__ = type(slot)
+        target_table[leaf] = old
+    new = placeholder.__dict__
+    for key in _hook_tables(current):
+        table = current[key]
+        for k in state.own_hooks.get(key, []):
+            table.pop(k, None)
+        new[key] = table
+    new["training"] = current.get("training", True)
+    object.__setattr__(module, "__class__", cls)
+    object.__setattr__(module, "__dict__", new)
+    for sub in placeholder.modules():
+        sub.training = new["training"]
+    return True

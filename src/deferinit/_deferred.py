@@ -1,0 +1,403 @@
+"""The deferred placeholder and ``di.defer``, which makes any module class deferrable."""
+
+from __future__ import annotations
+
+import copyreg
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from ._errors import InferenceError, NotBuiltError
+from ._layout import Layout, freeze, probe_layout
+from ._naming import label
+from ._rules import MISSING, Call, Rule, RuleError, as_rule
+from ._state import State
+
+__all__ = ["BUILD_LOCK", "Deferred", "defer", "is_deferred", "make_deferred"]
+
+M = TypeVar("M", bound=nn.Module)
+
+# One re-entrant lock for every build: the first calls of several threads build
+# each layer once, and a block that builds nested layers can re-enter.
+BUILD_LOCK = threading.RLock()
+
+_CLASSES: dict[Any, type[Deferred]] = {}
+_LAYOUTS: dict[Any, Layout] = {}
+
+
+class _DeferredMeta(type):
+    """Metaclass of deferred classes, only so that they pickle by recipe.
+
+    ``di.defer(Block, ...)`` creates a class at run time that no module attribute
+    names; ``copyreg`` below pickles it as "call defer(Block, ...) again".
+    """
+
+
+def _reduce_class(cls: _DeferredMeta) -> Any:
+    if cls is Deferred:
+        return "Deferred"
+    return (_redefer, (cls._di_cls, tuple(cls._di_rules.items())))  # type: ignore[attr-defined]
+
+
+def _redefer(cls: type[nn.Module], rules: tuple[tuple[str, Rule], ...]) -> type[Deferred]:
+    return defer(cls, **dict(rules))
+
+
+copyreg.pickle(_DeferredMeta, _reduce_class)
+
+
+class _Slot(nn.Module):
+    """A submodule of a placeholder that only holds placeholders (e.g. ``out_proj``),
+    so that ``state_dict`` keys equal the built layer's before the build."""
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        _save_placeholders(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # The owning placeholder loads every key of the layer itself.
+        return None
+
+
+class Deferred(nn.Module, metaclass=_DeferredMeta):
+    """A layer whose sizes are not known yet (base of every deferred class).
+
+    Create deferred classes with :func:`defer`; the twins in ``deferinit.nn`` are
+    made that way. On its first forward a placeholder infers the missing
+    constructor arguments, constructs the real layer and becomes it.
+    """
+
+    _di_cls: ClassVar[type[nn.Module]]
+    _di_rules: ClassVar[dict[str, Rule]]
+    _di_options: ClassVar[dict[str, Any]]
+    _di_init_signature: ClassVar[inspect.Signature]
+    _di_public_signature: ClassVar[inspect.Signature]
+    _di: State
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
+        explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
+        try:
+            bound = cls._di_public_signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"deferinit {cls.__name__}: {error}. It takes the arguments of "
+                f"{_qualname(cls._di_cls)}{cls._di_init_signature} except the inferred "
+                f"{_names(cls._di_rules)}, which may be given by keyword to fix them."
+            ) from None
+        super().__init__()
+        for name, rule in cls._di_rules.items():
+            if name not in explicit:
+                value = rule.static(options, explicit)
+                if value is not MISSING:
+                    explicit[name] = value
+        self._di = State(cls, dict(bound.arguments), options, explicit)
+        if len(explicit) == len(cls._di_rules):
+            from ._become import become  # noqa: PLC0415 - cyclic by nature
+
+            become(self, explicit, built_from=None)
+            return
+        layout = _layout(cls, self._di)
+        self._di.layout = layout
+        _install_placeholders(self, layout, self._di.arguments.get("device"))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Infer sizes from this call, build, initialize, and run the built layer."""
+        from ._become import build_and_run  # noqa: PLC0415 - cyclic by nature
+
+        return build_and_run(self, args, kwargs)
+
+    def infer(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Every constructor argument the rules supply, read off a forward call."""
+        values = dict(self._di.explicit)
+        call = Call(args, kwargs, forward_signature(type(self)))
+        for name, rule in type(self)._di_rules.items():
+            if name in values:
+                continue
+            try:
+                values[name] = rule.infer(call, self._di.options)
+            except RuleError as error:
+                raise InferenceError(
+                    f"{label(self)} cannot infer {name} ({rule.describe()}): expected "
+                    f"{error.expected}, got {error.got}. Fix: pass such an input, or give "
+                    f"{name}=... explicitly to build without inference."
+                ) from None
+        return values
+
+    def __repr__(self) -> str:
+        layout = self._di.layout
+        if layout is not None and layout.repr_text is not None:
+            return f"{self._get_name()}({layout.repr_text})"
+        return f"{self._get_name()}({', '.join(_constructor_args(self))})"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            state = self.__dict__.get("_di")
+            if state is None:
+                raise
+            if name in state.arguments:
+                return state.arguments[name]
+            if name in state.explicit:
+                return state.explicit[name]
+            if name in type(self)._di_rules:
+                raise _NotBuiltAttribute(
+                    f"{label(self)}: {name} is not known before the layer is built. "
+                    f"Fix: run a forward pass (or di.build(model, example)) first."
+                ) from None
+            raise
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        _save_placeholders(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        from ._checkpoint import load_into_placeholder  # noqa: PLC0415 - cyclic by nature
+
+        load_into_placeholder(self, state_dict, prefix, *args)
+
+
+class _NotBuiltAttribute(NotBuiltError, AttributeError):
+    """An inferred size read before build; also an ``AttributeError`` so ``hasattr`` works."""
+
+
+def is_deferred(module: nn.Module) -> bool:
+    """Whether ``module`` is a placeholder that has not built yet."""
+    return isinstance(module, Deferred)
+
+
+def defer(cls: type[M], **rules: Rule | Callable[..., Any]) -> type[Deferred]:
+    """Make any ``nn.Module`` class deferrable.
+
+    Each keyword names a constructor argument of ``cls`` and says how to infer it
+    from the forward arguments: :func:`deferinit.dim` or a callable of them. The
+    returned class takes ``cls``'s arguments minus the inferred ones (positional
+    arguments skip them), builds on the first forward and then *is* a ``cls``.
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self, in_dim: int, out_dim: int) -> None:
+    ...         super().__init__()
+    ...         self.proj = nn.Linear(in_dim, out_dim)
+    ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return torch.relu(self.proj(x))
+    >>> LazyBlock = di.defer(Block, in_dim=di.dim(-1))
+    >>> block = LazyBlock(out_dim=4)
+    >>> block
+    Block(in_dim=?, out_dim=4)
+    >>> block(torch.randn(2, 3)).shape, type(block) is Block
+    (torch.Size([2, 4]), True)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"di.defer expects an nn.Module class, got {cls!r}")
+    if isinstance(cls, _DeferredMeta):
+        raise TypeError(f"{cls.__name__} is already deferred; defer the original class")
+    if not rules:
+        raise TypeError(
+            f"di.defer({cls.__name__}) needs at least one rule, e.g. in_features=di.dim(-1)"
+        )
+    return make_deferred(cls, rules)
+
+
+def make_deferred(
+    cls: type[nn.Module],
+    rules: Mapping[str, Rule | Callable[..., Any]],
+    signature: inspect.Signature | None = None,
+) -> type[Deferred]:
+    """:func:`defer`, with the constructor signature given for classes whose
+    ``__init__`` only shows ``*args, **kwargs`` (torch's RNN, LSTM, GRU)."""
+    parsed = {name: as_rule(rule) for name, rule in rules.items()}
+    key: Any = (cls, tuple(parsed.items()))
+    try:
+        return _CLASSES[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable rule: no caching
+        key = None
+    if signature is None:
+        signature = inspect.signature(cls.__init__)
+        params = list(signature.parameters.values())[1:]
+    else:
+        params = list(signature.parameters.values())
+    names = {p.name for p in params}
+    unknown = [n for n in parsed if n not in names]
+    if unknown:
+        raise TypeError(
+            f"di.defer({cls.__name__}): {_names(unknown)} not a constructor argument of "
+            f"{cls.__name__}; its arguments are {', '.join(names) or 'none'}."
+        )
+    options: dict[str, Any] = {}
+    for rule in parsed.values():
+        options.update(rule.options)
+    init_signature = signature.replace(parameters=params)
+    public = init_signature.replace(parameters=[p for p in params if p.name not in parsed])
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": f"Deferred {cls.__name__}: {', '.join(parsed)} inferred from the input.",
+        "_di_cls": cls,
+        "_di_rules": parsed,
+        "_di_options": options,
+        "_di_init_signature": init_signature,
+        "_di_public_signature": public,
+    }
+    deferred = _DeferredMeta(cls.__name__, (Deferred,), namespace)
+    if key is not None:
+        _CLASSES[key] = deferred  # type: ignore[assignment]
+    return deferred  # type: ignore[return-value]
+
+
+_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
+    """The real class's forward signature without ``self`` (to find named arguments)."""
+    real = cls._di_cls
+    if real not in _FORWARD_SIGNATURES:
+        try:
+            sig = inspect.signature(real.forward)
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        except (TypeError, ValueError):
+            sig = None
+        _FORWARD_SIGNATURES[real] = sig
+    return _FORWARD_SIGNATURES[real]
+
+
+def constructor_call(
+    cls: type[Deferred], arguments: Mapping[str, Any], values: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for the real class's constructor."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    params = list(cls._di_init_signature.parameters.values())
+    has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            args.extend(arguments.get(p.name, ()))
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs.update(arguments.get(p.name, {}))
+        elif p.name in values or p.name in arguments:
+            value = values[p.name] if p.name in values else arguments[p.name]
+            if p.kind is p.POSITIONAL_ONLY or (
+                has_var_positional and p.kind is p.POSITIONAL_OR_KEYWORD
+            ):
+                args.append(value)
+            else:
+                kwargs[p.name] = value
+    return tuple(args), kwargs
+
+
+def _layout(cls: type[Deferred], state: State) -> Layout:
+    key: Any
+    try:
+        key = (cls, freeze(state.arguments), freeze(state.options), freeze(state.explicit))
+        return _LAYOUTS[key]
+    except KeyError:
+        pass
+    except TypeError:
+        key = None
+    arguments = dict(state.arguments)
+    if "device" in arguments:
+        arguments["device"] = "meta"
+
+    def construct(size: int) -> nn.Module:
+        values = dict(state.explicit)
+        for name, rule in cls._di_rules.items():
+            if name not in values:
+                values[name] = rule.provisional(size, state.options)
+        args, kwargs = constructor_call(cls, arguments, values)
+        return cls._di_cls(*args, **kwargs)
+
+    layout, error = probe_layout(construct)
+    if layout is None:
+        shown = ", ".join(_constructor_args_of(cls, state))
+        raise TypeError(
+            f"deferinit {cls.__name__}({shown}): {_qualname(cls._di_cls)} rejects these "
+            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
+        ) from error
+    if key is not None:
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
+    for qualified in layout.modules:
+        owner, _, leaf = qualified.rpartition(".")
+        module.get_submodule(owner)._modules[leaf] = _Slot()
+    for slot in layout.tensors:
+        owner_name, _, leaf = slot.name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if slot.dtype is None:
+            if slot.is_parameter:
+                owner.register_parameter(leaf, None)
+            else:
+                owner.register_buffer(leaf, None, persistent=slot.persistent)
+        elif slot.is_parameter:
+            placeholder = UninitializedParameter(slot.requires_grad, device, slot.dtype)
+            owner.register_parameter(leaf, placeholder)
+        else:
+            buffer = UninitializedBuffer(False, device, slot.dtype)
+            owner.register_buffer(leaf, buffer, persistent=slot.persistent)
+
+
+def _save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:
+    # As torch's LazyModuleMixin: UninitializedParameter cannot be detached.
+    for name, param in module._parameters.items():
+        if param is not None:
+            lazy = isinstance(param, UninitializedParameter)
+            destination[prefix + name] = param if lazy or keep else param.detach()
+    for name, buf in module._buffers.items():
+        if buf is not None and name not in module._non_persistent_buffers_set:
+            lazy = isinstance(buf, UninitializedBuffer)
+            destination[prefix + name] = buf if lazy or keep else buf.detach()
+
+
+def _constructor_args(module: Deferred) -> list[str]:
+    return _constructor_args_of(type(module), module._di)
+
+
+def _constructor_args_of(cls: type[Deferred], state: State) -> list[str]:
+    shown = []
+    for p in cls._di_init_signature.parameters.values():
+        if p.name in cls._di_rules:
+            value = state.explicit.get(p.name, MISSING)
+            shown.append(f"{p.name}={'?' if value is MISSING else repr(value)}")
+        elif p.name in state.arguments:
+            value = state.arguments[p.name]
+            if p.kind is p.VAR_POSITIONAL:
+                shown.extend(repr(v) for v in value)
+            elif p.kind is p.VAR_KEYWORD:
+                shown.extend(f"{k}={v!r}" for k, v in value.items())
+            else:
+                shown.append(f"{p.name}={value!r}")
+    shown += [f"{k}={v!r}" for k, v in state.options.items() if v != cls._di_options[k]]
+    return shown
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn.modules"):
+        module = "torch.nn"
+    return f"{module}.{cls.__qualname__}"
+
+
+def _names(names: Any) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def placeholder_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every placeholder of a deferred layer, by qualified name within it."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for prefix, sub in module.named_modules():
+        if sub is not module and not isinstance(sub, _Slot):
+            continue
+        dot = prefix + "." if prefix else ""
+        out += [(dot + n, t) for n, t in sub._parameters.items() if t is not None]
+        out += [(dot + n, t) for n, t in sub._buffers.items() if t is not None]
+    return out

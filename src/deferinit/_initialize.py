@@ -1,0 +1,144 @@
+"""``di.initialize``: MXNet-style initializers that wait for the data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, TypeVar, Union
+
+import torch
+from torch import nn
+
+from ._deferred import BUILD_LOCK, Deferred
+
+__all__ = ["Initializer", "initialize", "run_registered"]
+
+M = TypeVar("M", bound=nn.Module)
+
+Initializer = Union[Callable[[nn.Module], Any], Mapping[str, Callable[[torch.Tensor], Any]]]
+
+_DONE = "_di_initialized"  # set in a module's __dict__ once deferinit initialized it
+
+
+@dataclass(frozen=True)
+class Registered:
+    """An initializer registered on a deferred layer, and the layer's path below
+    the module given to ``initialize`` (for the glob patterns)."""
+
+    init: Initializer
+    prefix: str
+
+
+def initialize(module: M, init: Initializer | None = None, *, force_reinit: bool = False) -> M:
+    """Register ``init`` for every deferred layer below ``module``; it runs at build.
+
+    ``init`` is a function of a module, applied as by ``Module.apply``, or a mapping
+    from a glob over parameter names (qualified below ``module``; ``*.weight`` also
+    matches a top-level ``weight``) to a ``torch.nn.init`` function; each
+    parameter takes the last pattern it matches. ``None`` means each layer's own
+    ``reset_parameters``. Layers already built are initialized at once, but only
+    if deferinit never initialized them, or with ``force_reinit=True``. The latest
+    registration wins.
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> from deferinit import nn as dnn
+    >>> net = nn.Sequential(dnn.Linear(4), nn.ReLU(), dnn.Linear(2))
+    >>> _ = di.initialize(net, {"*.weight": nn.init.ones_, "*.bias": nn.init.zeros_})
+    >>> _ = net(torch.randn(1, 3))
+    >>> bool((net[0].weight == 1).all())
+    True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"di.initialize expects an nn.Module, got {type(module).__name__}")
+    _check(init)
+    with BUILD_LOCK:
+        _visit(module, "", init, force_reinit, set())
+    return module
+
+
+def _check(init: Any) -> None:
+    if init is None or callable(init):
+        return
+    if isinstance(init, Mapping):
+        bad = [k for k, v in init.items() if not (isinstance(k, str) and callable(v))]
+        if bad:
+            raise TypeError(
+                f"di.initialize: a mapping must go from a glob string to an init function "
+                f"(e.g. {{'*.weight': nn.init.xavier_uniform_}}); bad entries: {bad!r}"
+            )
+        return
+    raise TypeError(
+        f"di.initialize: init must be a function of a module, a mapping from parameter "
+        f"glob to init function, or None; got {type(init).__name__} {init!r}"
+    )
+
+
+def _visit(module: nn.Module, name: str, init: Initializer | None, force: bool, seen: set[int]) -> None:
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    prefix = name + "." if name else ""
+    if isinstance(module, Deferred):
+        module._di.init = None if init is None else Registered(init, prefix)
+        return
+    for child_name, child in module._modules.items():
+        if child is not None:
+            _visit(child, prefix + child_name, init, force, seen)
+    state = module.__dict__.get("_di")
+    if state is not None and init is not None:
+        state.init = Registered(init, prefix)  # kept for di.reset
+    if module.__dict__.get(_DONE) and not force:
+        return
+    if _apply_one(module, init, prefix):
+        object.__setattr__(module, _DONE, True)
+
+
+def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool:
+    if init is None:
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            return True
+        return False
+    if isinstance(init, Mapping):
+        return _apply_mapping(init, module._parameters.items(), prefix)
+    init(module)
+    return True
+
+
+def _apply_mapping(
+    init: Mapping[str, Callable[[torch.Tensor], Any]],
+    params: Any,
+    prefix: str,
+) -> bool:
+    applied = False
+    with torch.no_grad():
+        for name, param in params:
+            if param is None:
+                continue
+            full = prefix + name
+            chosen = None
+            for pattern, fn in init.items():
+                if fnmatchcase(full, pattern) or fnmatchcase("." + full, pattern):
+                    chosen = fn
+            if chosen is not None:
+                chosen(param)
+                applied = True
+    return applied
+
+
+def run_registered(module: nn.Module) -> None:
+    """Run the initializer registered on a layer that just built (under BUILD_LOCK)."""
+    state = module.__dict__.get("_di")
+    registered: Registered | None = state.init if state is not None else None
+    if registered is None:
+        return
+    init = registered.init
+    if isinstance(init, Mapping):
+        _apply_mapping(init, module.named_parameters(), registered.prefix)
+    else:
+        module.apply(init)
+    for sub in module.modules():
+        object.__setattr__(sub, _DONE, True)

@@ -1,0 +1,120 @@
+"""Learning what a layer will own before its sizes are known.
+
+The real class is constructed on ``meta`` with provisional sizes: that costs no
+memory and no random numbers, and tells the placeholder every parameter and
+buffer name, dtype and ``requires_grad`` flag, and the submodule tree that
+``state_dict`` keys will follow.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PROVISIONAL_SIZES", "Layout", "TensorSlot", "probe_layout"]
+
+# Stand-in sizes, tried in order. 1009 is prime, so it rarely collides with a
+# real argument when the repr replaces it by "?"; the multiples satisfy the
+# divisibility checks of layers such as MultiheadAttention (embed_dim % num_heads)
+# and GroupNorm (num_channels % num_groups). On meta none of this allocates.
+PROVISIONAL_SIZES = (1009, 1009 * 720720, 1009 * 2**10 * 3**4 * 5**2 * 7 * 11 * 13)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One parameter or buffer the built layer will own."""
+
+    name: str  # qualified within the layer, e.g. "out_proj.weight"
+    is_parameter: bool
+    dtype: torch.dtype | None  # None: the layer registers None under this name
+    requires_grad: bool
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything a placeholder needs to stand in for the layer."""
+
+    tensors: tuple[TensorSlot, ...]
+    modules: tuple[str, ...]  # qualified submodule names, registration order
+    size: int  # the provisional size that constructed
+    repr_text: str | None  # extra_repr with "?" for unknown sizes, if the class has one
+    shapes: Mapping[str, tuple[int, ...]]  # provisional shapes, for checkpoint inference
+
+
+def probe_layout(
+    construct: Callable[[int], nn.Module],
+    *,
+    start: int = 0,
+) -> tuple[Layout | None, BaseException | None]:
+    """Construct on meta with each provisional size until one works."""
+    last: BaseException | None = None
+    for size in PROVISIONAL_SIZES[start:]:
+        try:
+            with torch.device("meta"):
+                module = construct(size)
+        except Exception as error:  # try the next stand-in size
+            last = error
+            continue
+        return _layout_of(module, size), None
+    return None, last
+
+
+def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor of a meta construction (for checkpoint inference)."""
+    with torch.device("meta"):
+        module = construct()
+    return {
+        name: tuple(t.shape)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    }
+
+
+def _layout_of(module: nn.Module, size: int) -> Layout:
+    tensors: list[TensorSlot] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    modules: list[str] = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        if prefix:
+            modules.append(prefix)
+        dot = prefix + "." if prefix else ""
+        for name, p in sub._parameters.items():
+            tensors.append(_slot(dot + name, p, True, True))
+            if p is not None:
+                shapes[dot + name] = tuple(p.shape)
+        for name, b in sub._buffers.items():
+            persistent = name not in sub._non_persistent_buffers_set
+            tensors.append(_slot(dot + name, b, False, persistent))
+            if b is not None:
+                shapes[dot + name] = tuple(b.shape)
+    return Layout(tuple(tensors), tuple(modules), size, _repr_text(module, size), shapes)
+
+
+def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSlot:
+    if t is None:
+        return TensorSlot(name, is_parameter, None, False, persistent)
+    return TensorSlot(name, is_parameter, t.dtype, t.requires_grad, persistent)
+
+
+def _repr_text(module: nn.Module, size: int) -> str | None:
+    if type(module).extra_repr is nn.Module.extra_repr or module._modules:
+        return None
+    text = module.extra_repr()
+    for value in sorted({size, size * 2}, reverse=True):
+        text = re.sub(rf"\b{value}\b", "?", text)
+    return text
+
+
+def freeze(value: Any) -> Any:
+    """A hashable key for a constructor argument, or raise TypeError."""
+    if isinstance(value, dict):
+        return tuple((k, freeze(v)) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, *(freeze(v) for v in value))
+    hash(value)
+    return (type(value), value)

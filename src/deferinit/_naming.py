@@ -1,0 +1,79 @@
+"""Qualified layer names for error messages, found only when an error happens.
+
+A module does not know its own name. Rather than keeping parent links up to date
+on every attribute assignment, the name is resolved at error time: the modules
+being called are on the Python stack (``Module._call_impl`` frames), the
+outermost of them is the model the user called, and the layer's qualified name
+is its path below that model. The normal forward path pays nothing, and the
+answer stays right after ``deepcopy`` and ``pickle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+from torch import nn
+
+__all__ = ["label", "qualified_name", "root_scope"]
+
+_CALL_CODES = frozenset(
+    code
+    for code in (
+        getattr(nn.Module, "_call_impl", None).__code__,  # type: ignore[union-attr]
+        getattr(getattr(nn.Module, "_wrapped_call_impl", None), "__code__", None),
+    )
+    if code is not None
+)
+
+_ROOT: ContextVar[nn.Module | None] = ContextVar("deferinit_root", default=None)
+
+
+@contextlib.contextmanager
+def root_scope(root: nn.Module) -> Iterator[None]:
+    """Name layers relative to ``root`` (used by ``di.*`` calls that know it)."""
+    token = _ROOT.set(root)
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def _calling_root() -> nn.Module | None:
+    root = _ROOT.get()
+    if root is not None:
+        return root
+    frame = sys._getframe(1)
+    outermost: nn.Module | None = None
+    while frame is not None:
+        if frame.f_code in _CALL_CODES:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, nn.Module):
+                outermost = candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return outermost
+
+
+def qualified_name(module: nn.Module, root: nn.Module | None = None) -> str | None:
+    """The path of ``module`` below ``root`` (or below the model being called).
+
+    ``""`` when ``module`` is the root itself; ``None`` when it cannot be found.
+    """
+    root = root if root is not None else _calling_root()
+    if root is None:
+        return None
+    for name, sub in root.named_modules(remove_duplicate=False):
+        if sub is module:
+            return name
+    return None
+
+
+def label(module: nn.Module, class_name: str | None = None) -> str:
+    """``"Linear layer '0'"``: the class and, when known, the qualified name."""
+    kind = class_name or type(module).__name__
+    name = qualified_name(module)
+    if name:
+        return f"{kind} layer {name!r}"
+    return f"{kind} layer"

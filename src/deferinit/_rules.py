@@ -1,0 +1,224 @@
+"""Inference rules: how a constructor argument is read off the forward arguments.
+
+A rule is evaluated once, when a deferred layer builds (and again only to explain
+an error). It never runs on the normal forward path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["MISSING", "Call", "Rule", "RuleError", "as_rule", "dim"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""Sentinel: a value that is not known without an input."""
+
+
+class RuleError(Exception):
+    """Raised by a rule; the deferred layer turns it into an ``InferenceError``
+    that names the layer. ``expected`` and ``got`` complete the sentence
+    "expected ..., got ...".
+    """
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(f"expected {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class Call:
+    """The arguments of one forward call, addressable by position or by name."""
+
+    __slots__ = ("args", "kwargs", "signature")
+
+    def __init__(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        signature: inspect.Signature | None,
+    ) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.signature = signature
+
+    def get(self, arg: int | str) -> Any:
+        if isinstance(arg, int):
+            if arg < len(self.args):
+                return self.args[arg]
+            name = self._name_of(arg)
+            if name is not None and name in self.kwargs:
+                return self.kwargs[name]
+            raise RuleError(
+                f"forward argument {arg}", f"only {len(self.args)} positional argument(s)"
+            )
+        if arg in self.kwargs:
+            return self.kwargs[arg]
+        position = self._position_of(arg)
+        if position is not None and position < len(self.args):
+            return self.args[position]
+        raise RuleError(f"forward argument {arg!r}", "a call without it")
+
+    def _names(self) -> list[str]:
+        if self.signature is None:
+            return []
+        return [
+            p.name
+            for p in self.signature.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    def _name_of(self, position: int) -> str | None:
+        names = self._names()
+        return names[position] if position < len(names) else None
+
+    def _position_of(self, name: str) -> int | None:
+        names = self._names()
+        return names.index(name) if name in names else None
+
+    def shapes(self) -> str:
+        """A short description of the tensor arguments, for error messages."""
+        parts = [describe(a) for a in self.args]
+        parts += [f"{k}={describe(v)}" for k, v in self.kwargs.items()]
+        return ", ".join(parts) if parts else "no arguments"
+
+
+def describe(value: Any) -> str:
+    """``value`` for an error message: tensors by shape and dtype."""
+    if isinstance(value, PackedSequence):
+        return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"a {dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:60]})"
+
+
+class Rule:
+    """How one constructor argument is inferred.
+
+    Subclasses implement :meth:`infer`. ``options`` are extra constructor keywords
+    that the rule consumes (with their defaults), e.g. ``ndim`` for LayerNorm.
+    """
+
+    options: Mapping[str, Any] = {}
+
+    def infer(self, call: Call, options: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def static(self, options: Mapping[str, Any], explicit: Mapping[str, Any]) -> Any:
+        """The value when the options (and the explicitly given sizes) alone
+        determine it, else ``MISSING``."""
+        return MISSING
+
+    def provisional(self, size: int, options: Mapping[str, Any]) -> Any:
+        """A stand-in value used to construct the layer on ``meta`` before build."""
+        return size
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+def _tensor(call: Call, arg: int | str) -> torch.Tensor:
+    value = call.get(arg)
+    if isinstance(value, PackedSequence):
+        return value.data
+    if not isinstance(value, torch.Tensor):
+        raise RuleError(f"a tensor as forward argument {arg!r}", describe(value))
+    return value
+
+
+def _rank_text(ndim: tuple[int, ...]) -> str:
+    if len(ndim) == 1:
+        return f"a {ndim[0]}-d tensor"
+    return "a " + " or ".join(f"{n}-d" for n in ndim) + " tensor"
+
+
+@dataclass(frozen=True)
+class dim(Rule):  # noqa: N801 - public name from the design contract
+    """The rule "size of dimension ``axis`` of forward argument ``arg``".
+
+    ``arg`` is a position or the name of a forward parameter. ``ndim`` restricts
+    the accepted ranks (an int or a tuple of ints) so that a wrong rank gets a
+    clear error instead of a size read from the wrong axis.
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> LazyLinear = di.defer(nn.Linear, in_features=di.dim(-1))
+    >>> layer = LazyLinear(8)
+    >>> layer(torch.randn(2, 5)).shape
+    torch.Size([2, 8])
+    """
+
+    axis: int
+    arg: int | str = 0
+    ndim: int | tuple[int, ...] | None = None
+
+    def infer(self, call: Call, options: Mapping[str, Any]) -> int:
+        x = _tensor(call, self.arg)
+        ranks = (self.ndim,) if isinstance(self.ndim, int) else self.ndim
+        if ranks is not None and x.dim() not in ranks:
+            raise RuleError(_rank_text(ranks), describe(x))
+        need = self.axis + 1 if self.axis >= 0 else -self.axis
+        if x.dim() < need:
+            raise RuleError(f"a tensor with at least {need} dimension(s)", describe(x))
+        size = int(x.shape[self.axis])
+        if size <= 0:
+            raise RuleError(
+                f"a non-zero size on axis {self.axis} (it becomes a layer size)", describe(x)
+            )
+        return size
+
+    def describe(self) -> str:
+        where = f"forward argument {self.arg!r}"
+        return f"size of axis {self.axis} of {where}"
+
+
+@dataclass(frozen=True)
+class _Function(Rule):
+    """A user's callable of the forward arguments, e.g. ``lambda x: 2 * x.shape[-1]``."""
+
+    fn: Callable[..., Any]
+
+    def infer(self, call: Call, options: Mapping[str, Any]) -> Any:
+        try:
+            value = self.fn(*call.args, **call.kwargs)
+        except Exception as error:  # the user's code: report it with the layer name
+            raise RuleError(
+                f"the rule {getattr(self.fn, '__name__', self.fn)!r} to accept the input",
+                f"{type(error).__name__}: {error}",
+            ) from error
+        if isinstance(value, bool) or not isinstance(value, int | tuple | list):
+            return value
+        if isinstance(value, int) and value <= 0:
+            raise RuleError("a positive size from the rule", repr(value))
+        return value
+
+    def describe(self) -> str:
+        return f"rule {getattr(self.fn, '__name__', repr(self.fn))}"
+
+
+def as_rule(rule: Rule | Callable[..., Any]) -> Rule:
+    """Accept a :class:`Rule` or any callable of the forward arguments."""
+    if isinstance(rule, Rule):
+        return rule
+    if callable(rule):
+        return _Function(rule)
+    raise TypeError(
+        f"a deferinit rule must be di.dim(axis, arg=...) or a callable of the forward "
+        f"arguments, got {type(rule).__name__} {rule!r}"
+    )
