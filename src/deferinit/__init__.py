@@ -18,8 +18,7 @@ Linear(in_features=20, out_features=256, bias=True)
 """
 
 import torch as _torch
-from torch.nn.parameter import UninitializedBuffer as _UB
-from torch.nn.parameter import UninitializedParameter as _UP
+from torch.nn import parameter as _parameter
 
 from . import nn
 from ._api import is_built, pending, reset
@@ -31,7 +30,9 @@ from ._rules import Rule, dim
 __version__ = "0.1.0"
 
 # An unbuilt model's state dict holds placeholders; let weights_only loading accept them.
-_torch.serialization.add_safe_globals([_UP, _UB])
+_torch.serialization.add_safe_globals(
+    [_parameter.UninitializedParameter, _parameter.UninitializedBuffer]
+)
 
 __all__ = [
     "Deferred",

@@ -127,7 +127,7 @@ def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) ->
         txn.tensors.append((placeholder, type(placeholder), placeholder.data))
         placeholder.data = data
         placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined]
-        table[leaf] = placeholder
+        table[leaf] = placeholder  # type: ignore[assignment]
 
 
 def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -189,10 +189,12 @@ def unbecome(module: nn.Module) -> bool:
         if old is None:
             continue
         target = placeholder.get_submodule(owner_name)
-        target_table = target._parameters if slot.__class__ is UninitializedParameter else target._buffers
+        target_table = (
+            target._parameters if slot.__class__ is UninitializedParameter else target._buffers
+        )
         old.data = torch.empty(0, dtype=old.dtype, device=old.device)
         old.__class__ = type(slot)
-        target_table[leaf] = old
+        target_table[leaf] = old  # type: ignore[assignment]
     new = placeholder.__dict__
     for key in _hook_tables(current):
         table = current[key]

@@ -51,7 +51,7 @@ def infer_from_shapes(
     base_shapes = state.layout.shapes
     values = dict(state.explicit)
     problems: list[str] = []
-    for name, rule in cls._di_rules.items():
+    for name in cls._di_rules:
         if name in values:
             continue
         flat = _flat(base[name])
@@ -79,7 +79,11 @@ def infer_from_shapes(
 
 
 def _solve(
-    base: Any, moved: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], v0: int, v1: int
+    base: Any,
+    moved: dict[str, tuple[int, ...]],
+    saved: dict[str, tuple[int, ...]],
+    v0: int,
+    v1: int,
 ) -> dict[str, int]:
     found: dict[str, int] = {}
     for key, shape0 in base.items():
@@ -118,7 +122,9 @@ def load_into_placeholder(
     shapes = {
         key[len(prefix) :]: tuple(value.shape)
         for key, value in state_dict.items()
-        if key.startswith(prefix) and key[len(prefix) :] in names and isinstance(value, torch.Tensor)
+        if key.startswith(prefix)
+        and key[len(prefix) :] in names
+        and isinstance(value, torch.Tensor)
     }
     values, problems = infer_from_shapes(module, shapes)
     if problems:
@@ -132,5 +138,12 @@ def load_into_placeholder(
         return
     become(module, values, built_from="a checkpoint")
     type(module)._load_from_state_dict(  # the built class's own loader
-        module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        module,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
     )

@@ -147,7 +147,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             if name in state.explicit:
                 return state.explicit[name]
             if name in type(self)._di_rules:
-                raise _NotBuiltAttribute(
+                raise _NotBuiltAttributeError(
                     f"{label(self)}: {name} is not known before the layer is built. "
                     f"Fix: run a forward pass (or di.build(model, example)) first."
                 ) from None
@@ -162,7 +162,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         load_into_placeholder(self, state_dict, prefix, *args)
 
 
-class _NotBuiltAttribute(NotBuiltError, AttributeError):
+class _NotBuiltAttributeError(NotBuiltError, AttributeError):
     """An inferred size read before build; also an ``AttributeError`` so ``hasattr`` works."""
 
 
@@ -328,21 +328,22 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
 
 def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
     for qualified in layout.modules:
-        owner, _, leaf = qualified.rpartition(".")
-        module.get_submodule(owner)._modules[leaf] = _Slot()
+        parent, _, name = qualified.rpartition(".")
+        module.get_submodule(parent)._modules[name] = _Slot()
     for slot in layout.tensors:
         owner_name, _, leaf = slot.name.rpartition(".")
-        owner = module.get_submodule(owner_name)
+        owner: nn.Module = module.get_submodule(owner_name)
         if slot.dtype is None:
             if slot.is_parameter:
                 owner.register_parameter(leaf, None)
             else:
                 owner.register_buffer(leaf, None, persistent=slot.persistent)
         elif slot.is_parameter:
-            placeholder = UninitializedParameter(slot.requires_grad, device, slot.dtype)
+            # torch's stubs describe Parameter's signature, not UninitializedParameter's.
+            placeholder: Any = UninitializedParameter(slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
             owner.register_parameter(leaf, placeholder)
         else:
-            buffer = UninitializedBuffer(False, device, slot.dtype)
+            buffer = UninitializedBuffer(False, device, slot.dtype)  # type: ignore[arg-type]
             owner.register_buffer(leaf, buffer, persistent=slot.persistent)
 
 

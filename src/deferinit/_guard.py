@@ -43,7 +43,9 @@ class Guard:
         return f"<deferinit guarded {type(self.module).__name__}.forward>"
 
 
-def _explain(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception) -> None:
+def _explain(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
+) -> None:
     """Raise ``ShapeMismatchError`` if an inferred size changed; else return."""
     from ._deferred import forward_signature  # noqa: PLC0415 - cyclic by nature
 

@@ -75,7 +75,9 @@ def _check(init: Any) -> None:
     )
 
 
-def _visit(module: nn.Module, name: str, init: Initializer | None, force: bool, seen: set[int]) -> None:
+def _visit(
+    module: nn.Module, name: str, init: Initializer | None, force: bool, seen: set[int]
+) -> None:
     if id(module) in seen:
         return
     seen.add(id(module))

@@ -21,8 +21,9 @@ __all__ = ["PROVISIONAL_SIZES", "Layout", "TensorSlot", "probe_layout"]
 # Stand-in sizes, tried in order. 1009 is prime, so it rarely collides with a
 # real argument when the repr replaces it by "?"; the multiples satisfy the
 # divisibility checks of layers such as MultiheadAttention (embed_dim % num_heads)
-# and GroupNorm (num_channels % num_groups). On meta none of this allocates.
-PROVISIONAL_SIZES = (1009, 1009 * 720720, 1009 * 2**10 * 3**4 * 5**2 * 7 * 11 * 13)
+# and GroupNorm (num_channels % num_groups): 2520 divides by 1..10 and 12, 40320 by
+# every power of two up to 128. On meta none of this allocates.
+PROVISIONAL_SIZES = (1009, 1009 * 2520, 1009 * 40320)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,7 @@ def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...
     with torch.device("meta"):
         module = construct()
     return {
-        name: tuple(t.shape)
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        name: tuple(t.shape) for name, t in [*module.named_parameters(), *module.named_buffers()]
     }
 
 

@@ -66,7 +66,7 @@ def qualified_name(module: nn.Module, root: nn.Module | None = None) -> str | No
         return None
     for name, sub in root.named_modules(remove_duplicate=False):
         if sub is module:
-            return name
+            return str(name)
     return None
 
 

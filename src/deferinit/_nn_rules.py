@@ -23,7 +23,9 @@ class Trailing(Rule):
             raise RuleError(f"a tensor with at least {k} dimension(s) (ndim={k})", describe(x))
         shape = tuple(int(s) for s in x.shape[x.dim() - k :])
         if 0 in shape:
-            raise RuleError("non-zero trailing sizes (they become the normalized shape)", describe(x))
+            raise RuleError(
+                "non-zero trailing sizes (they become the normalized shape)", describe(x)
+            )
         return shape
 
     def provisional(self, size: int, options: Mapping[str, Any]) -> tuple[int, ...]:

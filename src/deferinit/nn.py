@@ -108,10 +108,16 @@ TWINS: dict[type[_nn.Module], dict[str, Rule]] = {
 }
 
 
-def _rnn_signature(*, after_layers: tuple[str, object] | None = None, last: tuple[str, object] | None = None) -> inspect.Signature:
+def _rnn_signature(
+    *, after_layers: tuple[str, object] | None = None, last: tuple[str, object] | None = None
+) -> inspect.Signature:
     # torch's RNN/LSTM/GRU declare only (*args, **kwargs); these are their documented arguments.
     empty = inspect.Parameter.empty
-    names: list[tuple[str, object]] = [("input_size", empty), ("hidden_size", empty), ("num_layers", 1)]
+    names: list[tuple[str, object]] = [
+        ("input_size", empty),
+        ("hidden_size", empty),
+        ("num_layers", 1),
+    ]
     names += [after_layers] if after_layers else []
     names += [("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)]
     names += [last] if last else []
