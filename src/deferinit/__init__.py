@@ -25,13 +25,20 @@ from ._api import is_built, pending, reset
 from ._deferred import Deferred, defer
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
 from ._initialize import initialize
+from ._placeholder import PlaceholderBuffer as _PlaceholderBuffer
+from ._placeholder import PlaceholderParameter as _PlaceholderParameter
 from ._rules import Rule, dim
 
 __version__ = "0.1.0"
 
 # An unbuilt model's state dict holds placeholders; let weights_only loading accept them.
 _torch.serialization.add_safe_globals(
-    [_parameter.UninitializedParameter, _parameter.UninitializedBuffer]
+    [
+        _parameter.UninitializedParameter,
+        _parameter.UninitializedBuffer,
+        _PlaceholderParameter,
+        _PlaceholderBuffer,
+    ]
 )
 
 __all__ = [

@@ -36,11 +36,14 @@ from ._state import State, replace
 
 __all__ = ["Transaction", "become", "build_and_run", "unbecome"]
 
-_TABLES = ("_parameters", "_buffers", "_modules")
+# The hook tables every Module has (forward, pre-forward, backward, state-dict ...).
+_HOOK_TABLES = tuple(
+    k for k, v in nn.Module().__dict__.items() if isinstance(v, dict) and "hooks" in k
+)
 
 
 def _hook_tables(d: Mapping[str, Any]) -> list[str]:
-    return [k for k, v in d.items() if isinstance(v, dict) and "hooks" in k and k not in _TABLES]
+    return [k for k in _HOOK_TABLES if k in d]
 
 
 class Transaction:
@@ -81,7 +84,8 @@ def become(module: Deferred, values: dict[str, Any], *, built_from: str | None) 
             f"sizes{got}: {type(error).__name__}: {error}. The layer is left unbuilt. "
             f"Fix: pass an input whose sizes the layer accepts, or give them explicitly."
         ) from error
-    real.train(module.training)
+    if not module.training:
+        real.train(False)
     txn = Transaction(module)
     _adopt_placeholders(module, real, txn)
     new = real.__dict__
@@ -117,7 +121,9 @@ def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) ->
             continue
         table = owner._parameters if leaf in owner._parameters else owner._buffers
         value = table.get(leaf)
-        if value is None or type(placeholder) not in (UninitializedParameter, UninitializedBuffer):
+        if value is None or not isinstance(
+            placeholder, UninitializedParameter | UninitializedBuffer
+        ):
             continue
         data = value.data
         if data.dtype != placeholder.dtype or data.device != placeholder.device:
@@ -126,7 +132,7 @@ def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) ->
             data = data.to(device=placeholder.device, dtype=placeholder.dtype)
         txn.tensors.append((placeholder, type(placeholder), placeholder.data))
         placeholder.data = data
-        placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined]
+        placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
         table[leaf] = placeholder  # type: ignore[assignment]
 
 

@@ -15,6 +15,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from ._errors import InferenceError, NotBuiltError
 from ._layout import Layout, freeze, probe_layout
 from ._naming import label
+from ._placeholder import PlaceholderBuffer, PlaceholderParameter
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._state import State
 
@@ -149,7 +150,8 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             if name in type(self)._di_rules:
                 raise _NotBuiltAttributeError(
                     f"{label(self)}: {name} is not known before the layer is built. "
-                    f"Fix: run a forward pass (or di.build(model, example)) first."
+                    f"Fix: run a forward pass (or load a checkpoint) first, or give {name}=... "
+                    f"explicitly."
                 ) from None
             raise
 
@@ -340,10 +342,10 @@ def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> Non
                 owner.register_buffer(leaf, None, persistent=slot.persistent)
         elif slot.is_parameter:
             # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-            placeholder: Any = UninitializedParameter(slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
+            placeholder: Any = PlaceholderParameter(slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
             owner.register_parameter(leaf, placeholder)
         else:
-            buffer = UninitializedBuffer(False, device, slot.dtype)  # type: ignore[arg-type]
+            buffer = PlaceholderBuffer(False, device, slot.dtype)  # type: ignore[arg-type]
             owner.register_buffer(leaf, buffer, persistent=slot.persistent)
 
 

@@ -66,14 +66,17 @@ def _explain(
         return
     was = ", ".join(f"{n}={old!r}" for n, old, _ in changed)
     now_text = ", ".join(f"{n}={new!r}" for n, _, new in changed)
+    got = ", ".join(describe(a) for a in args) or "keyword arguments"
     if state.built_from is not None:
         how = f"was built for {was} (inferred from {state.built_from})"
+        fix = (
+            f"give it inputs that match {was}, or call di.reset(model) to forget the "
+            f"inferred sizes and re-infer them from the next input (parameters are "
+            f"re-created and re-initialized)"
+        )
     else:
-        how = f"was constructed with {was}"
-    got = ", ".join(describe(a) for a in args) or "keyword arguments"
+        how = f"was constructed with {was} given explicitly"
+        fix = f"give it inputs that match {was}, or construct it without {was} to infer it"
     raise ShapeMismatchError(
-        f"{label(module)} {how}, but received {got}, which would need {now_text}. "
-        f"Fix: give it inputs that match {was}, or call di.reset(model) to forget the "
-        f"inferred sizes and re-infer them from the next input (parameters are "
-        f"re-created and re-initialized)."
+        f"{label(module)} {how}, but received {got}, which would need {now_text}. Fix: {fix}."
     ) from error

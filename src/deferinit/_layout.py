@@ -62,7 +62,7 @@ def probe_layout(
         except Exception as error:  # try the next stand-in size
             last = error
             continue
-        return _layout_of(module, size), None
+        return _layout_of(module, size, construct), None
     return None, last
 
 
@@ -75,7 +75,7 @@ def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...
     }
 
 
-def _layout_of(module: nn.Module, size: int) -> Layout:
+def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Module]) -> Layout:
     tensors: list[TensorSlot] = []
     shapes: dict[str, tuple[int, ...]] = {}
     modules: list[str] = []
@@ -92,7 +92,7 @@ def _layout_of(module: nn.Module, size: int) -> Layout:
             tensors.append(_slot(dot + name, b, False, persistent))
             if b is not None:
                 shapes[dot + name] = tuple(b.shape)
-    return Layout(tuple(tensors), tuple(modules), size, _repr_text(module, size), shapes)
+    return Layout(tuple(tensors), tuple(modules), size, _repr_text(module, construct, size), shapes)
 
 
 def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSlot:
@@ -101,13 +101,21 @@ def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: boo
     return TensorSlot(name, is_parameter, t.dtype, t.requires_grad, persistent)
 
 
-def _repr_text(module: nn.Module, size: int) -> str | None:
+def _repr_text(module: nn.Module, construct: Callable[[int], nn.Module], size: int) -> str | None:
+    """``extra_repr`` with ``?`` for every number that moves with the stand-in size.
+
+    A second construction at twice the size tells which numbers are unknown, so a
+    real argument that happens to equal the stand-in still shows.
+    """
     if type(module).extra_repr is nn.Module.extra_repr or module._modules:
         return None
     text = module.extra_repr()
-    for value in sorted({size, size * 2}, reverse=True):
-        text = re.sub(rf"\b{value}\b", "?", text)
-    return text
+    with torch.device("meta"):
+        other = construct(2 * size).extra_repr()
+    ours, theirs = re.split(r"(\d+)", text), re.split(r"(\d+)", other)
+    if len(ours) != len(theirs):
+        return re.sub(rf"\b{size}\b", "?", text)
+    return "".join("?" if a != b else a for a, b in zip(ours, theirs, strict=True))
 
 
 def freeze(value: Any) -> Any:
