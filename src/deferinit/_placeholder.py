@@ -17,9 +17,12 @@ __all__ = ["PlaceholderBuffer", "PlaceholderParameter"]
 class PlaceholderParameter(UninitializedParameter):
     """An ``UninitializedParameter`` that also takes ``requires_grad_``."""
 
-    _allowed_methods = [*UninitializedParameter._allowed_methods, torch.Tensor.requires_grad_]
+    _allowed_methods = [
+        *UninitializedParameter._allowed_methods,  # type: ignore[attr-defined]
+        torch.Tensor.requires_grad_,
+    ]
 
-    def __repr__(self, *args: object, **kwargs: object) -> str:
+    def __repr__(self, *, tensor_contents: object = None) -> str:
         return "<UninitializedParameter>"
 
 
@@ -31,5 +34,5 @@ class PlaceholderBuffer(UninitializedBuffer):
         torch.Tensor.requires_grad_,
     ]
 
-    def __repr__(self, *args: object, **kwargs: object) -> str:
+    def __repr__(self, *, tensor_contents: object = None) -> str:
         return "<UninitializedBuffer>"
