@@ -8,6 +8,8 @@ built layer (torch's classes refuse every in-place call).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
@@ -22,7 +24,7 @@ class PlaceholderParameter(UninitializedParameter):
         torch.Tensor.requires_grad_,
     ]
 
-    def __repr__(self, *, tensor_contents: object = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:
         return "<UninitializedParameter>"
 
 
@@ -34,5 +36,5 @@ class PlaceholderBuffer(UninitializedBuffer):
         torch.Tensor.requires_grad_,
     ]
 
-    def __repr__(self, *, tensor_contents: object = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:
         return "<UninitializedBuffer>"
