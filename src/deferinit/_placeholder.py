@@ -24,7 +24,7 @@ class PlaceholderParameter(UninitializedParameter):
         torch.Tensor.requires_grad_,
     ]
 
-    def __repr__(self, *, tensor_contents: Any = None) -> Any:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return "<UninitializedParameter>"
 
 
@@ -36,5 +36,5 @@ class PlaceholderBuffer(UninitializedBuffer):
         torch.Tensor.requires_grad_,
     ]
 
-    def __repr__(self, *, tensor_contents: Any = None) -> Any:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return "<UninitializedBuffer>"
