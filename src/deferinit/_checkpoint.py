@@ -128,12 +128,17 @@ def load_into_placeholder(
     }
     values, problems = infer_from_shapes(module, shapes)
     if problems:
+        # As torch: missing keys are listed (strict loading raises on them, a
+        # non-strict load leaves the layer deferred). Keys that are there but do
+        # not determine the sizes are an error either way.
         missing_keys.extend(prefix + n for n in sorted(names - set(shapes)))
+        if not shapes:
+            return
         error_msgs.append(
             f"{label(module, type(module).__name__)} at {prefix[:-1] or 'the root'!r} is not "
             f"built and cannot take its sizes from the checkpoint: {'; '.join(problems)}. "
             f"Fix: load a checkpoint that holds this layer's tensors, or build the model "
-            f"first (a forward pass or di.build)."
+            f"first with a forward pass."
         )
         return
     become(module, values, built_from="a checkpoint")

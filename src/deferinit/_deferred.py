@@ -143,6 +143,8 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             state = self.__dict__.get("_di")
             if state is None:
                 raise
+            # Constructor arguments read as the built layer's attributes would be
+            # (parameters of the same name, like ``bias``, are found first above).
             if name in state.arguments:
                 return state.arguments[name]
             if name in state.explicit:
@@ -335,18 +337,19 @@ def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> Non
     for slot in layout.tensors:
         owner_name, _, leaf = slot.name.rpartition(".")
         owner: nn.Module = module.get_submodule(owner_name)
-        if slot.dtype is None:
-            if slot.is_parameter:
-                owner.register_parameter(leaf, None)
-            else:
-                owner.register_buffer(leaf, None, persistent=slot.persistent)
-        elif slot.is_parameter:
+        # Assigned directly: register_* would refuse names that __getattr__ answers
+        # (a constructor argument named like a parameter, such as ``bias``).
+        tensor: Any = None
+        if slot.dtype is not None:
+            kind = PlaceholderParameter if slot.is_parameter else PlaceholderBuffer
             # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-            placeholder: Any = PlaceholderParameter(slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
-            owner.register_parameter(leaf, placeholder)
+            tensor = kind(slot.is_parameter and slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
+        if slot.is_parameter:
+            owner._parameters[leaf] = tensor
         else:
-            buffer = PlaceholderBuffer(False, device, slot.dtype)  # type: ignore[arg-type]
-            owner.register_buffer(leaf, buffer, persistent=slot.persistent)
+            owner._buffers[leaf] = tensor
+            if not slot.persistent:
+                owner._non_persistent_buffers_set.add(leaf)
 
 
 def _save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:

@@ -16,7 +16,23 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 __all__ = ["PlaceholderBuffer", "PlaceholderParameter"]
 
 
-class PlaceholderParameter(UninitializedParameter):
+class _Portable:
+    """Copies and pickles that keep dtype and device (torch's keep only requires_grad)."""
+
+    requires_grad: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        return (type(self), (self.requires_grad, self.device, self.dtype))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
+        return memo[id(self)]
+
+
+class PlaceholderParameter(_Portable, UninitializedParameter):
     """An ``UninitializedParameter`` that also takes ``requires_grad_``."""
 
     _allowed_methods = [
@@ -28,7 +44,7 @@ class PlaceholderParameter(UninitializedParameter):
         return "<UninitializedParameter>"
 
 
-class PlaceholderBuffer(UninitializedBuffer):
+class PlaceholderBuffer(_Portable, UninitializedBuffer):
     """An ``UninitializedBuffer`` that also takes ``requires_grad_``."""
 
     _allowed_methods = [

@@ -103,7 +103,8 @@ def describe(value: Any) -> str:
         return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
-        return f"a {dtype} tensor of shape {tuple(value.shape)}"
+        article = "an" if dtype.startswith("int") else "a"
+        return f"{article} {dtype} tensor of shape {tuple(value.shape)}"
     text = repr(value)
     return f"a {type(value).__name__} ({text[:60]})"
 
