@@ -22,6 +22,7 @@ from torch.nn import parameter as _parameter
 
 from . import nn
 from ._api import is_built, pending, reset
+from ._build import build
 from ._deferred import Deferred, defer
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
 from ._initialize import initialize
@@ -49,6 +50,7 @@ __all__ = [
     "Rule",
     "ShapeMismatchError",
     "__version__",
+    "build",
     "defer",
     "dim",
     "initialize",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -34,7 +35,13 @@ from ._naming import label
 from ._rules import describe
 from ._state import State, replace
 
-__all__ = ["Transaction", "become", "build_and_run", "unbecome"]
+__all__ = ["SHAPE_PASS", "Transaction", "become", "build_and_run", "unbecome"]
+
+# Set by di.build while its shape-only pass runs: layers built then are recorded
+# here (layer, values, built_from, undo record) and rolled back afterwards.
+SHAPE_PASS: ContextVar[list[tuple[Any, dict[str, Any], str, Any]] | None] = ContextVar(
+    "deferinit_shape_pass", default=None
+)
 
 # The hook tables every Module has (forward, pre-forward, backward, state-dict ...).
 _HOOK_TABLES = tuple(
@@ -55,6 +62,7 @@ class Transaction:
         self.dict = module.__dict__
         self.hooks = {k: list(module.__dict__[k].items()) for k in _hook_tables(module.__dict__)}
         self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
+        self.swaps: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def rollback(self) -> None:
         # Class first: a thread that looks now waits on the build lock.
@@ -67,15 +75,33 @@ class Transaction:
         for tensor, cls, data in self.tensors:
             tensor.data = data
             tensor.__class__ = cls
+        for a, b in reversed(self.swaps):
+            torch.utils.swap_tensors(a, b)
 
 
-def become(module: Deferred, values: dict[str, Any], *, built_from: str | None) -> Transaction:
-    """Construct the real layer with ``values`` and turn ``module`` into it."""
+def become(
+    module: Deferred,
+    values: dict[str, Any],
+    *,
+    built_from: str | None,
+    device: torch.device | str | None = None,
+    adopt: bool = True,
+) -> Transaction:
+    """Construct the real layer with ``values`` and turn ``module`` into it.
+
+    ``device`` constructs under ``torch.device(device)`` (``"meta"`` allocates
+    nothing); ``adopt=False`` leaves the placeholders alone (the shape-only pass,
+    whose parameters are fake and about to be rolled back).
+    """
     state = module._di
     cls = type(module)
     args, kwargs = constructor_call(cls, state.arguments, values)
     try:
-        real = cls._di_cls(*args, **kwargs)
+        if device is None:
+            real = cls._di_cls(*args, **kwargs)
+        else:
+            with torch.device(device):
+                real = cls._di_cls(*args, **kwargs)
     except Exception as error:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if k not in state.explicit)
         got = f" (inferred {shown} from {built_from})" if built_from else ""
@@ -87,7 +113,8 @@ def become(module: Deferred, values: dict[str, Any], *, built_from: str | None) 
     if not module.training:
         real.train(False)
     txn = Transaction(module)
-    _adopt_placeholders(module, real, txn)
+    if adopt:
+        _adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     for key in _hook_tables(module.__dict__):
@@ -112,7 +139,9 @@ def _rebind(value: Any, old: object, new: object) -> Any:
     return value
 
 
-def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) -> None:
+def _adopt_placeholders(
+    module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
+) -> None:
     for name, placeholder in placeholder_tensors(module):
         owner_name, _, leaf = name.rpartition(".")
         try:
@@ -126,13 +155,22 @@ def _adopt_placeholders(module: nn.Module, real: nn.Module, txn: Transaction) ->
         ):
             continue
         data = value.data
-        if data.dtype != placeholder.dtype or data.device != placeholder.device:
+        device = data.device if keep_device else placeholder.device
+        if data.dtype != placeholder.dtype or data.device != device:
             # The user moved the placeholder (.double(), .to(device)): as eager code
             # would, initialize in the constructor's dtype and device, then convert.
-            data = data.to(device=placeholder.device, dtype=placeholder.dtype)
-        txn.tensors.append((placeholder, type(placeholder), placeholder.data))
-        placeholder.data = data
-        placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
+            data = data.to(device=device, dtype=placeholder.dtype)
+        if data.device.type == placeholder.device.type:
+            txn.tensors.append((placeholder, type(placeholder), placeholder.data))
+            placeholder.data = data
+            placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
+        else:
+            # .data cannot change the kind of tensor (cpu -> meta): swap the tensors
+            # under the Python objects instead; identity is kept all the same.
+            built = value if isinstance(placeholder, nn.Parameter) else data
+            built.requires_grad_(placeholder.requires_grad)
+            torch.utils.swap_tensors(placeholder, built)
+            txn.swaps.append((placeholder, built))
         table[leaf] = placeholder  # type: ignore[assignment]
 
 
@@ -143,11 +181,15 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
             return module.forward(*args, **kwargs)
         values = module.infer(args, kwargs)
         built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
-        txn = become(module, values, built_from=built_from)
+        recorder = SHAPE_PASS.get()
+        txn = become(module, values, built_from=built_from, adopt=recorder is None)
         try:
-            from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+            if recorder is not None:  # di.build's shape-only pass: record, don't initialize
+                recorder.append((module, values, built_from, txn))
+            else:
+                from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
 
-            run_registered(module)
+                run_registered(module)
             return type(module).forward(module, *args, **kwargs)
         except Exception as error:
             txn.rollback()

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ._errors import InferenceError, NotBuiltError
@@ -342,8 +343,11 @@ def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> Non
         tensor: Any = None
         if slot.dtype is not None:
             kind = PlaceholderParameter if slot.is_parameter else PlaceholderBuffer
-            # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-            tensor = kind(slot.is_parameter and slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
+            # Real placeholders even inside di.build's fake pass (a block that
+            # constructs deferred children). torch's stubs describe Parameter's
+            # signature, not UninitializedParameter's.
+            with unset_fake_temporarily():
+                tensor = kind(slot.is_parameter and slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
         if slot.is_parameter:
             owner._parameters[leaf] = tensor
         else:

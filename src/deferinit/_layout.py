@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 __all__ = ["PROVISIONAL_SIZES", "Layout", "TensorSlot", "probe_layout"]
 
@@ -85,12 +86,12 @@ def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Modul
         dot = prefix + "." if prefix else ""
         for name, p in sub._parameters.items():
             tensors.append(_slot(dot + name, p, True, True))
-            if p is not None:
+            if p is not None and not isinstance(p, UninitializedTensorMixin):
                 shapes[dot + name] = tuple(p.shape)
         for name, b in sub._buffers.items():
             persistent = name not in sub._non_persistent_buffers_set
             tensors.append(_slot(dot + name, b, False, persistent))
-            if b is not None:
+            if b is not None and not isinstance(b, UninitializedTensorMixin):
                 shapes[dot + name] = tuple(b.shape)
     return Layout(tuple(tensors), tuple(modules), size, _repr_text(module, construct, size), shapes)
 

@@ -1,0 +1,168 @@
+"""``di.build``: build every deferred layer from a shape-only pass.
+
+Two passes. The first runs the model under torch's FakeTensorMode: deferred
+layers infer their sizes and are constructed with fake parameters, so nothing
+is computed and neither activations nor parameters take memory; then every one
+of them is rolled back. The second constructs the layers for real (or on
+``meta``) in *registration* order, as eager construction would, so the result
+is bitwise the eager model's under the same seed, whatever order the forward
+runs them in. Either pass failing leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ._become import SHAPE_PASS, Transaction, become
+from ._deferred import BUILD_LOCK, Deferred
+from ._errors import NotBuiltError
+from ._naming import qualified_name, root_scope
+
+__all__ = ["ShapePass", "build", "shape_pass"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class ShapePass:
+    """What a shape-only pass saw, by qualified name below the root."""
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)  # inferred arguments
+    built_from: dict[str, str] = field(default_factory=dict)  # the input they came from
+    outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
+
+
+def _fake(example: Any, mode: FakeTensorMode) -> Any:
+    if isinstance(example, torch.Size) or (
+        isinstance(example, tuple)
+        and example
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in example)
+    ):
+        if any(s < 0 for s in example):
+            raise ValueError(f"di.build: an example shape has a negative size: {tuple(example)}")
+        with mode:
+            return torch.empty(tuple(example), dtype=torch.float32)
+    if isinstance(example, torch.Tensor):
+        device = "cpu" if example.device.type == "meta" else example.device
+        with mode:
+            return torch.empty_strided(
+                tuple(example.shape), tuple(example.stride()), dtype=example.dtype, device=device
+            )
+    if isinstance(example, list | tuple):
+        return type(example)(_fake(e, mode) for e in example)
+    if isinstance(example, dict):
+        return {k: _fake(v, mode) for k, v in example.items()}
+    return example
+
+
+def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ShapePass:
+    """Run ``module`` on fake inputs; record sizes and outputs; change nothing."""
+    result = ShapePass()
+    recorded: list[tuple[Any, dict[str, Any], str, Transaction]] = []
+    outputs: list[tuple[nn.Module, Any]] = []
+
+    def hook(mod: nn.Module, _args: Any, output: Any) -> None:
+        outputs.append((mod, output))
+
+    with BUILD_LOCK, root_scope(module), torch.random.fork_rng(devices=[]):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        token = SHAPE_PASS.set(recorded)
+        handle = nn.modules.module.register_module_forward_hook(hook)
+        try:
+            fake_args = _fake(args, mode)
+            fake_kwargs = _fake(dict(kwargs), mode)
+            with mode, torch.no_grad():
+                module(*fake_args, **fake_kwargs)
+            names = {id(sub): name for name, sub in module.named_modules(remove_duplicate=False)}
+            for layer, values, built_from, _ in recorded:
+                name = names.get(id(layer))
+                if name is None:
+                    name = qualified_name(layer, module) or ""
+                result.values[name] = values
+                result.built_from[name] = built_from
+            for mod, output in outputs:
+                if id(mod) in names:
+                    result.outputs.setdefault(names[id(mod)], output)
+        finally:
+            handle.remove()
+            SHAPE_PASS.reset(token)
+            for *_, txn in reversed(recorded):
+                txn.rollback()
+    return result
+
+
+def build(
+    module: M,
+    *example_args: Any,
+    device: torch.device | str | None = None,
+    **example_kwargs: Any,
+) -> M:
+    """Build every deferred layer below ``module`` from a shape-only pass.
+
+    Examples may be tensors, shapes (tuples of ints or ``torch.Size``, float32),
+    or meta/fake tensors (``torch.empty(2, 16, dtype=torch.long, device="meta")``
+    for token ids). Nothing is computed and no activation memory is used.
+    Layers are constructed in registration order, as eager code would, so the
+    model equals the eager one under the same seed. ``device="meta"`` builds
+    without allocating any parameter (then :func:`deferinit.materialize`).
+    All-or-nothing: on any error the model is left as it was. Returns ``module``.
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> from deferinit import nn as dnn
+    >>> net = di.build(nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10)), (2, 20))
+    >>> net[0], di.is_built(net)
+    (Linear(in_features=20, out_features=256, bias=True), True)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"di.build expects an nn.Module, got {type(module).__name__}")
+    with BUILD_LOCK, root_scope(module):
+        seen = shape_pass(module, example_args, example_kwargs)
+        unreached = [
+            name
+            for name, sub in module.named_modules()
+            if isinstance(sub, Deferred) and name not in seen.values
+        ]
+        if unreached:
+            listed = ", ".join(repr(n) for n in unreached)
+            raise NotBuiltError(
+                f"di.build: the examples did not reach the deferred layer(s) {listed}, so "
+                f"their sizes are unknown (a branch not taken, an unused head?). Nothing was "
+                f"built. Fix: pass examples that run through them, or give their sizes "
+                f"explicitly (e.g. dnn.Linear(10, in_features=256))."
+            )
+        _construct_in_registration_order(module, seen, device)
+    return module
+
+
+def _construct_in_registration_order(
+    module: nn.Module, seen: ShapePass, device: torch.device | str | None
+) -> None:
+    from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+
+    done: list[Transaction] = []
+    try:
+        # A built block may construct new deferred children: build those next.
+        while True:
+            todo = [
+                (name, sub)
+                for name, sub in module.named_modules()
+                if isinstance(sub, Deferred) and name in seen.values
+            ]
+            if not todo:
+                break
+            for name, sub in todo:
+                done.append(
+                    become(sub, seen.values[name], built_from=seen.built_from[name], device=device)
+                )
+                run_registered(sub)
+    except BaseException:
+        for txn in reversed(done):
+            txn.rollback()
+        raise
