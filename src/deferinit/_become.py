@@ -182,7 +182,11 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
         values = module.infer(args, kwargs)
         built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
         recorder = SHAPE_PASS.get()
-        txn = become(module, values, built_from=built_from, adopt=recorder is None)
+        if recorder is None:
+            txn = become(module, values, built_from=built_from)
+        else:  # fake parameters, on the device the (fake) input is on
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            txn = become(module, values, built_from=built_from, device=device, adopt=False)
         try:
             if recorder is not None:  # di.build's shape-only pass: record, don't initialize
                 recorder.append((module, values, built_from, txn))

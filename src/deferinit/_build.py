@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from ._become import SHAPE_PASS, Transaction, become
 from ._deferred import BUILD_LOCK, Deferred
@@ -38,7 +39,7 @@ class ShapePass:
     outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
 
 
-def _fake(example: Any, mode: FakeTensorMode) -> Any:
+def _fake(example: Any, mode: FakeTensorMode, home: torch.device) -> Any:
     if isinstance(example, torch.Size) or (
         isinstance(example, tuple)
         and example
@@ -47,18 +48,34 @@ def _fake(example: Any, mode: FakeTensorMode) -> Any:
         if any(s < 0 for s in example):
             raise ValueError(f"di.build: an example shape has a negative size: {tuple(example)}")
         with mode:
-            return torch.empty(tuple(example), dtype=torch.float32)
+            return torch.empty(tuple(example), dtype=torch.float32, device=home)
     if isinstance(example, torch.Tensor):
-        device = "cpu" if example.device.type == "meta" else example.device
+        device = home if example.device.type == "meta" else example.device
         with mode:
             return torch.empty_strided(
                 tuple(example.shape), tuple(example.stride()), dtype=example.dtype, device=device
             )
     if isinstance(example, list | tuple):
-        return type(example)(_fake(e, mode) for e in example)
+        return type(example)(_fake(e, mode, home) for e in example)
     if isinstance(example, dict):
-        return {k: _fake(v, mode) for k, v in example.items()}
+        return {k: _fake(v, mode, home) for k, v in example.items()}
     return example
+
+
+def _home(module: nn.Module) -> torch.device:
+    """Where shape-only examples live: with the model's real tensors if it has
+    any, on meta for a model declared on meta, else on the default device."""
+    devices = {
+        t.device
+        for t in [*module.parameters(), *module.buffers()]
+        if not isinstance(t, UninitializedTensorMixin)
+    }
+    real = [d for d in devices if d.type != "meta"]
+    if real:
+        return real[0]
+    if devices:
+        return torch.device("meta")
+    return torch.get_default_device()
 
 
 def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ShapePass:
@@ -75,8 +92,9 @@ def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, An
         token = SHAPE_PASS.set(recorded)
         handle = nn.modules.module.register_module_forward_hook(hook)
         try:
-            fake_args = _fake(args, mode)
-            fake_kwargs = _fake(dict(kwargs), mode)
+            home = _home(module)
+            fake_args = _fake(args, mode, home)
+            fake_kwargs = _fake(dict(kwargs), mode, home)
             with mode, torch.no_grad():
                 module(*fake_args, **fake_kwargs)
             names = {id(sub): name for name, sub in module.named_modules(remove_duplicate=False)}

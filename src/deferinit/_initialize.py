@@ -19,6 +19,12 @@ M = TypeVar("M", bound=nn.Module)
 Initializer = Union[Callable[[nn.Module], Any], Mapping[str, Callable[[torch.Tensor], Any]]]
 
 _DONE = "_di_initialized"  # set in a module's __dict__ once deferinit initialized it
+_META_INIT = "_di_meta_init"  # an initializer waiting for di.materialize
+
+
+def _has_meta(module: nn.Module) -> bool:
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return any(t is not None and t.device.type == "meta" for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,11 @@ def _visit(
             _visit(child, prefix + child_name, init, force, seen)
     state = module.__dict__.get("_di")
     if state is not None and init is not None:
-        state.init = Registered(init, prefix)  # kept for di.reset
+        state.init = Registered(init, prefix)  # kept for di.reset and di.materialize
+    if _has_meta(module):
+        # Declared on meta: nothing to fill yet; di.materialize runs it.
+        object.__setattr__(module, _META_INIT, None if init is None else Registered(init, prefix))
+        return
     if module.__dict__.get(_DONE) and not force:
         return
     if _apply_one(module, init, prefix):
@@ -131,16 +141,23 @@ def _apply_mapping(
     return applied
 
 
+def apply_registered(module: nn.Module, registered: Registered, *, recurse: bool) -> None:
+    """Run one registered initializer on ``module`` (and below, with ``recurse``)."""
+    init = registered.init
+    if isinstance(init, Mapping):
+        params = module.named_parameters() if recurse else module._parameters.items()
+        _apply_mapping(init, params, registered.prefix)
+    elif recurse:
+        module.apply(init)
+    else:
+        init(module)
+    for sub in module.modules() if recurse else [module]:
+        object.__setattr__(sub, _DONE, True)
+
+
 def run_registered(module: nn.Module) -> None:
     """Run the initializer registered on a layer that just built (under BUILD_LOCK)."""
     state = module.__dict__.get("_di")
     registered: Registered | None = state.init if state is not None else None
-    if registered is None:
-        return
-    init = registered.init
-    if isinstance(init, Mapping):
-        _apply_mapping(init, module.named_parameters(), registered.prefix)
-    else:
-        module.apply(init)
-    for sub in module.modules():
-        object.__setattr__(sub, _DONE, True)
+    if registered is not None:
+        apply_registered(module, registered, recurse=True)

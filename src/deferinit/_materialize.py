@@ -1,0 +1,224 @@
+"""``di.materialize``: allocate and initialize every meta tensor below a module.
+
+Layers that deferinit built are *constructed again* on the target device with
+the arguments they were built with: their own ``__init__`` draws the random
+numbers in the same order as eager construction (MultiheadAttention, say,
+initializes ``out_proj`` before ``in_proj_weight``), so the values are bitwise
+the eager model's under the same seed. Other modules declared under
+``torch.device("meta")`` get ``to_empty`` and their registered initializer or
+their own ``reset_parameters``. Registration order throughout; parameter objects
+keep their identity; at most one layer's worth of extra memory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from ._deferred import BUILD_LOCK, Deferred, constructor_call
+from ._errors import NotBuiltError
+from ._naming import root_scope
+
+__all__ = ["materialize"]
+
+M = TypeVar("M", bound=nn.Module)
+
+_LARGE = 1 << 30  # show a progress bar by default beyond this many bytes
+
+
+def _direct(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    out = [(n, p) for n, p in module._parameters.items() if p is not None]
+    return out + [(n, b) for n, b in module._buffers.items() if b is not None]
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
+    """(kind, name, module) steps in registration order, deferred names, unfit names."""
+    steps: list[tuple[str, str, nn.Module]] = []
+    deferred: list[str] = []
+    unfit: list[str] = []
+    skip: list[str] = []
+    for name, sub in root.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(sub, Deferred):
+            deferred.append(name)
+            skip.append(name)
+            continue
+        state = sub.__dict__.get("_di")
+        if state is not None and state.values is not None:
+            tensors = [*sub.parameters(), *sub.buffers()]
+            if any(_is_meta(t) for t in tensors):
+                steps.append(("rebuild", name, sub))
+                skip.append(name)
+            continue
+        if any(_is_meta(t) for _, t in _direct(sub)):
+            has_init = sub.__dict__.get("_di_meta_init") is not None
+            if has_init or callable(getattr(sub, "reset_parameters", None)):
+                steps.append(("reset", name, sub))
+            else:
+                unfit.append(f"{name or '<root>'} ({type(sub).__name__})")
+    return steps, deferred, unfit
+
+
+def materialize(
+    module: M,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+) -> M:
+    """Allocate and initialize every meta parameter and buffer below ``module``.
+
+    Deferred layers built on meta (``di.build(..., device="meta")``) and modules
+    constructed under ``torch.device("meta")`` alike get memory on ``device``
+    (default: torch's default device) and their registered initializer (see
+    :func:`deferinit.initialize`), else their own initialization, in
+    registration order: bitwise the eager model under the same seed. ``dtype``
+    converts floating-point tensors, as ``module.to(dtype)`` would after eager
+    construction. ``seed`` seeds each layer from ``seed`` and its qualified name,
+    so its values do not depend on order or on the rest of the model.
+    ``progress`` forces the progress bar on or off (default: on when stderr is a
+    terminal and more than 1 GiB is allocated). Returns ``module``.
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> from deferinit import nn as dnn
+    >>> net = di.build(nn.Sequential(dnn.Linear(4), nn.ReLU()), (1, 3), device="meta")
+    >>> net[0].weight.device.type
+    'meta'
+    >>> di.materialize(net)[0].weight.device.type
+    'cpu'
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"di.materialize expects an nn.Module, got {type(module).__name__}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"di.materialize: dtype must be a floating-point dtype, got {dtype}")
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if target.type == "meta":
+        raise ValueError("di.materialize: device='meta' allocates nothing; pass a real device")
+    with BUILD_LOCK, root_scope(module):
+        steps, deferred, unfit = _plan(module)
+        if deferred:
+            raise NotBuiltError(
+                f"di.materialize: layer(s) {', '.join(repr(d) for d in deferred)} are still "
+                f"deferred, so their sizes are unknown. Nothing was allocated. Fix: build "
+                f"first, e.g. di.build(model, example, device='meta')."
+            )
+        if unfit:
+            raise NotBuiltError(
+                f"di.materialize: {', '.join(unfit)} hold meta tensors but have no "
+                f"reset_parameters and no initializer registered with di.initialize, so "
+                f"there is no way to fill them. Nothing was allocated. Fix: register one "
+                f"(di.initialize(module, init)) or load their values (load_state_dict)."
+            )
+        total = sum(_bytes(sub) for _, _, sub in steps)
+        show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
+        with _progress(show, total) as advance:
+            for kind, name, sub in steps:
+                with _seeded(seed, name):
+                    if kind == "rebuild":
+                        _rebuild(sub, target, dtype)
+                    else:
+                        _reset(sub, target, dtype)
+                advance(_bytes(sub))
+    return module
+
+
+def _bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, name: str) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        yield
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    if not show:
+        yield lambda n: None
+        return
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        yield lambda n: None
+        return
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="materialize")
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _place(
+    owner: nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor, dtype: torch.dtype | None
+) -> None:
+    """Put ``new``'s values under the ``old`` Python object, so that optimizers and
+    other references made before materialization see them."""
+    want = dtype if dtype is not None and new.is_floating_point() else old.dtype
+    data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
+    fresh: torch.Tensor
+    if isinstance(old, nn.Parameter):
+        fresh = nn.Parameter(data, requires_grad=old.requires_grad)
+    else:
+        fresh = data
+    for attempt in range(2):
+        try:
+            torch.utils.swap_tensors(old, fresh)
+            return
+        except RuntimeError:
+            # A weak reference blocks the swap (e.g. a finished fake-tensor pass
+            # that is not collected yet): collect once and retry.
+            if attempt == 0:
+                gc.collect()
+    table = owner._parameters if leaf in owner._parameters else owner._buffers
+    table[leaf] = fresh  # type: ignore[assignment]  # last resort: identity is lost
+
+
+def _rebuild(layer: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+
+    state = layer.__dict__["_di"]
+    args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
+    if "device" in kwargs:
+        kwargs["device"] = device
+    with torch.device(device):
+        fresh = state.deferred._di_cls(*args, **kwargs)
+    new = dict([*fresh.named_parameters(), *fresh.named_buffers()])
+    for name, old in [*layer.named_parameters(), *layer.named_buffers()]:
+        if name in new and _is_meta(old):
+            owner_name, _, leaf = name.rpartition(".")
+            _place(layer.get_submodule(owner_name), leaf, old, new[name], dtype)
+    run_registered(layer)
+
+
+def _reset(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    for leaf, old in _direct(module):
+        if _is_meta(old):
+            _place(module, leaf, old, torch.empty_like(old, device=device), dtype)
+    registered = module.__dict__.get("_di_meta_init")
+    if registered is not None:
+        from ._initialize import apply_registered  # noqa: PLC0415 - cyclic by nature
+
+        apply_registered(module, registered, recurse=False)
+    else:
+        module.reset_parameters()  # type: ignore[operator]
