@@ -30,7 +30,7 @@ from ._deferred import (
     placeholder_tensors,
 )
 from ._errors import InferenceError
-from ._guard import Guard
+from ._guard import guard_for
 from ._naming import label
 from ._rules import describe
 from ._state import State, replace
@@ -60,7 +60,8 @@ class Transaction:
         self.module = module
         self.cls = type(module)
         self.dict = module.__dict__
-        self.hooks = {k: list(module.__dict__[k].items()) for k in _hook_tables(module.__dict__)}
+        d = module.__dict__
+        self.hooks = {k: list(d[k].items()) for k in _HOOK_TABLES if d.get(k)}
         self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
         self.swaps: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -114,19 +115,23 @@ def become(
         real.train(False)
     txn = Transaction(module)
     if adopt:
-        _adopt_placeholders(module, real, txn, keep_device=device is not None)
+        # Plain tensor attribute access: Parameter's Python __torch_function__ would
+        # otherwise run for every .data/.dtype/.device read below.
+        with torch._C.DisableTorchFunctionSubclass():
+            _adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     for key in _hook_tables(module.__dict__):
         table = module.__dict__[key]
         theirs = new.get(key, {})
-        own[key] = list(theirs)
-        merged = [*theirs.items(), *table.items()]  # the layer's own hooks first, as eager
-        table.clear()
-        table.update((k, _rebind(v, real, module)) for k, v in merged)
+        if theirs:
+            own[key] = list(theirs)
+            merged = [*theirs.items(), *table.items()]  # the layer's own hooks first, as eager
+            table.clear()
+            table.update((k, _rebind(v, real, module)) for k, v in merged)
         new[key] = table
     new["_di"] = replace(state, values=dict(values), built_from=built_from, own_hooks=own)
-    new["forward"] = Guard(module)
+    new["forward"] = guard_for(module, type(real))
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)
     object.__setattr__(module, "__class__", type(real))

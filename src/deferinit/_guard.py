@@ -9,6 +9,8 @@ changed and how to fix it.
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from typing import Any
 
 from torch import nn
@@ -17,30 +19,77 @@ from ._errors import ShapeMismatchError
 from ._naming import label
 from ._rules import Call, RuleError, describe
 
-__all__ = ["Guard"]
+__all__ = ["Guard", "InputGuard", "guard_for"]
 
 
 class Guard:
-    """``module.forward`` of a layer built by deferinit."""
+    """``module.forward`` of a layer built by deferinit.
 
-    __slots__ = ("module",)
+    It holds its layer by weak reference: a strong one would make a cycle
+    (layer -> forward -> layer) that keeps a dropped model's memory until the
+    garbage collector runs, where eager models are freed at once.
+    """
+
+    __slots__ = ("__weakref__", "_ref")
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
+        self._ref = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._ref()
+        if module is None:
+            raise ReferenceError("the layer of this forward no longer exists")
+        return module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.module
+        module = self._ref()
         try:
-            return type(module).forward(module, *args, **kwargs)
+            return type(module).forward(module, *args, **kwargs)  # type: ignore[union-attr]
         except Exception as error:
-            _explain(module, args, kwargs, error)
+            _explain(module, args, kwargs, error)  # type: ignore[arg-type]
             raise
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Guard, (self.module,))
+        return (type(self), (self.module,))
 
     def __repr__(self) -> str:
-        return f"<deferinit guarded {type(self.module).__name__}.forward>"
+        return f"<deferinit guarded {type(self._ref()).__name__}.forward>"
+
+
+class InputGuard(Guard):
+    """The same for the common ``forward(self, input)``: no ``*args`` packing,
+    which is most of the guard's cost on small layers."""
+
+    __slots__ = ()
+
+    def __call__(self, input: Any) -> Any:  # noqa: A002 - torch's parameter name
+        module = self._ref()
+        try:
+            return type(module).forward(module, input)  # type: ignore[union-attr]
+        except Exception as error:
+            _explain(module, (input,), {}, error)  # type: ignore[arg-type]
+            raise
+
+
+_KINDS: dict[type, type[Guard]] = {}
+
+
+def guard_for(module: nn.Module, cls: type[nn.Module]) -> Guard:
+    """The cheapest guard that fits ``cls.forward``'s signature."""
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = Guard
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        if [p.name for p in params] == ["self", "input"] and all(
+            p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
+        ):
+            kind = InputGuard
+        _KINDS[cls] = kind
+    return kind(module)
 
 
 def _explain(
