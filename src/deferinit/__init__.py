@@ -29,6 +29,7 @@ from ._initialize import initialize
 from ._placeholder import PlaceholderBuffer as _PlaceholderBuffer
 from ._placeholder import PlaceholderParameter as _PlaceholderParameter
 from ._rules import Rule, dim
+from ._summary import summary
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "nn",
     "pending",
     "reset",
+    "summary",
 ]

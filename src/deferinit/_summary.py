@@ -1,0 +1,488 @@
+"""``di.summary``: a table of every layer, its inferred arguments, shapes and state.
+
+Nothing here touches tensor data: sizes come from ``shape``/``dtype``/``numel``,
+placeholders (whose shapes are unknown) from their layout, and an unbuilt layer
+whose sizes a shape pass inferred is constructed on ``meta`` to learn its
+parameter shapes. So a summary works before the build, after it, and on models
+larger than memory (``with torch.device("meta"): ...``) without allocating.
+
+Rows follow ``named_modules()``: every leaf, every layer made through deferinit
+(built or not; a placeholder's internal slots are part of its row), and every
+other module that owns parameters or buffers directly. Each tensor is listed in
+the row of the module that owns it, so the counts of the rows add up to the
+totals (which count a tied parameter once).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+
+from ._deferred import Deferred, constructor_call, placeholder_tensors
+from ._layout import freeze
+
+__all__ = ["Row", "Summary", "TensorInfo", "summary"]
+
+
+class _Unknown:
+    """The value of a size that is not known yet; shows as ``?``."""
+
+    def __repr__(self) -> str:
+        return "?"
+
+
+UNKNOWN: Any = _Unknown()
+_HEADERS = ("name", "layer", "arguments", "output", "parameters", "count", "state")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A parameter or buffer as the summary sees it: ``None`` marks unknown sizes."""
+
+    name: str  # within its layer, e.g. "weight" or "out_proj.weight"
+    shape: tuple[int | None, ...] | None  # None: not even the rank is known
+    dtype: torch.dtype
+    requires_grad: bool
+    key: tuple[int, str]  # identity, so that tied tensors count once
+
+    @property
+    def numel(self) -> int | None:
+        if self.shape is None or None in self.shape:
+            return None
+        n = 1
+        for size in self.shape:
+            n *= size  # type: ignore[operator]
+        return n
+
+
+@dataclass(frozen=True)
+class Row:
+    """One layer of the summary."""
+
+    name: str  # qualified name below the summarized module ("" for itself)
+    layer: str  # class name
+    arguments: dict[str, Any]  # inferable constructor arguments; UNKNOWN when not known
+    output: Any  # nested shapes (tuples of ints) from the shape pass, or None
+    parameters: tuple[TensorInfo, ...]
+    buffers: tuple[TensorInfo, ...]
+    state: str  # "deferred", "built" or "meta"
+
+    @property
+    def count(self) -> int | None:
+        """Number of parameter elements, ``None`` if any size is unknown."""
+        sizes = [p.numel for p in self.parameters]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
+
+class Summary:
+    """The result of :func:`summary`: print it, ``str()`` it, ``to_dict()`` it, or
+    show it in Jupyter (HTML) or with ``rich``."""
+
+    def __init__(self, rows: Iterable[Row], *, examples: bool, output: Any) -> None:
+        self.rows = tuple(rows)
+        self.examples = examples  # whether example inputs were given (output shapes known)
+        self.output = output  # the model's output shapes, or None
+
+    # -- totals -------------------------------------------------------------------------
+
+    def _unique(self, kind: Callable[[Row], tuple[TensorInfo, ...]]) -> list[TensorInfo]:
+        seen: dict[tuple[int, str], TensorInfo] = {}
+        for row in self.rows:
+            for info in kind(row):
+                seen.setdefault(info.key, info)
+        return list(seen.values())
+
+    def _partial(self, kind: Callable[[Row], tuple[TensorInfo, ...]]) -> set[str]:
+        return {_dtype_name(t.dtype) for t in self._unique(kind) if t.numel is None}
+
+    def totals(self) -> dict[str, Any]:
+        """Parameter counts and bytes by dtype. ``unknown`` is the number of parameter
+        tensors whose size is not known yet; counts and bytes leave them out."""
+        params = self._unique(lambda r: r.parameters)
+        known = [p for p in params if p.numel is not None]
+        return {
+            "parameters": sum(p.numel or 0 for p in known),
+            "trainable": sum(p.numel or 0 for p in known if p.requires_grad),
+            "unknown": len(params) - len(known),
+            "bytes": _bytes_by_dtype(params),
+            "buffer_bytes": _bytes_by_dtype(self._unique(lambda r: r.buffers)),
+        }
+
+    # -- renderings ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: ``rows`` (one dict per layer), ``totals`` and the
+        model's ``output_shape``. Unknown arguments are ``"?"``; unknown sizes in
+        shapes, and counts that depend on them, are ``None``."""
+        return {
+            "rows": [
+                {
+                    "name": row.name,
+                    "layer": row.layer,
+                    "arguments": {k: _plain(v) for k, v in row.arguments.items()},
+                    "output_shape": _plain(row.output),
+                    "parameters": [_tensor_dict(p) for p in row.parameters],
+                    "buffers": [_tensor_dict(b) for b in row.buffers],
+                    "count": row.count,
+                    "state": row.state,
+                }
+                for row in self.rows
+            ],
+            "totals": self.totals(),
+            "output_shape": _plain(self.output),
+        }
+
+    def _table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        keep = [h for h in _HEADERS if h != "output" or self.examples]
+        cells = []
+        for row in self.rows:
+            full = {
+                "name": row.name or "(root)",
+                "layer": row.layer,
+                "arguments": ", ".join(f"{k}={v!r}" for k, v in row.arguments.items()),
+                "output": "" if row.output is None else _text(row.output),
+                "parameters": ", ".join(f"{p.name} {_shape_text(p.shape)}" for p in row.parameters),
+                "count": _count_text(row.count),
+                "state": row.state,
+            }
+            cells.append(tuple(full[h] for h in keep))
+        return tuple(keep), cells
+
+    def _footer(self) -> list[str]:
+        totals = self.totals()
+        unknown = totals["unknown"]
+        params = self._unique(lambda r: r.parameters)
+        more = " + ?" if unknown else ""
+        more_trainable = " + ?" if any(p.numel is None and p.requires_grad for p in params) else ""
+        lines = [
+            f"Parameters: {totals['parameters']:,}{more} "
+            f"({totals['trainable']:,}{more_trainable} trainable)"
+        ]
+        if unknown:
+            lines[0] += f"; {unknown} of unknown size (pass example inputs to infer them)"
+        partial = self._partial(lambda r: r.parameters)
+        lines.append("Parameter bytes: " + _bytes_text(totals["bytes"], partial))
+        if totals["buffer_bytes"]:
+            partial = self._partial(lambda r: r.buffers)
+            lines.append("Buffer bytes: " + _bytes_text(totals["buffer_bytes"], partial))
+        if self.output is not None:
+            lines.append(f"Output: {_text(self.output)}")
+        return lines
+
+    def __str__(self) -> str:
+        headers, cells = self._table()
+        widths = [max(len(c) for c in column) for column in zip(headers, *cells, strict=True)]
+
+        def line(values: tuple[str, ...]) -> str:
+            padded = [
+                v.rjust(w) if h == "count" else v.ljust(w)
+                for h, v, w in zip(headers, values, widths, strict=True)
+            ]
+            return "  ".join(padded).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(headers), rule, *map(line, cells), rule, *self._footer()])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        headers, cells = self._table()
+        esc = html.escape
+        head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells
+        )
+        footer = "<br>".join(esc(line) for line in self._footer())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{footer}</p>"
+
+    def __rich__(self) -> Any:
+        from rich.console import Group  # noqa: PLC0415 - rich is optional
+        from rich.table import Table  # noqa: PLC0415 - rich is optional
+        from rich.text import Text  # noqa: PLC0415 - rich is optional
+
+        headers, cells = self._table()
+        table = Table()
+        for h in headers:
+            table.add_column(h, justify="right" if h == "count" else "left")
+        for row in cells:
+            table.add_row(*(Text(c) for c in row))
+        return Group(table, *(Text(line) for line in self._footer()))
+
+
+def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> Summary:
+    """A table of every layer below ``module``: qualified name, layer class, inferred
+    arguments, output shape (when example inputs are given), parameter shapes and
+    count, and state (``deferred``, ``built`` or ``meta``). Unknown sizes show as ``?``.
+
+    Examples are what :func:`deferinit.build` takes (tensors, shapes, meta tensors):
+    they run through a shape-only pass that infers every size and changes nothing.
+    No tensor data is read or allocated, so meta models of any size work.
+
+    >>> import deferinit as di
+    >>> from torch import nn
+    >>> from deferinit import nn as dnn
+    >>> net = nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10))
+    >>> print(di.summary(net, (2, 20)))
+    name  layer   arguments        output    parameters                     count  state
+    ----  ------  ---------------  --------  -----------------------------  -----  --------
+    0     Linear  in_features=20   (2, 256)  weight (256, 20), bias (256,)  5,376  deferred
+    1     ReLU                     (2, 256)                                     0  built
+    2     Linear  in_features=256  (2, 10)   weight (10, 256), bias (10,)   2,570  deferred
+    ----  ------  ---------------  --------  -----------------------------  -----  --------
+    Parameters: 7,946 (7,946 trainable)
+    Parameter bytes: float32 31,784 (31.0 KiB)
+    Output: (2, 10)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"di.summary expects an nn.Module, got {type(module).__name__}")
+    examples = bool(example_args or example_kwargs)
+    values: Mapping[str, Mapping[str, Any]] = {}
+    outputs: Mapping[str, Any] = {}
+    if examples:
+        from ._build import shape_pass  # noqa: PLC0415 - cyclic by nature
+
+        seen = shape_pass(module, example_args, example_kwargs)
+        values, outputs = seen.values, seen.outputs
+    rows = [
+        _row(name, sub, values.get(name, {}), _shapes(outputs[name]) if name in outputs else None)
+        for name, sub in _layers(module)
+    ]
+    return Summary(rows, examples=examples, output=_shapes(outputs[""]) if "" in outputs else None)
+
+
+def _layers(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    inside: str | None = None  # the placeholder whose slots come next (depth first)
+    for name, sub in module.named_modules():
+        if inside is not None and (inside == "" or name.startswith(inside + ".")):
+            continue  # a placeholder's slots belong to its row
+        if isinstance(sub, Deferred):
+            inside = name
+            yield name, sub
+        elif not sub._modules or "_di" in sub.__dict__ or sub._parameters or sub._buffers:
+            yield name, sub
+
+
+def _row(name: str, layer: nn.Module, inferred: Mapping[str, Any], output: Any) -> Row:
+    if isinstance(layer, Deferred):
+        arguments, params, buffers = _deferred_parts(layer, inferred)
+        cls_name = type(layer)._di_cls.__name__
+        return Row(name, cls_name, arguments, output, params, buffers, "deferred")
+    state = layer.__dict__.get("_di")
+    arguments = {}
+    if state is not None:
+        built = state.values or {}
+        arguments = {k: built.get(k, UNKNOWN) for k in state.deferred._di_rules}
+    params = tuple(_info(n, t) for n, t in layer._parameters.items() if t is not None)
+    buffers = tuple(_info(n, t) for n, t in layer._buffers.items() if t is not None)
+    everything = [*layer.parameters(), *layer.buffers()]
+    if any(isinstance(t, UninitializedTensorMixin) for t in everything):
+        kind = "deferred"  # e.g. torch's own nn.LazyLinear
+    elif any(t.device.type == "meta" for t in everything):
+        kind = "meta"
+    else:
+        kind = "built"
+    return Row(name, type(layer).__name__, arguments, output, params, buffers, kind)
+
+
+def _info(name: str, t: torch.Tensor) -> TensorInfo:
+    shape = None if isinstance(t, UninitializedTensorMixin) else tuple(t.shape)
+    return TensorInfo(name, shape, t.dtype, t.requires_grad, (id(t), ""))
+
+
+def _deferred_parts(
+    layer: Deferred, inferred: Mapping[str, Any]
+) -> tuple[dict[str, Any], tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """Arguments and tensors of a placeholder: exact if every size is known (given
+    or inferred by the shape pass), else with ``None`` for the sizes that move with
+    the unknown arguments."""
+    cls, state = type(layer), layer._di
+    known = {**state.explicit, **inferred}
+    arguments = {k: known.get(k, UNKNOWN) for k in cls._di_rules}
+    placeholders = dict(placeholder_tensors(layer))
+    shapes = _shapes_when_known(layer, known) if len(known) >= len(cls._di_rules) else None
+    if shapes is None:
+        shapes = _partial_shapes(layer)
+    params: list[TensorInfo] = []
+    buffers: list[TensorInfo] = []
+    is_param = {n: isinstance(t, nn.Parameter) for n, t in placeholders.items()}
+    for name, (shape, dtype, requires_grad, parameter) in shapes.items():
+        held = placeholders.get(name)
+        if held is not None:  # it keeps the dtype and flag the placeholder was given
+            dtype, requires_grad = held.dtype, held.requires_grad
+            parameter = is_param[name]
+        key = (id(held), "") if held is not None else (id(layer), name)
+        info = TensorInfo(name, shape, dtype, requires_grad and parameter, key)
+        (params if parameter else buffers).append(info)
+    return arguments, tuple(params), tuple(buffers)
+
+
+_Slots = dict[str, tuple[tuple[int | None, ...] | None, torch.dtype, bool, bool]]
+
+
+def _construct_on_meta(layer: Deferred, values: Mapping[str, Any]) -> nn.Module:
+    cls = type(layer)
+    arguments = dict(layer._di.arguments)
+    if "device" in arguments:
+        arguments["device"] = "meta"
+    args, kwargs = constructor_call(cls, arguments, values)
+    with torch.device("meta"):
+        return cls._di_cls(*args, **kwargs)
+
+
+def _slots_of(module: nn.Module) -> _Slots:
+    slots: _Slots = {}
+    for name, p in module.named_parameters():
+        slots[name] = (tuple(p.shape), p.dtype, p.requires_grad, True)
+    for name, b in module.named_buffers():
+        slots[name] = (tuple(b.shape), b.dtype, False, False)
+    return slots
+
+
+_KNOWN: dict[Any, _Slots | None] = {}
+
+
+def _shapes_when_known(layer: Deferred, values: Mapping[str, Any]) -> _Slots | None:
+    try:
+        key: Any = (
+            type(layer),
+            freeze(layer._di.arguments),
+            freeze(dict(values)),
+            torch.get_default_dtype(),
+        )
+        return _KNOWN[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable arguments: no caching
+        key = None
+    try:
+        slots: _Slots | None = _slots_of(_construct_on_meta(layer, values))
+    except Exception:  # the shape pass accepted these values; be safe all the same
+        slots = None
+    if key is not None:
+        _KNOWN[key] = slots
+    return slots
+
+
+def _partial_shapes(layer: Deferred) -> _Slots:
+    """Shapes at the provisional size and at twice it: dimensions that differ are unknown."""
+    cls, state = type(layer), layer._di
+    layout = state.layout
+    slots: _Slots = {}
+    if layout is None:
+        return slots
+    doubled = {
+        n: state.explicit[n]
+        if n in state.explicit
+        else r.provisional(2 * layout.size, state.options)
+        for n, r in cls._di_rules.items()
+    }
+    # Some layers reject the doubled size: every size is then unknown.
+    other = {n: slot[0] for n, slot in (_shapes_when_known(layer, doubled) or {}).items()}
+    for slot in layout.tensors:
+        if slot.dtype is None:
+            continue
+        base, moved = layout.shapes.get(slot.name), other.get(slot.name)
+        shape: tuple[int | None, ...] | None = None
+        if base is not None and moved is not None and len(base) == len(moved):
+            shape = tuple(a if a == b else None for a, b in zip(base, moved, strict=True))
+        slots[slot.name] = (shape, slot.dtype, slot.requires_grad, slot.is_parameter)
+    return slots
+
+
+# -- formatting helpers ------------------------------------------------------------------
+
+
+def _shapes(output: Any) -> Any:
+    """Output shapes: a tensor becomes a tuple of ints, containers lists/dicts of those."""
+    if isinstance(output, torch.Tensor):
+        return tuple(int(s) for s in output.shape)
+    if isinstance(output, list | tuple):
+        return [_shapes(o) for o in output]
+    if isinstance(output, dict):
+        return {str(k): _shapes(v) for k, v in output.items()}
+    if output is None:
+        return "None"
+    return type(output).__name__
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    return repr(value)  # UNKNOWN included: "?"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        return _shape_text(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _shape_text(shape: tuple[int | None, ...] | None) -> str:
+    if shape is None:
+        return "?"
+    sizes = ["?" if s is None else str(s) for s in shape]
+    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+
+def _count_text(count: int | None) -> str:
+    return "?" if count is None else f"{count:,}"
+
+
+def _tensor_dict(info: TensorInfo) -> dict[str, Any]:
+    shape = None if info.shape is None else list(info.shape)
+    return {
+        "name": info.name,
+        "shape": shape,
+        "dtype": _dtype_name(info.dtype),
+        "numel": info.numel,
+    }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bytes_by_dtype(tensors: Iterable[TensorInfo]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in tensors:
+        name = _dtype_name(t.dtype)
+        out[name] = out.get(name, 0) + (t.numel or 0) * t.dtype.itemsize
+    return out
+
+
+def _bytes_text(by_dtype: Mapping[str, int], partial: set[str]) -> str:
+    if not by_dtype:
+        return "0"
+    parts = []
+    for name, n in by_dtype.items():
+        more = " + ?" if name in partial else ""
+        parts.append(f"{name} {n:,}{more} ({_human(n)}{more})")
+    return ", ".join(parts)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
