@@ -4,21 +4,30 @@ Subcommands:
 
 - ``deferinit demo``: walk through deferred initialization (延后初始化) on the
   classic d2l MLP.
+- ``deferinit summary FILE_OR_MODULE:FACTORY --input-shape 2,20``: print
+  :func:`deferinit.summary` of the model a Python factory returns.
 
 Each subcommand is one entry in :func:`_parser` with a handler that takes the
-parsed arguments and returns the exit code; ``summary`` (DESIGN §2) will be
-added the same way.
+parsed arguments and returns the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from . import __version__
 from ._demo import run_demo
+from ._summary import summary
 
 __all__ = ["main"]
 
@@ -28,6 +37,124 @@ Handler = Callable[[argparse.Namespace], int]
 def _demo(args: argparse.Namespace) -> int:
     run_demo(sys.stdout)
     return 0
+
+
+class _UsageError(Exception):
+    """Bad input to a subcommand: reported on one line, exit code 2."""
+
+
+def _summary(args: argparse.Namespace) -> int:
+    try:
+        shapes = [_shape(text) for text in args.input_shape]
+        dtype = _dtype(args.dtype)
+        device = _device(args.device)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = _load_model(args.target)
+            examples = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        try:
+            table = summary(model, *examples)
+        except Exception as error:  # the examples do not fit the model: still bad input
+            given = ", ".join(f"({text})" for text in args.input_shape)
+            message = f"the model does not run on inputs {given}: {_one_line(error)}"
+            raise _UsageError(message) from error
+    except _UsageError as error:
+        print(f"deferinit summary: error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or not all(p.isdecimal() for p in parts):
+        raise _UsageError(
+            f"--input-shape {text!r} is not a shape; expected sizes (integers, 0 or more) "
+            f"separated by commas, such as 2,20 (batch of 2, 20 features)"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise _UsageError(f"--dtype {name!r} is not a torch dtype; e.g. float32, bfloat16, int64")
+    return dtype
+
+
+def _device(name: str | None) -> torch.device | None:
+    if name is None:
+        return None
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        message = f"--device {name!r} is not a torch device; e.g. meta, cpu, cuda"
+        raise _UsageError(message) from None
+
+
+@contextlib.contextmanager
+def _on_path(folder: str) -> Iterator[None]:
+    # As `python file.py` and `python -m pkg.mod` do: the file's folder (or the
+    # working directory) is importable while the target loads and builds.
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _load_model(target: str) -> torch.nn.Module:
+    where, colon, factory_name = target.rpartition(":")
+    if not colon or not where or not factory_name.isidentifier():
+        raise _UsageError(
+            f"{target!r} does not name a factory; expected FILE.py:FACTORY or "
+            f"package.module:FACTORY, e.g. examples/tiny_factory.py:make_model"
+        )
+    is_file = where.endswith(".py") or os.sep in where or "/" in where
+    folder = str(Path(where).resolve().parent) if is_file else os.getcwd()
+    with _on_path(folder):
+        module = _import_file(where) if is_file else _import_module(where)
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise _UsageError(f"{where} has no factory {factory_name!r} (a callable)")
+        try:
+            model = factory()
+        except Exception as error:
+            raise _UsageError(f"{factory_name}() raised {_one_line(error)}") from error
+    if not isinstance(model, torch.nn.Module):
+        raise _UsageError(
+            f"{factory_name}() returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _import_file(path: str) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise _UsageError(f"no such file: {path}")
+    name = f"_deferinit_summary_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise _UsageError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so that dataclasses and pickling in it work
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise _UsageError(f"importing {path} raised {_one_line(error)}") from error
+    return module
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as error:
+        raise _UsageError(f"importing {name} raised {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,14 +172,54 @@ def _parser() -> argparse.ArgumentParser:
         "and the error for a changed input size.",
     )
     demo.set_defaults(handler=_demo)
+    table = commands.add_parser(
+        "summary",
+        help="print the summary table of a model that a Python factory returns",
+        description="Import FILE.py or package.module, call FACTORY() (no arguments) and "
+        "print di.summary of the model it returns: each layer's inferred arguments, "
+        "output shape, parameter shapes and state. With --input-shape the sizes are "
+        "inferred by a shape-only pass that computes nothing and changes nothing.",
+    )
+    table.add_argument(
+        "target",
+        metavar="FILE_OR_MODULE:FACTORY",
+        help="e.g. path/to/model.py:make_model or mypkg.models:make_model",
+    )
+    table.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="SHAPE",
+        help="shape of one forward argument, sizes separated by commas (2,20); "
+        "repeat for several arguments",
+    )
+    table.add_argument("--dtype", default="float32", help="dtype of the examples (float32)")
+    table.add_argument(
+        "--device",
+        default=None,
+        help="device for the factory and the examples; meta summarizes without allocating",
+    )
+    table.set_defaults(handler=_summary)
     return parser
+
+
+def _glue_negative_shapes(argv: list[str]) -> list[str]:
+    # argparse reads "--input-shape -1,3" as an option named "-1,3"; pass it as the
+    # value so that the shape check explains what is wrong with it.
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] == "--input-shape" and token[:1] == "-" and token[1:2].isdecimal():
+            out[-1] = f"--input-shape={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the
     exit code. Usage errors (an unknown subcommand) exit with code 2, as argparse does.
     """
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_glue_negative_shapes(sys.argv[1:] if argv is None else argv))
     handler: Handler = args.handler
     try:
         return handler(args)
