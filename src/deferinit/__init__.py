@@ -26,6 +26,7 @@ from ._build import build
 from ._deferred import Deferred, defer
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
 from ._initialize import initialize
+from ._materialize import materialize
 from ._placeholder import PlaceholderBuffer as _PlaceholderBuffer
 from ._placeholder import PlaceholderParameter as _PlaceholderParameter
 from ._rules import Rule, dim
@@ -56,6 +57,7 @@ __all__ = [
     "dim",
     "initialize",
     "is_built",
+    "materialize",
     "nn",
     "pending",
     "reset",

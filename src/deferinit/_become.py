@@ -190,7 +190,8 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
         if recorder is None:
             txn = become(module, values, built_from=built_from)
         else:  # fake parameters, on the device the (fake) input is on
-            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            given = [*args, *kwargs.values()]
+            device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
             txn = become(module, values, built_from=built_from, device=device, adopt=False)
         try:
             if recorder is not None:  # di.build's shape-only pass: record, don't initialize

@@ -11,6 +11,7 @@ runs them in. Either pass failing leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,7 +40,7 @@ class ShapePass:
     outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
 
 
-def _fake(example: Any, mode: FakeTensorMode, home: torch.device) -> Any:
+def _fake(example: Any, mode: Any, home: torch.device) -> Any:
     if isinstance(example, torch.Size) or (
         isinstance(example, tuple)
         and example
@@ -50,7 +51,7 @@ def _fake(example: Any, mode: FakeTensorMode, home: torch.device) -> Any:
         with mode:
             return torch.empty(tuple(example), dtype=torch.float32, device=home)
     if isinstance(example, torch.Tensor):
-        device = home if example.device.type == "meta" else example.device
+        device = home if home.type == "meta" or example.device.type == "meta" else example.device
         with mode:
             return torch.empty_strided(
                 tuple(example.shape), tuple(example.stride()), dtype=example.dtype, device=device
@@ -64,22 +65,42 @@ def _fake(example: Any, mode: FakeTensorMode, home: torch.device) -> Any:
 
 def _home(module: nn.Module) -> torch.device:
     """Where shape-only examples live: with the model's real tensors if it has
-    any, on meta for a model declared on meta, else on the default device."""
+    any, else on meta (placeholders and meta tensors only)."""
     devices = {
         t.device
         for t in [*module.parameters(), *module.buffers()]
         if not isinstance(t, UninitializedTensorMixin)
     }
     real = [d for d in devices if d.type != "meta"]
-    if real:
-        return real[0]
-    if devices:
-        return torch.device("meta")
-    return torch.get_default_device()
+    return real[0] if real else torch.device("meta")
 
 
 def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ShapePass:
-    """Run ``module`` on fake inputs; record sizes and outputs; change nothing."""
+    """Run ``module`` on shape-only inputs; record sizes and outputs; change nothing.
+
+    A model of placeholders and meta tensors is first run on the meta device, which
+    computes shapes fastest; if its forward needs more (it makes tensors on the
+    default device, say), or the model holds real weights, it runs under torch's
+    FakeTensorMode, in which real weights take part unchanged.
+    """
+    with BUILD_LOCK, root_scope(module), torch.random.fork_rng(devices=[]):
+        home = _home(module)
+        if home.type == "meta":
+            try:
+                return _run(module, args, kwargs, contextlib.nullcontext(), home)
+            except Exception:  # noqa: S110 - retried below, where the error is raised
+                pass
+            home = torch.get_default_device()
+        return _run(module, args, kwargs, FakeTensorMode(allow_non_fake_inputs=True), home)
+
+
+def _run(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    mode: Any,
+    home: torch.device,
+) -> ShapePass:
     result = ShapePass()
     recorded: list[tuple[Any, dict[str, Any], str, Transaction]] = []
     outputs: list[tuple[nn.Module, Any]] = []
@@ -87,32 +108,49 @@ def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, An
     def hook(mod: nn.Module, _args: Any, output: Any) -> None:
         outputs.append((mod, output))
 
-    with BUILD_LOCK, root_scope(module), torch.random.fork_rng(devices=[]):
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        token = SHAPE_PASS.set(recorded)
-        handle = nn.modules.module.register_module_forward_hook(hook)
-        try:
-            home = _home(module)
-            fake_args = _fake(args, mode, home)
-            fake_kwargs = _fake(dict(kwargs), mode, home)
-            with mode, torch.no_grad():
-                module(*fake_args, **fake_kwargs)
-            names = {id(sub): name for name, sub in module.named_modules(remove_duplicate=False)}
-            for layer, values, built_from, _ in recorded:
-                name = names.get(id(layer))
-                if name is None:
-                    name = qualified_name(layer, module) or ""
-                result.values[name] = values
-                result.built_from[name] = built_from
-            for mod, output in outputs:
-                if id(mod) in names:
-                    result.outputs.setdefault(names[id(mod)], output)
-        finally:
-            handle.remove()
-            SHAPE_PASS.reset(token)
-            for *_, txn in reversed(recorded):
-                txn.rollback()
+    saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+    token = SHAPE_PASS.set(recorded)
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        if isinstance(mode, FakeTensorMode):
+            _fake_buffers(module, mode, saved)
+        fake_args = _fake(args, mode, home)
+        fake_kwargs = _fake(dict(kwargs), mode, home)
+        with mode, torch.no_grad():
+            module(*fake_args, **fake_kwargs)
+        names: dict[int, str] = {}
+        for name, sub in module.named_modules(remove_duplicate=False):
+            names.setdefault(id(sub), name)  # a shared layer goes by its first name
+        for layer, values, built_from, _ in recorded:
+            name = names.get(id(layer))
+            if name is None:
+                name = qualified_name(layer, module) or ""
+            result.values[name] = values
+            result.built_from[name] = built_from
+        for mod, output in outputs:
+            if id(mod) in names:
+                result.outputs.setdefault(names[id(mod)], output)
+    finally:
+        handle.remove()
+        SHAPE_PASS.reset(token)
+        for *_, txn in reversed(recorded):
+            txn.rollback()
+        for owner, name, buffer in saved:
+            owner._buffers[name] = buffer
     return result
+
+
+def _fake_buffers(
+    module: nn.Module, mode: FakeTensorMode, saved: list[tuple[nn.Module, str, torch.Tensor]]
+) -> None:
+    """Put fake stand-ins in place of the real buffers for the pass (a training-mode
+    forward updates BatchNorm statistics in place); ``saved`` is what to put back."""
+    for sub in module.modules():
+        for name, b in sub._buffers.items():
+            if b is None or isinstance(b, UninitializedTensorMixin) or b.device.type == "meta":
+                continue
+            saved.append((sub, name, b))
+            sub._buffers[name] = mode.from_tensor(b)
 
 
 def build(
@@ -166,16 +204,11 @@ def _construct_in_registration_order(
 
     done: list[Transaction] = []
     try:
-        # A built block may construct new deferred children: build those next.
-        while True:
-            todo = [
-                (name, sub)
-                for name, sub in module.named_modules()
-                if isinstance(sub, Deferred) and name in seen.values
-            ]
-            if not todo:
-                break
-            for name, sub in todo:
+        # A live walk: named_modules reads a layer's children after yielding it, so
+        # the deferred children that a just-built block constructs come next, in
+        # eager's registration order.
+        for name, sub in module.named_modules():
+            if isinstance(sub, Deferred) and name in seen.values:
                 done.append(
                     become(sub, seen.values[name], built_from=seen.built_from[name], device=device)
                 )

@@ -85,7 +85,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
         explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
         try:
-            bound = cls._di_public_signature.bind(*args, **kwargs)
+            arguments = _bind(cls, args, kwargs)
         except TypeError as error:
             raise TypeError(
                 f"deferinit {cls.__name__}: {error}. It takes the arguments of "
@@ -98,7 +98,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                 value = rule.static(options, explicit)
                 if value is not MISSING:
                     explicit[name] = value
-        self._di = State(cls, dict(bound.arguments), options, explicit)
+        self._di = State(cls, arguments, options, explicit)
         if len(explicit) == len(cls._di_rules):
             from ._become import become  # noqa: PLC0415 - cyclic by nature
 
@@ -274,10 +274,52 @@ def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
     return _FORWARD_SIGNATURES[real]
 
 
+_FAST: dict[type, tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None] = {}
+
+
+def _fast_signature(
+    cls: type[Deferred],
+) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None:
+    """(positional names, all names, required names) of the public signature when
+    it has only plain parameters, else None (then inspect's binder is used)."""
+    if cls not in _FAST:
+        params = list(cls._di_public_signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        full = cls._di_init_signature.parameters.values()
+        plain = plain and all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in full)
+        _FAST[cls] = (
+            (
+                tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
+                frozenset(p.name for p in params),
+                frozenset(p.name for p in params if p.default is p.empty),
+            )
+            if plain
+            else None
+        )
+    return _FAST[cls]
+
+
+def _bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The given constructor arguments by name (inspect.Signature.bind, but fast for
+    the plain signatures of torch layers; the slow path words the errors)."""
+    fast = _fast_signature(cls)
+    if fast is not None:
+        positional, names, required = fast
+        if len(args) <= len(positional):
+            arguments = dict(zip(positional, args, strict=False))
+            if not (arguments.keys() & kwargs.keys()) and names.issuperset(kwargs):
+                arguments.update(kwargs)
+                if required.issubset(arguments):
+                    return arguments
+    return dict(cls._di_public_signature.bind(*args, **kwargs).arguments)
+
+
 def constructor_call(
     cls: type[Deferred], arguments: Mapping[str, Any], values: Mapping[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Positional and keyword arguments for the real class's constructor."""
+    if _fast_signature(cls) is not None:  # every parameter can be passed by keyword
+        return (), {**arguments, **values}
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     params = list(cls._di_init_signature.parameters.values())
@@ -403,7 +445,11 @@ def _names(names: Any) -> str:
 
 def placeholder_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every placeholder of a deferred layer, by qualified name within it."""
-    out: list[tuple[str, torch.Tensor]] = []
+    out: list[tuple[str, torch.Tensor]]
+    if not module._modules:  # the common flat layer
+        out = [(n, t) for n, t in module._parameters.items() if t is not None]
+        return out + [(n, t) for n, t in module._buffers.items() if t is not None]
+    out = []
     for prefix, sub in module.named_modules():
         if sub is not module and not isinstance(sub, _Slot):
             continue

@@ -215,10 +215,13 @@ def _reset(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -
     for leaf, old in _direct(module):
         if _is_meta(old):
             _place(module, leaf, old, torch.empty_like(old, device=device), dtype)
+    # As eager construction: the layer's own initialization, then the registered one
+    # (which may set only some parameters).
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
     registered = module.__dict__.get("_di_meta_init")
     if registered is not None:
         from ._initialize import apply_registered  # noqa: PLC0415 - cyclic by nature
 
         apply_registered(module, registered, recurse=False)
-    else:
-        module.reset_parameters()  # type: ignore[operator]
