@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._deferred import (
     BUILD_LOCK,
@@ -31,17 +32,76 @@ from ._deferred import (
 )
 from ._errors import InferenceError
 from ._guard import guard_for
+from ._layout import freeze
 from ._naming import label
 from ._rules import describe
 from ._state import State, replace
 
-__all__ = ["SHAPE_PASS", "Transaction", "become", "build_and_run", "unbecome"]
+__all__ = [
+    "SHAPE_PASS",
+    "ShapeRecorder",
+    "Transaction",
+    "become",
+    "build_and_run",
+    "unbecome",
+]
 
-# Set by di.build while its shape-only pass runs: layers built then are recorded
-# here (layer, values, built_from, undo record) and rolled back afterwards.
-SHAPE_PASS: ContextVar[list[tuple[Any, dict[str, Any], str, Any]] | None] = ContextVar(
-    "deferinit_shape_pass", default=None
-)
+
+class ShapeRecorder:
+    """What di.build's shape-only pass learns: ``records`` of (layer, values,
+    built_from, undo record or None), rolled back afterwards; and ``memo``, the
+    output specs of torch layers already run on meta with the same arguments and
+    input specs (a 10,000-layer stack of equal layers runs one of them)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[Any, dict[str, Any], Any, Transaction | None]] = []
+        self.memo: dict[Any, Any] = {}
+
+
+# Set by di.build while its shape-only pass runs.
+SHAPE_PASS: ContextVar[ShapeRecorder | None] = ContextVar("deferinit_shape_pass", default=None)
+
+
+def _memo_key(
+    module: Deferred, values: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A key for torch layers on meta inputs, else None (user classes may compute
+    shapes from anything, so they always run)."""
+    cls = type(module)
+    if kwargs or not cls._di_cls.__module__.startswith("torch.nn."):
+        return None
+    specs = []
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.device.type != "meta":
+            return None
+        specs.append((tuple(a.shape), tuple(a.stride()), a.dtype))
+    try:
+        key = (cls, freeze(module._di.arguments), freeze(values), tuple(specs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _output_spec(output: Any) -> Any:
+    leaves, spec = tree_flatten(output)
+    kinds = [
+        (tuple(t.shape), tuple(t.stride()), t.dtype) if isinstance(t, torch.Tensor) else ("leaf", t)
+        for t in leaves
+    ]
+    if any(k[0] == "leaf" and isinstance(k[1], torch.Tensor) for k in kinds):
+        return None
+    return spec, kinds
+
+
+def _from_spec(saved: Any) -> Any:
+    spec, kinds = saved
+    leaves = [
+        k[1] if k[0] == "leaf" else torch.empty_strided(k[0], k[1], dtype=k[2], device="meta")
+        for k in kinds
+    ]
+    return tree_unflatten(leaves, spec)
+
 
 # The hook tables every Module has (forward, pre-forward, backward, state-dict ...).
 _HOOK_TABLES = tuple(
@@ -187,6 +247,11 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
         values = module.infer(args, kwargs)
         built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
         recorder = SHAPE_PASS.get()
+        if recorder is not None:
+            key = _memo_key(module, values, args, kwargs)
+            if key is not None and key in recorder.memo:
+                recorder.records.append((module, values, built_from, None))
+                return _from_spec(recorder.memo[key])
         if recorder is None:
             txn = become(module, values, built_from=built_from)
         else:  # fake parameters, on the device the (fake) input is on
@@ -195,11 +260,16 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
             txn = become(module, values, built_from=built_from, device=device, adopt=False)
         try:
             if recorder is not None:  # di.build's shape-only pass: record, don't initialize
-                recorder.append((module, values, built_from, txn))
-            else:
-                from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+                recorder.records.append((module, values, built_from, txn))
+                output = type(module).forward(module, *args, **kwargs)
+                if key is not None:
+                    spec = _output_spec(output)
+                    if spec is not None:
+                        recorder.memo[key] = spec
+                return output
+            from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
 
-                run_registered(module)
+            run_registered(module)
             return type(module).forward(module, *args, **kwargs)
         except Exception as error:
             txn.rollback()

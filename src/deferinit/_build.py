@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from ._become import SHAPE_PASS, Transaction, become
+from ._become import SHAPE_PASS, ShapeRecorder, Transaction, become
 from ._deferred import BUILD_LOCK, Deferred
 from ._errors import NotBuiltError
 from ._naming import qualified_name, root_scope
@@ -102,14 +102,15 @@ def _run(
     home: torch.device,
 ) -> ShapePass:
     result = ShapePass()
-    recorded: list[tuple[Any, dict[str, Any], str, Transaction]] = []
+    recorder = ShapeRecorder()
+    recorded = recorder.records
     outputs: list[tuple[nn.Module, Any]] = []
 
     def hook(mod: nn.Module, _args: Any, output: Any) -> None:
         outputs.append((mod, output))
 
     saved: list[tuple[nn.Module, str, torch.Tensor]] = []
-    token = SHAPE_PASS.set(recorded)
+    token = SHAPE_PASS.set(recorder)
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
         if isinstance(mode, FakeTensorMode):
@@ -134,7 +135,8 @@ def _run(
         handle.remove()
         SHAPE_PASS.reset(token)
         for *_, txn in reversed(recorded):
-            txn.rollback()
+            if txn is not None:
+                txn.rollback()
         for owner, name, buffer in saved:
             owner._buffers[name] = buffer
     return result
