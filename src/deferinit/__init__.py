@@ -26,6 +26,7 @@ from ._build import build
 from ._deferred import Deferred, defer
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
 from ._initialize import initialize
+from ._load import load_state_dict
 from ._materialize import materialize
 from ._placeholder import PlaceholderBuffer as _PlaceholderBuffer
 from ._placeholder import PlaceholderParameter as _PlaceholderParameter
@@ -57,6 +58,7 @@ __all__ = [
     "dim",
     "initialize",
     "is_built",
+    "load_state_dict",
     "materialize",
     "nn",
     "pending",

@@ -234,7 +234,12 @@ def _adopt_placeholders(
             # under the Python objects instead; identity is kept all the same.
             built = value if isinstance(placeholder, nn.Parameter) else data
             built.requires_grad_(placeholder.requires_grad)
-            torch.utils.swap_tensors(placeholder, built)
+            try:
+                torch.utils.swap_tensors(placeholder, built)
+            except RuntimeError:
+                # Weak references block the swap (RNNs keep them to their weights):
+                # the layer keeps its own tensor; the placeholder is left unused.
+                continue
             txn.swaps.append((placeholder, built))
         table[leaf] = placeholder  # type: ignore[assignment]
 
