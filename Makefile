@@ -32,6 +32,8 @@ check: lint test
 
 bench: setup
 	$(PY) benchmarks/forward_overhead.py
+	$(PY) benchmarks/construct_first_forward.py
+	$(PY) benchmarks/build_scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
