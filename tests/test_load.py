@@ -362,11 +362,11 @@ def test_a_double_model_loads_a_float_checkpoint_in_float64_as_eager() -> None:
 
 
 def test_multihead_attention_with_other_key_and_value_sizes_from_the_checkpoint() -> None:
-    # The forward infers kdim and vdim from the key and value; the checkpoint's
-    # q/k/v projections say them just as well.
+    # Projection names depend on kdim/vdim (docs/decisions.md): given explicitly, the
+    # placeholders carry q/k/v_proj_weight, and embed_dim comes from the checkpoint.
     torch.manual_seed(0)
     eager = nn.MultiheadAttention(8, 2, kdim=6, vdim=5).eval()
-    model = dnn.MultiheadAttention(num_heads=2)
+    model = dnn.MultiheadAttention(num_heads=2, kdim=6, vdim=5)
     di.load_state_dict(model, _clone(eager.state_dict()))
     assert repr(model) == repr(eager)
     _assert_holds(model, eager.state_dict())
@@ -748,3 +748,12 @@ def test_a_directory_is_not_a_checkpoint_file(tmp_path: Path) -> None:
 def test_something_not_a_module_is_a_type_error(thing: Any) -> None:
     with pytest.raises(TypeError, match="nn.Module"):
         di.load_state_dict(thing, _mlp_state())
+
+
+def test_multihead_attention_with_unknown_key_sizes_refuses_a_q_k_v_checkpoint() -> None:
+    # Without kdim/vdim the placeholder expects in_proj_weight: the keys are named.
+    eager = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+    model = dnn.MultiheadAttention(num_heads=2)
+    with pytest.raises(di.DeferredInitError, match=r"q_proj_weight"):
+        di.load_state_dict(model, eager.state_dict())
+    assert di.pending(model) == [""]

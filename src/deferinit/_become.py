@@ -232,7 +232,10 @@ def _adopt_placeholders(
         else:
             # .data cannot change the kind of tensor (cpu -> meta): swap the tensors
             # under the Python objects instead; identity is kept all the same.
-            built = value if isinstance(placeholder, nn.Parameter) else data
+            if isinstance(placeholder, nn.Parameter):
+                built = value if data is value.data else nn.Parameter(data)
+            else:
+                built = data
             built.requires_grad_(placeholder.requires_grad)
             try:
                 torch.utils.swap_tensors(placeholder, built)

@@ -69,7 +69,12 @@ def infer_from_shapes(
                 problems.append(f"no saved tensor determines {name}")
                 break
             if len(set(found.values())) != 1 or min(found.values()) <= 0:
-                detail = ", ".join(f"{k} says {v}" for k, v in found.items())
+                detail = ", ".join(
+                    f"{k} says {v}"
+                    if v > 0
+                    else f"{k.split('[')[0]} has shape {shapes[k.split('[')[0]]}"
+                    for k, v in found.items()
+                )
                 problems.append(f"saved tensors disagree on {name}: {detail}")
                 break
             solved.append(next(iter(found.values())))

@@ -124,7 +124,9 @@ def _assign(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                     with torch.no_grad():
                         old.copy_(new)
                     continue
-                new = new.to(dtype=old.dtype) if new.dtype != old.dtype else new
+                # A new object over the same storage: the swap must not turn the
+                # caller's own tensor into the meta placeholder.
+                new = new.to(dtype=old.dtype) if new.dtype != old.dtype else new.detach()
                 fresh: torch.Tensor = (
                     nn.Parameter(new, requires_grad=old.requires_grad)
                     if isinstance(old, nn.Parameter)
