@@ -249,7 +249,7 @@ def _adopt_placeholders(
 
 # Never traced by torch.compile: building changes the module itself, so it runs
 # eagerly (a graph break) and the compiled code is re-specialized to the built layer.
-@torch.compiler.disable
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The first forward: build from this call, initialize, run; undo on failure."""
     with BUILD_LOCK:
