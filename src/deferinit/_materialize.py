@@ -21,6 +21,8 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
 from ._errors import NotBuiltError
@@ -207,8 +209,49 @@ def _rebuild(layer: nn.Module, device: torch.device, dtype: torch.dtype | None) 
     for name, old in [*layer.named_parameters(), *layer.named_buffers()]:
         if name in new and _is_meta(old):
             owner_name, _, leaf = name.rpartition(".")
-            _place(layer.get_submodule(owner_name), leaf, old, new[name], dtype)
+            owner = layer.get_submodule(owner_name)
+            if isinstance(old, DTensor):
+                _fill_shard(owner, leaf, new[name], device, dtype)
+            else:
+                _place(owner, leaf, old, new[name], dtype)
     run_registered(layer)
+
+
+def _fill_shard(
+    owner: nn.Module, leaf: str, full: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> None:
+    """A sharded (FSDP2 / DTensor) parameter: this rank allocates only its own shard
+    and copies in the matching slice of the single-process value.
+
+    CPU's generator cannot skip ahead, so every rank constructs the whole layer
+    (the same random numbers as one process) and keeps its slice: each rank spends
+    the time of a full single-process initialization, and its extra memory peaks at
+    one layer's full size (not one parameter's: the layer's own constructor draws
+    all of its parameters together, which is what keeps the values eager's).
+    """
+    table = owner._parameters if leaf in owner._parameters else owner._buffers
+    sharded = table[leaf]
+    assert isinstance(sharded, DTensor)
+    shape, offset = compute_local_shape_and_global_offset(
+        sharded.shape, sharded.device_mesh, sharded.placements
+    )
+    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+    want = dtype if dtype is not None and full.is_floating_point() else sharded.dtype
+    local = full.detach()[index].to(device=device, dtype=want).contiguous()
+    value = DTensor.from_local(
+        local,
+        sharded.device_mesh,
+        sharded.placements,
+        run_check=False,
+        shape=sharded.shape,
+        stride=sharded.stride(),
+    )
+    # A new parameter object, as load_state_dict(assign=True) makes: FSDP2 re-pads
+    # and re-registers it at its lazy init. Create optimizers after materializing.
+    if isinstance(sharded, nn.Parameter):
+        table[leaf] = nn.Parameter(value, requires_grad=sharded.requires_grad)
+    else:
+        table[leaf] = value  # type: ignore[assignment]
 
 
 def _reset(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
