@@ -56,6 +56,22 @@ def main() -> int:
         for name, value in reference.named_parameters()
     )
 
+    # seed= mode: every layer draws from a generator seeded by the seed and its name,
+    # so no rank replays layers it does not need in order, and world size is irrelevant.
+    seeded_reference = di.materialize(di.build(make(), example, device="meta"), seed=7)
+    seeded = di.build(make(), example, device="meta")
+    for layer in seeded:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(seeded)
+    torch.manual_seed(1000 + rank)  # the global generator plays no part
+    di.materialize(seeded, device="cpu", seed=7)
+    seeded_params = dict(seeded.named_parameters())
+    seeded_equal = all(
+        torch.equal(seeded_params[name].full_tensor(), value)  # type: ignore[attr-defined]
+        for name, value in seeded_reference.named_parameters()
+    )
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 32)
     loss = model(x).square().mean()
@@ -68,10 +84,11 @@ def main() -> int:
         print(f"sharded: {sharded}")
         print(f"rank 0 holds {local} of {full} parameters")
         print(f"equal to single process: {equal}")
+        print(f"seed mode equal to single process: {seeded_equal}")
         print(f"training step: {trained}")
         print(f"materialize: {elapsed * 1000:.1f} ms")
     dist.destroy_process_group()
-    return 0 if sharded and equal and trained and local < full else 1
+    return 0 if sharded and equal and seeded_equal and trained and local < full else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def test_sharded_materialize_equals_single_process_and_trains() -> None:
     assert "world size: 2" in run.stdout
     assert "sharded: True" in run.stdout
     assert "equal to single process: True" in run.stdout
+    assert "seed mode equal to single process: True" in run.stdout
     assert "training step: True" in run.stdout
     held = next(line for line in run.stdout.splitlines() if line.startswith("rank 0 holds"))
     _, _, _, local_text, _, full_text, _ = held.split()
