@@ -6,7 +6,8 @@ Run with two CPU processes (gloo)::
 
 The model is built on meta (no memory), sharded with ``fully_shard``, then
 ``di.materialize`` fills each rank's shard with the matching slice of the
-single-process initialization under the same seed. A training step follows.
+single-process initialization under the same seed: each rank initializes one
+full tensor at a time and keeps its slice. A training step follows.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from deferinit import nn as dnn
 
 
 def make() -> nn.Sequential:
+    with torch.device("meta"):
+        declared = nn.Linear(64, 48)  # a plain layer declared on meta, sizes written out
     return nn.Sequential(
-        dnn.Linear(64), nn.ReLU(), dnn.LayerNorm(), dnn.Linear(48), nn.ReLU(), dnn.Linear(10)
+        dnn.Linear(64),
+        nn.ReLU(),
+        dnn.LayerNorm(),
+        # One deferred layer holding several parameters (attention, two linears, norms).
+        dnn.TransformerEncoderLayer(nhead=4, dim_feedforward=96, dropout=0.0),
+        declared,
+        nn.ReLU(),
+        dnn.Linear(10),
     )
 
 
@@ -56,8 +66,8 @@ def main() -> int:
         for name, value in reference.named_parameters()
     )
 
-    # seed= mode: every layer draws from a generator seeded by the seed and its name,
-    # so no rank replays layers it does not need in order, and world size is irrelevant.
+    # seed= mode: every parameter draws from a generator seeded by the seed and its name,
+    # so no rank replays the other parameters' draws, and world size is irrelevant.
     seeded_reference = di.materialize(di.build(make(), example, device="meta"), seed=7)
     seeded = di.build(make(), example, device="meta")
     for layer in seeded:

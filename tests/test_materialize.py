@@ -4,7 +4,7 @@ A model built with ``di.build(..., device="meta")`` — deferred layers and laye
 user declared under ``torch.device("meta")`` alike — gets memory and values, in
 registration order, bitwise the eager model's under the same seed; parameter objects
 keep their identity, so an optimizer made before still trains them. Registered
-initializers apply; ``dtype=`` converts floating tensors; ``seed=`` gives each layer
+initializers apply; ``dtype=`` converts floating tensors; ``seed=`` gives each parameter
 values that depend only on the seed and its qualified name; ``progress=`` shows a bar.
 """
 

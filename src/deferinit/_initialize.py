@@ -155,6 +155,13 @@ def apply_registered(module: nn.Module, registered: Registered, *, recurse: bool
         object.__setattr__(sub, _DONE, True)
 
 
+def mark_initialized(module: nn.Module, *, recurse: bool = True) -> None:
+    """Record that a registered initializer already ran for ``module`` (and below,
+    with ``recurse``) on a copy whose values were placed into it."""
+    for sub in module.modules() if recurse else [module]:
+        object.__setattr__(sub, _DONE, True)
+
+
 def run_registered(module: nn.Module) -> None:
     """Run the initializer registered on a layer that just built (under BUILD_LOCK)."""
     state = module.__dict__.get("_di")

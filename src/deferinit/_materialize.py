@@ -8,6 +8,10 @@ the eager model's under the same seed. Other modules declared under
 ``torch.device("meta")`` get ``to_empty`` and their registered initializer or
 their own ``reset_parameters``. Registration order throughout; parameter objects
 keep their identity; at most one layer's worth of extra memory at a time.
+
+Sharded (FSDP2) tensors and ``seed=`` go one tensor at a time instead
+(:func:`deferinit._each.each_tensor`): a rank keeps only its slice of each value,
+and a seeded tensor's value depends only on the seed and its qualified name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
+from ._each import each_tensor
 from ._errors import NotBuiltError
 from ._naming import root_scope
 
@@ -89,8 +94,13 @@ def materialize(
     :func:`deferinit.initialize`), else their own initialization, in
     registration order: bitwise the eager model under the same seed. ``dtype``
     converts floating-point tensors, as ``module.to(dtype)`` would after eager
-    construction. ``seed`` seeds each layer from ``seed`` and its qualified name,
-    so its values do not depend on order or on the rest of the model.
+    construction. With ``seed`` every tensor is initialized alone, from a generator
+    seeded with ``seed`` and its qualified name (below ``module``): its values do
+    not depend on order, on the rest of the model, on which layers were deferred or
+    on how many ranks share it; the global generator is left alone. Parameters
+    sharded with FSDP2 (``fully_shard``) get the matching slice of the value a
+    single process computes, and each rank allocates only its shard (plus one
+    full tensor at a time while it is initialized).
     ``progress`` forces the progress bar on or off (default: on when stderr is a
     terminal and more than 1 GiB is allocated). Returns ``module``.
 
@@ -129,11 +139,11 @@ def materialize(
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         with _progress(show, total) as advance:
             for kind, name, sub in steps:
-                with _seeded(seed, name):
-                    if kind == "rebuild":
-                        _rebuild(sub, target, dtype)
-                    else:
-                        _reset(sub, target, dtype)
+                seeds = _seeds(seed, name)
+                if kind == "rebuild":
+                    _rebuild(sub, target, dtype, seeds)
+                else:
+                    _reset(sub, target, dtype, seeds)
                 advance(_bytes(sub))
     return module
 
@@ -143,15 +153,18 @@ def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, name: str) -> Iterator[None]:
+def _seeds(seed: int | None, prefix: str) -> Callable[[str], int] | None:
+    """The generator seed of each tensor of the layer at ``prefix``: from the seed
+    and the tensor's qualified name."""
     if seed is None:
-        yield
-        return
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        yield
+        return None
+
+    def of(name: str) -> int:
+        qualified = f"{prefix}.{name}" if prefix else name
+        digest = hashlib.sha256(f"{seed}:{qualified}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    return of
 
 
 @contextlib.contextmanager
@@ -196,25 +209,64 @@ def _place(
     table[leaf] = fresh  # type: ignore[assignment]  # last resort: identity is lost
 
 
-def _rebuild(layer: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
+def _rebuild(
+    layer: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Callable[[str], int] | None,
+) -> None:
+    from ._initialize import apply_registered, mark_initialized, run_registered  # noqa: PLC0415
 
     state = layer.__dict__["_di"]
     args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
-    if "device" in kwargs:
-        kwargs["device"] = device
-    with torch.device(device):
-        fresh = state.deferred._di_cls(*args, **kwargs)
-    new = dict([*fresh.named_parameters(), *fresh.named_buffers()])
-    for name, old in [*layer.named_parameters(), *layer.named_buffers()]:
-        if name in new and _is_meta(old):
-            owner_name, _, leaf = name.rpartition(".")
-            owner = layer.get_submodule(owner_name)
-            if isinstance(old, DTensor):
-                _fill_shard(owner, leaf, new[name], device, dtype)
-            else:
-                _place(owner, leaf, old, new[name], dtype)
-    run_registered(layer)
+    explicit_device = "device" in kwargs
+    cls = state.deferred._di_cls
+    old = {n: t for n, t in _named(layer).items() if _is_meta(t)}
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        if explicit_device:
+            kwargs["device"] = device
+        with torch.device(device):
+            fresh = cls(*args, **kwargs)
+        new = _named(fresh)
+        for name, tensor in old.items():
+            if name in new:
+                _put(layer, name, tensor, new[name], device, dtype)
+        run_registered(layer)
+        return
+
+    def make() -> nn.Module:
+        if explicit_device:
+            kwargs["device"] = torch.get_default_device()
+        module: nn.Module = cls(*args, **kwargs)
+        if state.init is not None:
+            apply_registered(module, state.init, recurse=True)
+        return module
+
+    for name, value in each_tensor(make, list(old), device, seeds):
+        _put(layer, name, old[name], value, device, dtype)
+        del value
+    if state.init is not None:
+        mark_initialized(layer)
+
+
+def _named(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*module.named_parameters(), *module.named_buffers()])
+
+
+def _put(
+    layer: nn.Module,
+    name: str,
+    old: torch.Tensor,
+    value: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = layer.get_submodule(owner_name)
+    if isinstance(old, DTensor):
+        _fill_shard(owner, leaf, value, device, dtype)
+    else:
+        _place(owner, leaf, old, value, dtype)
 
 
 def _fill_shard(
@@ -254,17 +306,55 @@ def _fill_shard(
         table[leaf] = value  # type: ignore[assignment]
 
 
-def _reset(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    for leaf, old in _direct(module):
-        if _is_meta(old):
-            _place(module, leaf, old, torch.empty_like(old, device=device), dtype)
-    # As eager construction: the layer's own initialization, then the registered one
-    # (which may set only some parameters).
-    reset = getattr(module, "reset_parameters", None)
-    if callable(reset):
-        reset()
-    registered = module.__dict__.get("_di_meta_init")
-    if registered is not None:
-        from ._initialize import apply_registered  # noqa: PLC0415 - cyclic by nature
+def _reset(
+    module: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Callable[[str], int] | None,
+) -> None:
+    from ._initialize import apply_registered, mark_initialized  # noqa: PLC0415
 
-        apply_registered(module, registered, recurse=False)
+    registered = module.__dict__.get("_di_meta_init")
+    reset = getattr(module, "reset_parameters", None)
+    old = {leaf: t for leaf, t in _direct(module) if _is_meta(t)}
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        for leaf, tensor in old.items():
+            _place(module, leaf, tensor, torch.empty_like(tensor, device=device), dtype)
+        # As eager construction: the layer's own initialization, then the registered
+        # one (which may set only some parameters).
+        if callable(reset):
+            reset()
+        if registered is not None:
+            apply_registered(module, registered, recurse=False)
+        return
+
+    def make() -> nn.Module:
+        # A stand-in sharing everything but the direct tensors, which are full-size
+        # and fresh: the initialization runs on it as on the eager module.
+        stand_in = object.__new__(type(module))  # no __init__ (FSDP's classes run it)
+        stand_in.__dict__.update(module.__dict__)
+        stand_in._parameters = {}
+        stand_in._buffers = {}
+        for table, fresh in ((module._parameters, True), (module._buffers, False)):
+            for leaf, tensor in table.items():
+                if tensor is None:  # e.g. bias=False: kept as None
+                    (stand_in._parameters if fresh else stand_in._buffers)[leaf] = None
+                    continue
+                blank = torch.empty(tensor.shape, dtype=tensor.dtype)
+                if fresh:
+                    stand_in.register_parameter(leaf, nn.Parameter(blank, tensor.requires_grad))
+                else:
+                    persistent = leaf not in module._non_persistent_buffers_set
+                    stand_in.register_buffer(leaf, blank, persistent=persistent)
+        stand_reset = getattr(stand_in, "reset_parameters", None)
+        if callable(stand_reset):
+            stand_reset()
+        if registered is not None:
+            apply_registered(stand_in, registered, recurse=False)
+        return stand_in
+
+    for leaf, value in each_tensor(make, list(old), device, seeds):
+        _put(module, leaf, old[leaf], value, device, dtype)
+        del value
+    if registered is not None:
+        mark_initialized(module, recurse=False)

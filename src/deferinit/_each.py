@@ -1,0 +1,278 @@
+"""Initialize one tensor of a layer at a time, with the values the whole layer's
+initialization would give it.
+
+A layer's constructor (or ``reset_parameters``) initializes all of its tensors
+together. To hand out one tensor's full value while touching memory only for that
+tensor (FSDP2 shards: each rank keeps a slice of every parameter), the
+initialization is run once per group of wanted tensors under :class:`_Mirror`, a
+dispatch mode in which
+
+* operations on the *wanted* tensors, and on scratch tensors the initialization
+  computes with, run as usual;
+* operations on the *other* tensors of the layer (known by their storage, from the
+  module registration hooks) only keep the random generator in step: a random fill
+  runs on a throw-away tensor of the same size and strides (a generator's
+  consumption depends on the size, strides, dtype and device of what it fills,
+  never on the values), every other write is skipped, so their ``torch.empty``
+  pages are never touched.
+
+So the generator advances exactly as in one eager initialization, whose values the
+wanted tensors get bitwise, and extra memory peaks at the wanted group (at most the
+largest tensor of the layer) plus one throw-away fill. Whatever the mode cannot
+follow (a value read from another tensor of the layer, a tensor subclass) raises
+:class:`_Fallback`, and that group is initialized with the whole layer instead:
+more memory, never different values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+__all__ = ["each_tensor", "named_tensors"]
+
+aten = torch.ops.aten
+
+_RANDOM = torch.Tag.nondeterministic_seeded
+# Operations that read only a tensor's size, strides, dtype and device.
+_METADATA = {
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+}
+
+
+class _Fallback(Exception):  # noqa: N818 - a signal, not an error
+    """The mirror cannot follow this initialization; use a whole layer instead."""
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by qualified name (tied ones under each name)."""
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    return dict(named)
+
+
+def _key(t: torch.Tensor) -> int:
+    return int(t.untyped_storage()._cdata)
+
+
+@contextlib.contextmanager
+def _registrations() -> Iterator[list[torch.Tensor]]:
+    """Every parameter and buffer registered on any module, in order."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            seen.append(tensor)
+
+    handles = [
+        torch_module.register_module_parameter_registration_hook(hook),
+        torch_module.register_module_buffer_registration_hook(hook),
+    ]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _order(make: Callable[[], nn.Module]) -> dict[str, int]:
+    """Qualified name -> position in the registration sequence, from a dry run on meta
+    (meta tensors neither allocate nor draw random numbers)."""
+    with _registrations() as seen, torch.device("meta"):
+        module = make()
+    position = {id(t): i for i, t in enumerate(seen)}
+    return {n: position[id(t)] for n, t in named_tensors(module).items() if id(t) in position}
+
+
+class _Mirror(TorchDispatchMode):
+    """Runs an initialization for real, except on the layer's tensors other than the
+    wanted one: their random fills go to a throw-away tensor, their other writes
+    are skipped, and reading their values gives up (:class:`_Fallback`)."""
+
+    def __init__(self, wanted: set[int], seen: list[torch.Tensor], replay: bool) -> None:
+        super().__init__()
+        self.wanted = wanted
+        self.replay = replay  # keep the generator in step (else other fills are skipped)
+        self.seen = seen  # registrations so far, in order (filled by the hooks)
+        self.indexed = 0
+        self.position: dict[int, int] = {}  # storage -> first registration position
+
+    def _other(self, t: torch.Tensor) -> bool:
+        if type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):
+            raise _Fallback(f"tensor subclass {type(t).__name__}")
+        for i in range(self.indexed, len(self.seen)):
+            self.position.setdefault(_key(self.seen[i]), i)
+        self.indexed = len(self.seen)
+        position = self.position.get(_key(t))
+        return position is not None and position not in self.wanted
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        tensors: list[torch.Tensor] = []
+        tree_map_only(torch.Tensor, tensors.append, (args, kwargs))
+        others = {id(t) for t in tensors if self._other(t)}
+        if not others:
+            return func(*args, **kwargs)
+        schema = func._schema
+        written = [
+            value
+            for spec, value in _bound(schema, args, kwargs)
+            if spec.alias_info is not None and spec.alias_info.is_write
+        ]
+        aliasing = [r for r in schema.returns if r.alias_info is not None]
+        if (not written and aliasing) or func in _METADATA:
+            return func(*args, **kwargs)  # a view or a new tensor: no data is read
+        if not written or any(id(w) not in others for w in written):
+            raise _Fallback(f"{func} reads the value of another tensor of the layer")
+        if len(written) != 1 or len(schema.returns) > 1:
+            raise _Fallback(f"{func} writes several tensors")
+        # A write to another tensor: its value does not matter, the generator does.
+        (target,) = written
+        if self.replay and _RANDOM in func.tags:
+            scratch = torch.empty_strided(
+                target.size(), target.stride(), dtype=target.dtype, device=target.device
+            )
+            func(*_swap(args, target, scratch), **_swap(kwargs, target, scratch))
+            del scratch
+        return target if aliasing else None
+
+
+def _bound(schema: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+    """(argument spec, value) pairs of a call."""
+    for spec, value in zip(schema.arguments, args, strict=False):
+        yield spec, value
+    for spec in schema.arguments:
+        if spec.name in kwargs:
+            yield spec, kwargs[spec.name]
+
+
+def _swap(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: new if t is old else t, tree)
+
+
+def _mirrored(
+    make: Callable[[], nn.Module],
+    names: Sequence[str],
+    wanted: set[int],
+    device: torch.device,
+    replay: bool,
+) -> list[torch.Tensor]:
+    with _registrations() as seen, torch.device(device), _Mirror(wanted, seen, replay):
+        module = make()
+    tensors = named_tensors(module)
+    return [tensors[name] for name in names]
+
+
+def _groups(names: Sequence[str], sizes: dict[str, int]) -> list[list[str]]:
+    """Consecutive names packed so that no group holds more bytes than the largest
+    single tensor: runs are few, memory stays at one tensor's worth."""
+    budget = max((sizes[n] for n in names), default=0)
+    groups: list[list[str]] = []
+    total = 0
+    for name in names:
+        if groups and total + sizes[name] <= budget:
+            groups[-1].append(name)
+            total += sizes[name]
+        else:
+            groups.append([name])
+            total = sizes[name]
+    return groups
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def each_tensor(
+    make: Callable[[], nn.Module],
+    names: Sequence[str],
+    device: torch.device,
+    seeds: Callable[[str], int] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full value)`` for each wanted tensor of the module ``make``
+    creates and initializes, a few at a time (never more bytes at once than the
+    largest of them).
+
+    Without ``seeds`` every value is what one run of ``make`` from the current
+    generator state gives, and the generator ends where that run leaves it. With
+    ``seeds`` the tensor ``name`` is initialized alone, from a generator seeded
+    with ``seeds(name)``, and the caller's generator is left alone.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> want = nn.Linear(3, 2).weight.detach()
+    >>> _ = torch.manual_seed(0)
+    >>> [(n, torch.equal(v, want)) for n, v in each_tensor(
+    ...     lambda: nn.Linear(3, 2), ["weight"], torch.device("cpu"))]
+    [('weight', True)]
+    """
+    order = _order(make)
+    start = _rng_state(device)
+    if seeds is not None:
+        groups = [[name] for name in names]
+    else:
+        with torch.device("meta"):
+            shapes = named_tensors(make())
+        sizes = {n: shapes[n].numel() * shapes[n].element_size() for n in names}
+        groups = _groups(names, sizes)
+    for group in groups:
+
+        def rewind(group: list[str] = group) -> None:
+            if seeds is not None:
+                torch.manual_seed(seeds(group[0]))
+            else:
+                _set_rng_state(device, start)
+
+        rewind()
+        try:
+            wanted = {order[name] for name in group}
+            values = _mirrored(make, group, wanted, device, replay=seeds is None)
+        except (_Fallback, KeyError):
+            rewind()
+            with torch.device(device):
+                whole = named_tensors(make())
+            values = [whole[name] for name in group]
+            del whole
+        for name in group:
+            yield name, values.pop(0)
+        del values
+    if seeds is not None:
+        _set_rng_state(device, start)
+    elif not names:
+        with torch.device(device):
+            make()  # the generator advances as one initialization would

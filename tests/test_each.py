@@ -1,0 +1,167 @@
+"""One tensor at a time (``deferinit._each``), what sharded and seeded
+materialization stand on: each tensor gets bitwise the value one whole
+initialization of its layer gives it, the generator ends where that
+initialization leaves it, and with seeds a tensor's value depends only on its
+seed and its name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import deferinit as di
+from deferinit import _each
+from deferinit import nn as dnn
+from deferinit._each import each_tensor, named_tensors
+
+Make = Callable[[], nn.Module]
+CPU = torch.device("cpu")
+
+
+def with_init(make: Make, init: Callable[[torch.Tensor], object]) -> Make:
+    def made() -> nn.Module:
+        module = make()
+        for p in module.parameters():
+            if p.dim() > 1:
+                init(p)
+        return module
+
+    return made
+
+
+LAYERS: dict[str, Make] = {
+    "linear": lambda: nn.Linear(7, 5),
+    "conv2d": lambda: nn.Conv2d(3, 4, 3),
+    "batchnorm": lambda: nn.BatchNorm2d(4),
+    "embedding-padding": lambda: nn.Embedding(10, 4, padding_idx=0),
+    "attention-kdim-vdim": lambda: nn.MultiheadAttention(8, 2, kdim=3, vdim=5),
+    "lstm-2-layers-bidirectional": lambda: nn.LSTM(4, 6, num_layers=2, bidirectional=True),
+    "bilinear": lambda: nn.Bilinear(3, 4, 5),
+    "encoder-layer": lambda: nn.TransformerEncoderLayer(8, 2, 16),
+    "decoder-layer": lambda: nn.TransformerDecoderLayer(8, 2, 16),
+    "adaptive-softmax": lambda: nn.AdaptiveLogSoftmaxWithLoss(16, 20, [5, 10]),
+    "orthogonal": with_init(lambda: nn.Linear(6, 6), nn.init.orthogonal_),
+    "xavier-normal": with_init(lambda: nn.GRUCell(4, 6), nn.init.xavier_normal_),
+}
+
+
+@pytest.fixture
+def fallbacks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Names the mirror gave up on (initialized with a whole layer instead)."""
+    seen: list[str] = []
+    mirrored = _each._mirrored
+
+    def spy(make: Make, names: list[str], *args: object, **kwargs: object) -> object:
+        try:
+            return mirrored(make, names, *args, **kwargs)  # type: ignore[arg-type]
+        except _each._Fallback:
+            seen.extend(names)
+            raise
+
+    monkeypatch.setattr(_each, "_mirrored", spy)
+    yield seen
+
+
+@pytest.mark.parametrize("make", LAYERS.values(), ids=LAYERS.keys())
+def test_each_tensor_equals_one_whole_initialization_and_leaves_the_generator_there(
+    make: Make, fallbacks: list[str]
+) -> None:
+    torch.manual_seed(3)
+    want = {n: t.detach().clone() for n, t in named_tensors(make()).items()}
+    after = torch.get_rng_state()
+
+    torch.manual_seed(3)
+    got = {n: t.detach().clone() for n, t in each_tensor(make, list(want), CPU)}
+
+    assert list(got) == list(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert torch.equal(torch.get_rng_state(), after)
+    assert fallbacks == [], "standard layers go one tensor at a time, without a whole layer"
+
+
+def test_a_value_read_from_another_tensor_falls_back_to_the_whole_layer_same_values(
+    fallbacks: list[str],
+) -> None:
+    def tied() -> nn.Module:  # bias copied from the weight: the mirror cannot follow it
+        module = nn.Linear(4, 4)
+        with torch.no_grad():
+            module.bias.copy_(module.weight[0])
+        return module
+
+    torch.manual_seed(0)
+    want = {n: t.detach().clone() for n, t in named_tensors(tied()).items()}
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    got = dict(each_tensor(tied, ["bias", "weight"], CPU))
+    assert torch.equal(got["bias"], want["bias"])
+    assert torch.equal(got["weight"], want["weight"])
+    assert torch.equal(torch.get_rng_state(), after)
+    assert "bias" in fallbacks
+
+
+def test_a_subset_of_tensors_still_advances_the_generator_as_the_whole_layer() -> None:
+    torch.manual_seed(0)
+    nn.Linear(5, 3)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    (name, _), *_rest = each_tensor(lambda: nn.Linear(5, 3), ["bias"], CPU)
+    assert name == "bias"
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_with_seeds_each_value_depends_only_on_its_seed_and_the_generator_is_left_alone() -> None:
+    seeds = {"weight": 11, "bias": 12}.__getitem__
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = dict(each_tensor(lambda: nn.Linear(5, 3), ["weight", "bias"], CPU, seeds))
+    assert torch.equal(torch.get_rng_state(), before)
+    # Another parameter next to it (or none) changes nothing.
+    b = dict(each_tensor(lambda: nn.Linear(5, 3, bias=False), ["weight"], CPU, seeds))
+    assert torch.equal(a["weight"], b["weight"])
+    c = dict(each_tensor(lambda: nn.Linear(5, 3), ["weight"], CPU, {"weight": 12}.__getitem__))
+    assert not torch.equal(a["weight"], c["weight"])
+
+
+# --- through di.materialize ---------------------------------------------------------------
+
+
+class Pair(nn.Module):
+    def __init__(self, deferred: bool, bias: bool) -> None:
+        super().__init__()
+        if deferred:
+            self.proj: nn.Module = dnn.Linear(3, bias=bias)
+        else:
+            with torch.device("meta"):
+                self.proj = nn.Linear(4, 3, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # type: ignore[no-any-return]
+
+
+def test_seeded_values_do_not_depend_on_deferral_or_on_the_other_parameters() -> None:
+    models = [
+        di.build(Pair(deferred, bias), (2, 4), device="meta")
+        for deferred, bias in [(True, True), (False, True), (True, False), (False, False)]
+    ]
+    for model in models:
+        di.materialize(model, seed=5)
+    weights = [m.get_parameter("proj.weight") for m in models]
+    for weight in weights[1:]:
+        assert torch.equal(weight, weights[0])
+    assert torch.equal(models[0].get_parameter("proj.bias"), models[1].get_parameter("proj.bias"))
+
+
+def test_seeded_attention_parameters_get_distinct_generators() -> None:
+    model = di.build(dnn.MultiheadAttention(num_heads=2), (3, 8), (3, 8), (3, 8), device="meta")
+    di.materialize(model, seed=0)
+    q, k, v = model.in_proj_weight.detach().chunk(3)
+    assert model.in_proj_weight.device.type == "cpu"
+    assert not torch.equal(q, k) and not torch.equal(k, v)
+    again = di.build(dnn.MultiheadAttention(num_heads=2), (3, 8), (3, 8), (3, 8), device="meta")
+    di.materialize(again, seed=0)
+    assert torch.equal(model.in_proj_weight, again.in_proj_weight)
+    assert torch.equal(model.out_proj.weight, again.out_proj.weight)
