@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/forward_overhead.py
 	$(PY) benchmarks/construct_first_forward.py
 	$(PY) benchmarks/build_scaling.py
+	$(PY) benchmarks/sharded_init.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
