@@ -190,7 +190,10 @@ def become(
             table.clear()
             table.update((k, _rebind(v, real, module)) for k, v in merged)
         new[key] = table
-    new["_di"] = replace(state, values=dict(values), built_from=built_from, own_hooks=own)
+    built = object.__new__(State)  # dataclasses.replace, without its per-call field walk
+    built.__dict__.update(state.__dict__)
+    built.values, built.built_from, built.own_hooks = dict(values), built_from, own
+    new["_di"] = built
     new["forward"] = guard_for(module, type(real))
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)
@@ -210,7 +213,7 @@ def _adopt_placeholders(
     for name, placeholder in placeholder_tensors(module):
         owner_name, _, leaf = name.rpartition(".")
         try:
-            owner = real.get_submodule(owner_name)
+            owner = real.get_submodule(owner_name) if owner_name else real
         except AttributeError:
             continue
         table = owner._parameters if leaf in owner._parameters else owner._buffers
@@ -247,11 +250,14 @@ def _adopt_placeholders(
         table[leaf] = placeholder  # type: ignore[assignment]
 
 
-# Never traced by torch.compile: building changes the module itself, so it runs
-# eagerly (a graph break) and the compiled code is re-specialized to the built layer.
-@torch.compiler.disable  # type: ignore[untyped-decorator]
 def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The first forward: build from this call, initialize, run; undo on failure."""
+    if torch.compiler.is_compiling():
+        return _build_and_run_eagerly(module, args, kwargs)
+    return _build_and_run(module, args, kwargs)
+
+
+def _build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     with BUILD_LOCK:
         if not isinstance(module, Deferred):  # another thread built it meanwhile
             return module.forward(*args, **kwargs)
@@ -290,6 +296,12 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
                 f"unbuilt, with the same placeholders. Fix: pass the input the layer "
                 f"expects (e.g. a floating-point tensor of the right rank), then call again."
             ) from error
+
+
+# Never traced by torch.compile: building changes the module itself, so it runs
+# eagerly (a graph break) and the compiled code is re-specialized to the built layer.
+# Only under compilation: the wrapper costs microseconds on every eager first forward.
+_build_and_run_eagerly = torch.compiler.disable(_build_and_run)
 
 
 def _sizes(values: Mapping[str, Any]) -> str:

@@ -98,7 +98,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                 value = rule.static(options, explicit)
                 if value is not MISSING:
                     explicit[name] = value
-        self._di = State(cls, arguments, options, explicit)
+        self.__dict__["_di"] = State(cls, arguments, options, explicit)  # no Module.__setattr__
         if len(explicit) == len(cls._di_rules):
             from ._become import become  # noqa: PLC0415 - cyclic by nature
 
@@ -133,8 +133,9 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def __repr__(self) -> str:
         layout = self._di.layout
-        if layout is not None and layout.repr_text is not None:
-            return f"{self._get_name()}({layout.repr_text})"
+        text = layout.repr_text(_provisional(type(self), self._di)) if layout else None
+        if text is not None:
+            return f"{self._get_name()}({text})"
         return f"{self._get_name()}({', '.join(_constructor_args(self))})"
 
     def __getattr__(self, name: str) -> Any:
@@ -349,6 +350,20 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         pass
     except TypeError:
         key = None
+    layout, error = probe_layout(_provisional(cls, state))
+    if layout is None:
+        shown = ", ".join(_constructor_args_of(cls, state))
+        raise TypeError(
+            f"deferinit {cls.__name__}({shown}): {_qualname(cls._di_cls)} rejects these "
+            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
+        ) from error
+    if key is not None:
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _provisional(cls: type[Deferred], state: State) -> Callable[[int], nn.Module]:
+    """Constructs the real class with every inferred size set to a stand-in."""
     arguments = dict(state.arguments)
     if "device" in arguments:
         arguments["device"] = "meta"
@@ -361,41 +376,32 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         args, kwargs = constructor_call(cls, arguments, values)
         return cls._di_cls(*args, **kwargs)
 
-    layout, error = probe_layout(construct)
-    if layout is None:
-        shown = ", ".join(_constructor_args_of(cls, state))
-        raise TypeError(
-            f"deferinit {cls.__name__}({shown}): {_qualname(cls._di_cls)} rejects these "
-            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
-        ) from error
-    if key is not None:
-        _LAYOUTS[key] = layout
-    return layout
+    return construct
 
 
 def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
     for qualified in layout.modules:
         parent, _, name = qualified.rpartition(".")
         module.get_submodule(parent)._modules[name] = _Slot()
-    for slot in layout.tensors:
-        owner_name, _, leaf = slot.name.rpartition(".")
-        owner: nn.Module = module.get_submodule(owner_name)
-        # Assigned directly: register_* would refuse names that __getattr__ answers
-        # (a constructor argument named like a parameter, such as ``bias``).
-        tensor: Any = None
-        if slot.dtype is not None:
-            kind = PlaceholderParameter if slot.is_parameter else PlaceholderBuffer
-            # Real placeholders even inside di.build's fake pass (a block that
-            # constructs deferred children). torch's stubs describe Parameter's
-            # signature, not UninitializedParameter's.
-            with unset_fake_temporarily():
+    # Real placeholders even inside di.build's fake pass (a block that constructs
+    # deferred children).
+    with unset_fake_temporarily():
+        for slot in layout.tensors:
+            owner_name, _, leaf = slot.name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            # Assigned directly: register_* would refuse names that __getattr__ answers
+            # (a constructor argument named like a parameter, such as ``bias``).
+            tensor: Any = None
+            if slot.dtype is not None:
+                kind = PlaceholderParameter if slot.is_parameter else PlaceholderBuffer
+                # torch's stubs describe Parameter's signature, not UninitializedParameter's.
                 tensor = kind(slot.is_parameter and slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
-        if slot.is_parameter:
-            owner._parameters[leaf] = tensor
-        else:
-            owner._buffers[leaf] = tensor
-            if not slot.persistent:
-                owner._non_persistent_buffers_set.add(leaf)
+            if slot.is_parameter:
+                owner._parameters[leaf] = tensor
+            else:
+                owner._buffers[leaf] = tensor
+                if not slot.persistent:
+                    owner._non_persistent_buffers_set.add(leaf)
 
 
 def _save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:

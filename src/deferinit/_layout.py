@@ -45,8 +45,18 @@ class Layout:
     tensors: tuple[TensorSlot, ...]
     modules: tuple[str, ...]  # qualified submodule names, registration order
     size: int  # the provisional size that constructed
-    repr_text: str | None  # extra_repr with "?" for unknown sizes, if the class has one
+    first_repr: str | None  # extra_repr at the provisional size, if the class has one
     shapes: Mapping[str, tuple[int, ...]]  # provisional shapes, for checkpoint inference
+
+    def repr_text(self, construct: Callable[[int], nn.Module]) -> str | None:
+        """``extra_repr`` with ``?`` for every number that moves with the stand-in
+        size: worked out on first use (it constructs the layer once more), since
+        most models are built before anyone prints them."""
+        cached: str | None = self.__dict__.get("_repr_text")
+        if cached is None and self.first_repr is not None:
+            cached = _repr_text(self.first_repr, construct, self.size)
+            object.__setattr__(self, "_repr_text", cached)
+        return cached
 
 
 def probe_layout(
@@ -93,7 +103,10 @@ def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Modul
             tensors.append(_slot(dot + name, b, False, persistent))
             if b is not None and not isinstance(b, UninitializedTensorMixin):
                 shapes[dot + name] = tuple(b.shape)
-    return Layout(tuple(tensors), tuple(modules), size, _repr_text(module, construct, size), shapes)
+    first = None
+    if type(module).extra_repr is not nn.Module.extra_repr and not module._modules:
+        first = module.extra_repr()
+    return Layout(tuple(tensors), tuple(modules), size, first, shapes)
 
 
 def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSlot:
@@ -102,15 +115,12 @@ def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: boo
     return TensorSlot(name, is_parameter, t.dtype, t.requires_grad, persistent)
 
 
-def _repr_text(module: nn.Module, construct: Callable[[int], nn.Module], size: int) -> str | None:
-    """``extra_repr`` with ``?`` for every number that moves with the stand-in size.
+def _repr_text(text: str, construct: Callable[[int], nn.Module], size: int) -> str:
+    """``text`` with ``?`` for every number that moves with the stand-in size.
 
     A second construction at twice the size tells which numbers are unknown, so a
     real argument that happens to equal the stand-in still shows.
     """
-    if type(module).extra_repr is nn.Module.extra_repr or module._modules:
-        return None
-    text = module.extra_repr()
     with torch.device("meta"):
         other = construct(2 * size).extra_repr()
     ours, theirs = re.split(r"(\d+)", text), re.split(r"(\d+)", other)
