@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/construct_first_forward.py
 	$(PY) benchmarks/build_scaling.py
 	$(PY) benchmarks/sharded_init.py
+	$(PY) benchmarks/materialize_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
