@@ -15,7 +15,13 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["forward_overhead", "construct_first_forward", "build_scaling", "sharded_init", "materialize_throughput"]
+SCRIPTS = [
+    "forward_overhead",
+    "construct_first_forward",
+    "build_scaling",
+    "sharded_init",
+    "materialize_throughput",
+]
 RATIO_LINE = re.compile(r"^ratio .+: \d+\.\d+", re.MULTILINE)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 import deferinit as di
 from deferinit import _each
 from deferinit import nn as dnn
-from deferinit._each import each_tensor, named_tensors
+from deferinit._each import each_tensor, named_tensors, seeded_whole
 
 Make = Callable[[], nn.Module]
 CPU = torch.device("cpu")
@@ -165,3 +165,20 @@ def test_seeded_attention_parameters_get_distinct_generators() -> None:
     di.materialize(again, seed=0)
     assert torch.equal(model.in_proj_weight, again.in_proj_weight)
     assert torch.equal(model.out_proj.weight, again.out_proj.weight)
+
+
+@pytest.mark.parametrize("make", LAYERS.values(), ids=LAYERS.keys())
+def test_seeded_in_one_run_equals_seeded_tensor_by_tensor(make: Make) -> None:
+    names = list(named_tensors(make()))
+    seeds = {name: 100 + i for i, name in enumerate(names)}.__getitem__
+    alone = {n: t.detach().clone() for n, t in each_tensor(make, names, CPU, seeds)}
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    whole = seeded_whole(make, CPU, seeds)
+    assert torch.equal(torch.get_rng_state(), before)
+    if make is LAYERS["orthogonal"]:
+        assert whole is None  # orthogonal_ fills a scratch matrix: tensor by tensor
+        return
+    assert whole is not None
+    for name, value in named_tensors(whole).items():
+        assert torch.equal(value, alone[name]), name

@@ -36,7 +36,7 @@ from torch.nn.modules import module as torch_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["each_tensor", "named_tensors"]
+__all__ = ["each_tensor", "named_tensors", "seeded_whole"]
 
 aten = torch.ops.aten
 
@@ -215,6 +215,87 @@ def _set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
     torch.set_rng_state(states[0])
     if device.type == "cuda":
         torch.cuda.set_rng_state(states[1], device)
+
+
+class _Streams(TorchDispatchMode):
+    """Every random fill of a registered tensor draws from that tensor's own
+    generator (seeded from its name on its first fill), as if it were initialized
+    alone; any other random operation gives up (:class:`_Fallback`)."""
+
+    def __init__(
+        self, seen: list[torch.Tensor], names: dict[int, str], seeds: Callable[[str], int]
+    ) -> None:
+        super().__init__()
+        self.seen = seen
+        self.names = names  # registration position -> qualified name
+        self.seeds = seeds
+        self.indexed = 0
+        self.position: dict[int, int] = {}
+        self.states: dict[int, torch.Tensor] = {}  # position -> its generator state
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if _RANDOM not in func.tags:
+            return func(*args, **kwargs)
+        for i in range(self.indexed, len(self.seen)):
+            self.position.setdefault(_key(self.seen[i]), i)
+        self.indexed = len(self.seen)
+        written = [
+            value
+            for spec, value in _bound(func._schema, args, kwargs)
+            if spec.alias_info is not None and spec.alias_info.is_write
+        ]
+        if len(written) != 1 or type(written[0]) not in (torch.Tensor, nn.Parameter, nn.Buffer):
+            raise _Fallback(f"{func} is not a fill of one tensor")
+        position = self.position.get(_key(written[0]))
+        if position is None or position not in self.names:
+            raise _Fallback(f"{func} fills a tensor the layer does not register")
+        outer = torch.get_rng_state()
+        state = self.states.get(position)
+        if state is None:
+            torch.manual_seed(self.seeds(self.names[position]))
+        else:
+            torch.set_rng_state(state)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.states[position] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def seeded_whole(
+    make: Callable[[], nn.Module], device: torch.device, seeds: Callable[[str], int]
+) -> nn.Module | None:
+    """The module ``make`` builds on ``device``, each of its tensors holding what
+    :func:`each_tensor` with ``seeds`` gives it, in one run; ``None`` where the
+    initialization fills something else at random (then go tensor by tensor).
+    CPU only: elsewhere ``None``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> seeds = {"weight": 1, "bias": 2}.__getitem__
+    >>> whole = seeded_whole(lambda: nn.Linear(3, 2), torch.device("cpu"), seeds)
+    >>> alone = dict(each_tensor(lambda: nn.Linear(3, 2), ["bias"], torch.device("cpu"), seeds))
+    >>> torch.equal(whole.bias, alone["bias"])
+    True
+    """
+    if device.type != "cpu":
+        return None
+    order = _order(make)
+    names: dict[int, str] = {}
+    for name, position in order.items():
+        names.setdefault(position, name)
+    try:
+        with _registrations() as seen, torch.device(device), _Streams(seen, names, seeds):
+            return make()
+    except _Fallback:
+        return None
 
 
 def each_tensor(

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
-from ._each import each_tensor
+from ._each import each_tensor, seeded_whole
 from ._errors import NotBuiltError
 from ._naming import root_scope
 
@@ -242,11 +242,36 @@ def _rebuild(
             apply_registered(module, state.init, recurse=True)
         return module
 
+    if _place_whole(layer, old, make, device, dtype, seeds):
+        if state.init is not None:
+            mark_initialized(layer)
+        return
     for name, value in each_tensor(make, list(old), device, seeds):
         _put(layer, name, old[name], value, device, dtype)
         del value
     if state.init is not None:
         mark_initialized(layer)
+
+
+def _place_whole(
+    layer: nn.Module,
+    old: dict[str, torch.Tensor],
+    make: Callable[[], nn.Module],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Callable[[str], int] | None,
+) -> bool:
+    """``seed=`` on tensors that are not sharded: one run with a generator per tensor
+    (the values each_tensor gives, at the cost of one initialization)."""
+    if seeds is None or any(isinstance(t, DTensor) for t in old.values()):
+        return False
+    whole = seeded_whole(make, device, seeds)
+    if whole is None:
+        return False
+    new = _named(whole)
+    for name, tensor in old.items():
+        _put(layer, name, tensor, new[name], device, dtype)
+    return True
 
 
 def _named(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -353,8 +378,9 @@ def _reset(
             apply_registered(stand_in, registered, recurse=False)
         return stand_in
 
-    for leaf, value in each_tensor(make, list(old), device, seeds):
-        _put(module, leaf, old[leaf], value, device, dtype)
-        del value
+    if not _place_whole(module, old, make, device, dtype, seeds):
+        for leaf, value in each_tensor(make, list(old), device, seeds):
+            _put(module, leaf, old[leaf], value, device, dtype)
+            del value
     if registered is not None:
         mark_initialized(module, recurse=False)
