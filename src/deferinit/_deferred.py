@@ -18,9 +18,26 @@ from ._layout import Layout, freeze, probe_layout
 from ._naming import label
 from ._placeholder import PlaceholderBuffer, PlaceholderParameter
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
+from ._signature import (
+    bind,
+    constructor_args_of,
+    constructor_call,
+    forward_signature,
+    qualname,
+    quoted,
+)
 from ._state import State
 
-__all__ = ["BUILD_LOCK", "Deferred", "defer", "is_deferred", "make_deferred"]
+__all__ = [
+    "BUILD_LOCK",
+    "Deferred",
+    "constructor_call",
+    "defer",
+    "forward_signature",
+    "is_deferred",
+    "make_deferred",
+    "placeholder_tensors",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -85,12 +102,12 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
         explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
         try:
-            arguments = _bind(cls, args, kwargs)
+            arguments = bind(cls, args, kwargs)
         except TypeError as error:
             raise TypeError(
                 f"deferinit {cls.__name__}: {error}. It takes the arguments of "
-                f"{_qualname(cls._di_cls)}{cls._di_init_signature} except the inferred "
-                f"{_names(cls._di_rules)}, which may be given by keyword to fix them."
+                f"{qualname(cls._di_cls)}{cls._di_init_signature} except the inferred "
+                f"{quoted(cls._di_rules)}, which may be given by keyword to fix them."
             ) from None
         super().__init__()
         for name, rule in cls._di_rules.items():
@@ -235,7 +252,7 @@ def make_deferred(
     unknown = [n for n in parsed if n not in names]
     if unknown:
         raise TypeError(
-            f"di.defer({cls.__name__}): {_names(unknown)} not a constructor argument of "
+            f"di.defer({cls.__name__}): {quoted(unknown)} not a constructor argument of "
             f"{cls.__name__}; its arguments are {', '.join(names) or 'none'}."
         )
     options: dict[str, Any] = {}
@@ -259,88 +276,6 @@ def make_deferred(
     return deferred  # type: ignore[return-value]
 
 
-_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
-
-
-def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
-    """The real class's forward signature without ``self`` (to find named arguments)."""
-    real = cls._di_cls
-    if real not in _FORWARD_SIGNATURES:
-        try:
-            sig = inspect.signature(real.forward)
-            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-        except (TypeError, ValueError):
-            sig = None
-        _FORWARD_SIGNATURES[real] = sig
-    return _FORWARD_SIGNATURES[real]
-
-
-_FAST: dict[type, tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None] = {}
-
-
-def _fast_signature(
-    cls: type[Deferred],
-) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None:
-    """(positional names, all names, required names) of the public signature when
-    it has only plain parameters, else None (then inspect's binder is used)."""
-    if cls not in _FAST:
-        params = list(cls._di_public_signature.parameters.values())
-        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
-        full = cls._di_init_signature.parameters.values()
-        plain = plain and all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in full)
-        _FAST[cls] = (
-            (
-                tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
-                frozenset(p.name for p in params),
-                frozenset(p.name for p in params if p.default is p.empty),
-            )
-            if plain
-            else None
-        )
-    return _FAST[cls]
-
-
-def _bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The given constructor arguments by name (inspect.Signature.bind, but fast for
-    the plain signatures of torch layers; the slow path words the errors)."""
-    fast = _fast_signature(cls)
-    if fast is not None:
-        positional, names, required = fast
-        if len(args) <= len(positional):
-            arguments = dict(zip(positional, args, strict=False))
-            if not (arguments.keys() & kwargs.keys()) and names.issuperset(kwargs):
-                arguments.update(kwargs)
-                if required.issubset(arguments):
-                    return arguments
-    return dict(cls._di_public_signature.bind(*args, **kwargs).arguments)
-
-
-def constructor_call(
-    cls: type[Deferred], arguments: Mapping[str, Any], values: Mapping[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword arguments for the real class's constructor."""
-    if _fast_signature(cls) is not None:  # every parameter can be passed by keyword
-        return (), {**arguments, **values}
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    params = list(cls._di_init_signature.parameters.values())
-    has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
-    for p in params:
-        if p.kind is p.VAR_POSITIONAL:
-            args.extend(arguments.get(p.name, ()))
-        elif p.kind is p.VAR_KEYWORD:
-            kwargs.update(arguments.get(p.name, {}))
-        elif p.name in values or p.name in arguments:
-            value = values[p.name] if p.name in values else arguments[p.name]
-            if p.kind is p.POSITIONAL_ONLY or (
-                has_var_positional and p.kind is p.POSITIONAL_OR_KEYWORD
-            ):
-                args.append(value)
-            else:
-                kwargs[p.name] = value
-    return tuple(args), kwargs
-
-
 def _layout(cls: type[Deferred], state: State) -> Layout:
     key: Any
     try:
@@ -352,9 +287,9 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         key = None
     layout, error = probe_layout(_provisional(cls, state))
     if layout is None:
-        shown = ", ".join(_constructor_args_of(cls, state))
+        shown = ", ".join(constructor_args_of(cls, state))
         raise TypeError(
-            f"deferinit {cls.__name__}({shown}): {_qualname(cls._di_cls)} rejects these "
+            f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
             f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
         ) from error
     if key is not None:
@@ -417,36 +352,7 @@ def _save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: b
 
 
 def _constructor_args(module: Deferred) -> list[str]:
-    return _constructor_args_of(type(module), module._di)
-
-
-def _constructor_args_of(cls: type[Deferred], state: State) -> list[str]:
-    shown = []
-    for p in cls._di_init_signature.parameters.values():
-        if p.name in cls._di_rules:
-            value = state.explicit.get(p.name, MISSING)
-            shown.append(f"{p.name}={'?' if value is MISSING else repr(value)}")
-        elif p.name in state.arguments:
-            value = state.arguments[p.name]
-            if p.kind is p.VAR_POSITIONAL:
-                shown.extend(repr(v) for v in value)
-            elif p.kind is p.VAR_KEYWORD:
-                shown.extend(f"{k}={v!r}" for k, v in value.items())
-            else:
-                shown.append(f"{p.name}={value!r}")
-    shown += [f"{k}={v!r}" for k, v in state.options.items() if v != cls._di_options[k]]
-    return shown
-
-
-def _qualname(cls: type) -> str:
-    module = cls.__module__
-    if module.startswith("torch.nn.modules"):
-        module = "torch.nn"
-    return f"{module}.{cls.__qualname__}"
-
-
-def _names(names: Any) -> str:
-    return ", ".join(repr(n) for n in names)
+    return constructor_args_of(type(module), module._di)
 
 
 def placeholder_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,138 @@
+"""How a deferred class's arguments map onto the real class's constructor.
+
+Binding what the user gave (fast for the plain signatures of torch layers),
+assembling the real constructor call once the inferred sizes are known, and
+showing the arguments in a ``repr`` or an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._rules import MISSING
+
+if TYPE_CHECKING:
+    from ._deferred import Deferred
+    from ._state import State
+
+__all__ = [
+    "bind",
+    "constructor_args_of",
+    "constructor_call",
+    "fast_signature",
+    "forward_signature",
+    "quoted",
+    "qualname",
+]
+
+_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
+    """The real class's forward signature without ``self`` (to find named arguments)."""
+    real = cls._di_cls
+    if real not in _FORWARD_SIGNATURES:
+        try:
+            sig = inspect.signature(real.forward)
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        except (TypeError, ValueError):
+            sig = None
+        _FORWARD_SIGNATURES[real] = sig
+    return _FORWARD_SIGNATURES[real]
+
+
+_FAST: dict[type, tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None] = {}
+
+
+def fast_signature(
+    cls: type[Deferred],
+) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None:
+    """(positional names, all names, required names) of the public signature when
+    it has only plain parameters, else None (then inspect's binder is used)."""
+    if cls not in _FAST:
+        params = list(cls._di_public_signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        full = cls._di_init_signature.parameters.values()
+        plain = plain and all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in full)
+        _FAST[cls] = (
+            (
+                tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
+                frozenset(p.name for p in params),
+                frozenset(p.name for p in params if p.default is p.empty),
+            )
+            if plain
+            else None
+        )
+    return _FAST[cls]
+
+
+def bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The given constructor arguments by name (inspect.Signature.bind, but fast for
+    the plain signatures of torch layers; the slow path words the errors)."""
+    fast = fast_signature(cls)
+    if fast is not None:
+        positional, names, required = fast
+        if len(args) <= len(positional):
+            arguments = dict(zip(positional, args, strict=False))
+            if not (arguments.keys() & kwargs.keys()) and names.issuperset(kwargs):
+                arguments.update(kwargs)
+                if required.issubset(arguments):
+                    return arguments
+    return dict(cls._di_public_signature.bind(*args, **kwargs).arguments)
+
+
+def constructor_call(
+    cls: type[Deferred], arguments: Mapping[str, Any], values: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for the real class's constructor."""
+    if fast_signature(cls) is not None:  # every parameter can be passed by keyword
+        return (), {**arguments, **values}
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    params = list(cls._di_init_signature.parameters.values())
+    has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            args.extend(arguments.get(p.name, ()))
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs.update(arguments.get(p.name, {}))
+        elif p.name in values or p.name in arguments:
+            value = values[p.name] if p.name in values else arguments[p.name]
+            if p.kind is p.POSITIONAL_ONLY or (
+                has_var_positional and p.kind is p.POSITIONAL_OR_KEYWORD
+            ):
+                args.append(value)
+            else:
+                kwargs[p.name] = value
+    return tuple(args), kwargs
+
+
+def constructor_args_of(cls: type[Deferred], state: State) -> list[str]:
+    shown = []
+    for p in cls._di_init_signature.parameters.values():
+        if p.name in cls._di_rules:
+            value = state.explicit.get(p.name, MISSING)
+            shown.append(f"{p.name}={'?' if value is MISSING else repr(value)}")
+        elif p.name in state.arguments:
+            value = state.arguments[p.name]
+            if p.kind is p.VAR_POSITIONAL:
+                shown.extend(repr(v) for v in value)
+            elif p.kind is p.VAR_KEYWORD:
+                shown.extend(f"{k}={v!r}" for k, v in value.items())
+            else:
+                shown.append(f"{p.name}={value!r}")
+    shown += [f"{k}={v!r}" for k, v in state.options.items() if v != cls._di_options[k]]
+    return shown
+
+
+def qualname(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn.modules"):
+        module = "torch.nn"
+    return f"{module}.{cls.__qualname__}"
+
+
+def quoted(names: Any) -> str:
+    return ", ".join(repr(n) for n in names)
