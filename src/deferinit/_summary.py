@@ -15,7 +15,6 @@ totals (which count a tied parameter once).
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,16 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from ._deferred import Deferred, constructor_call, placeholder_tensors
 from ._layout import freeze
+from ._summary_render import (
+    dtype_name,
+    footer_lines,
+    html_table,
+    plain,
+    plain_table,
+    rich_group,
+    row_dict,
+    table_cells,
+)
 
 __all__ = ["Row", "Summary", "TensorInfo", "summary"]
 
@@ -38,7 +47,6 @@ class _Unknown:
 
 
 UNKNOWN: Any = _Unknown()
-_HEADERS = ("name", "layer", "arguments", "output", "parameters", "count", "state")
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,6 @@ class Summary:
                 seen.setdefault(info.key, info)
         return list(seen.values())
 
-    def _partial(self, kind: Callable[[Row], tuple[TensorInfo, ...]]) -> set[str]:
-        return {_dtype_name(t.dtype) for t in self._unique(kind) if t.numel is None}
-
     def totals(self) -> dict[str, Any]:
         """Parameter counts and bytes by dtype. ``unknown`` is the number of parameter
         tensors whose size is not known yet; counts and bytes leave them out."""
@@ -121,99 +126,26 @@ class Summary:
         model's ``output_shape``. Unknown arguments are ``"?"``; unknown sizes in
         shapes, and counts that depend on them, are ``None``."""
         return {
-            "rows": [
-                {
-                    "name": row.name,
-                    "layer": row.layer,
-                    "arguments": {k: _plain(v) for k, v in row.arguments.items()},
-                    "output_shape": _plain(row.output),
-                    "parameters": [_tensor_dict(p) for p in row.parameters],
-                    "buffers": [_tensor_dict(b) for b in row.buffers],
-                    "count": row.count,
-                    "state": row.state,
-                }
-                for row in self.rows
-            ],
+            "rows": [row_dict(row) for row in self.rows],
             "totals": self.totals(),
-            "output_shape": _plain(self.output),
+            "output_shape": plain(self.output),
         }
 
-    def _table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-        keep = [h for h in _HEADERS if h != "output" or self.examples]
-        cells = []
-        for row in self.rows:
-            full = {
-                "name": row.name or "(root)",
-                "layer": row.layer,
-                "arguments": ", ".join(f"{k}={v!r}" for k, v in row.arguments.items()),
-                "output": "" if row.output is None else _text(row.output),
-                "parameters": ", ".join(f"{p.name} {_shape_text(p.shape)}" for p in row.parameters),
-                "count": _count_text(row.count),
-                "state": row.state,
-            }
-            cells.append(tuple(full[h] for h in keep))
-        return tuple(keep), cells
-
     def _footer(self) -> list[str]:
-        totals = self.totals()
-        unknown = totals["unknown"]
-        params = self._unique(lambda r: r.parameters)
-        more = " + ?" if unknown else ""
-        more_trainable = " + ?" if any(p.numel is None and p.requires_grad for p in params) else ""
-        lines = [
-            f"Parameters: {totals['parameters']:,}{more} "
-            f"({totals['trainable']:,}{more_trainable} trainable)"
-        ]
-        if unknown:
-            lines[0] += f"; {unknown} of unknown size (pass example inputs to infer them)"
-        partial = self._partial(lambda r: r.parameters)
-        lines.append("Parameter bytes: " + _bytes_text(totals["bytes"], partial))
-        if totals["buffer_bytes"]:
-            partial = self._partial(lambda r: r.buffers)
-            lines.append("Buffer bytes: " + _bytes_text(totals["buffer_bytes"], partial))
-        if self.output is not None:
-            lines.append(f"Output: {_text(self.output)}")
-        return lines
+        params, buffers = self._unique(lambda r: r.parameters), self._unique(lambda r: r.buffers)
+        return footer_lines(self.totals(), params, buffers, output=self.output)
 
     def __str__(self) -> str:
-        headers, cells = self._table()
-        widths = [max(len(c) for c in column) for column in zip(headers, *cells, strict=True)]
-
-        def line(values: tuple[str, ...]) -> str:
-            padded = [
-                v.rjust(w) if h == "count" else v.ljust(w)
-                for h, v, w in zip(headers, values, widths, strict=True)
-            ]
-            return "  ".join(padded).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        return "\n".join([line(headers), rule, *map(line, cells), rule, *self._footer()])
+        return plain_table(table_cells(self.rows, examples=self.examples), self._footer())
 
     def __repr__(self) -> str:
         return str(self)
 
     def _repr_html_(self) -> str:
-        headers, cells = self._table()
-        esc = html.escape
-        head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells
-        )
-        footer = "<br>".join(esc(line) for line in self._footer())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><p>{footer}</p>"
+        return html_table(table_cells(self.rows, examples=self.examples), self._footer())
 
     def __rich__(self) -> Any:
-        from rich.console import Group  # noqa: PLC0415 - rich is optional
-        from rich.table import Table  # noqa: PLC0415 - rich is optional
-        from rich.text import Text  # noqa: PLC0415 - rich is optional
-
-        headers, cells = self._table()
-        table = Table()
-        for h in headers:
-            table.add_column(h, justify="right" if h == "count" else "left")
-        for row in cells:
-            table.add_row(*(Text(c) for c in row))
-        return Group(table, *(Text(line) for line in self._footer()))
+        return rich_group(table_cells(self.rows, examples=self.examples), self._footer())
 
 
 def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> Summary:
@@ -396,9 +328,6 @@ def _partial_shapes(layer: Deferred) -> _Slots:
     return slots
 
 
-# -- formatting helpers ------------------------------------------------------------------
-
-
 def _shapes(output: Any) -> Any:
     """Output shapes: a tensor becomes a tuple of ints, containers lists/dicts of those."""
     if isinstance(output, torch.Tensor):
@@ -412,77 +341,9 @@ def _shapes(output: Any) -> Any:
     return type(output).__name__
 
 
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    return repr(value)  # UNKNOWN included: "?"
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, tuple):
-        return _shape_text(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_text(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def _shape_text(shape: tuple[int | None, ...] | None) -> str:
-    if shape is None:
-        return "?"
-    sizes = ["?" if s is None else str(s) for s in shape]
-    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
-
-
-def _count_text(count: int | None) -> str:
-    return "?" if count is None else f"{count:,}"
-
-
-def _tensor_dict(info: TensorInfo) -> dict[str, Any]:
-    shape = None if info.shape is None else list(info.shape)
-    return {
-        "name": info.name,
-        "shape": shape,
-        "dtype": _dtype_name(info.dtype),
-        "numel": info.numel,
-    }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _bytes_by_dtype(tensors: Iterable[TensorInfo]) -> dict[str, int]:
     out: dict[str, int] = {}
     for t in tensors:
-        name = _dtype_name(t.dtype)
+        name = dtype_name(t.dtype)
         out[name] = out.get(name, 0) + (t.numel or 0) * t.dtype.itemsize
     return out
-
-
-def _bytes_text(by_dtype: Mapping[str, int], partial: set[str]) -> str:
-    if not by_dtype:
-        return "0"
-    parts = []
-    for name, n in by_dtype.items():
-        more = " + ?" if name in partial else ""
-        parts.append(f"{name} {n:,}{more} ({_human(n)}{more})")
-    return ", ".join(parts)
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
