@@ -103,27 +103,26 @@ def _order(make: Callable[[], nn.Module]) -> dict[str, int]:
     return {n: position[id(t)] for n, t in named_tensors(module).items() if id(t) in position}
 
 
-class _Mirror(TorchDispatchMode):
-    """Runs an initialization for real, except on the layer's tensors other than the
-    wanted one: their random fills go to a throw-away tensor, their other writes
-    are skipped, and reading their values gives up (:class:`_Fallback`)."""
+class _Registered(TorchDispatchMode):
+    """A dispatch mode that knows which registered tensor a tensor's storage is."""
 
-    def __init__(self, wanted: set[int], seen: list[torch.Tensor], replay: bool) -> None:
+    def __init__(self, seen: list[torch.Tensor]) -> None:
         super().__init__()
-        self.wanted = wanted
-        self.replay = replay  # keep the generator in step (else other fills are skipped)
         self.seen = seen  # registrations so far, in order (filled by the hooks)
         self.indexed = 0
-        self.position: dict[int, int] = {}  # storage -> first registration position
+        self.positions: dict[int, int] = {}  # storage -> first registration position
 
-    def _other(self, t: torch.Tensor) -> bool:
+    def position(self, t: torch.Tensor) -> int | None:
+        """The registration position of ``t``'s storage, if the layer registered it."""
         if type(t) not in (torch.Tensor, nn.Parameter, nn.Buffer):
             raise _Fallback(f"tensor subclass {type(t).__name__}")
         for i in range(self.indexed, len(self.seen)):
-            self.position.setdefault(_key(self.seen[i]), i)
+            self.positions.setdefault(_key(self.seen[i]), i)
         self.indexed = len(self.seen)
-        position = self.position.get(_key(t))
-        return position is not None and position not in self.wanted
+        return self.positions.get(_key(t))
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
     def __torch_dispatch__(
         self,
@@ -132,18 +131,31 @@ class _Mirror(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
+        return self.handle(func, args, kwargs or {})
+
+
+class _Mirror(_Registered):
+    """Runs an initialization for real, except on the layer's tensors other than the
+    wanted one: their random fills go to a throw-away tensor, their other writes
+    are skipped, and reading their values gives up (:class:`_Fallback`)."""
+
+    def __init__(self, wanted: set[int], seen: list[torch.Tensor], replay: bool) -> None:
+        super().__init__(seen)
+        self.wanted = wanted
+        self.replay = replay  # keep the generator in step (else other fills are skipped)
+
+    def _other(self, t: torch.Tensor) -> bool:
+        position = self.position(t)
+        return position is not None and position not in self.wanted
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tensors: list[torch.Tensor] = []
         tree_map_only(torch.Tensor, tensors.append, (args, kwargs))
         others = {id(t) for t in tensors if self._other(t)}
         if not others:
             return func(*args, **kwargs)
         schema = func._schema
-        written = [
-            value
-            for spec, value in _bound(schema, args, kwargs)
-            if spec.alias_info is not None and spec.alias_info.is_write
-        ]
+        written = _written(schema, args, kwargs)
         aliasing = [r for r in schema.returns if r.alias_info is not None]
         if (not written and aliasing) or func in _METADATA:
             return func(*args, **kwargs)  # a view or a new tensor: no data is read
@@ -162,13 +174,11 @@ class _Mirror(TorchDispatchMode):
         return target if aliasing else None
 
 
-def _bound(schema: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
-    """(argument spec, value) pairs of a call."""
-    for spec, value in zip(schema.arguments, args, strict=False):
-        yield spec, value
-    for spec in schema.arguments:
-        if spec.name in kwargs:
-            yield spec, kwargs[spec.name]
+def _written(schema: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The arguments an operator call writes to (its schema's mutable aliases)."""
+    bound = [*zip(schema.arguments, args, strict=False)]
+    bound += [(spec, kwargs[spec.name]) for spec in schema.arguments if spec.name in kwargs]
+    return [v for spec, v in bound if spec.alias_info is not None and spec.alias_info.is_write]
 
 
 def _swap(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
@@ -217,7 +227,7 @@ def _set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
-class _Streams(TorchDispatchMode):
+class _Streams(_Registered):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
     alone; any other random operation gives up (:class:`_Fallback`)."""
@@ -225,35 +235,18 @@ class _Streams(TorchDispatchMode):
     def __init__(
         self, seen: list[torch.Tensor], names: dict[int, str], seeds: Callable[[str], int]
     ) -> None:
-        super().__init__()
-        self.seen = seen
+        super().__init__(seen)
         self.names = names  # registration position -> qualified name
         self.seeds = seeds
-        self.indexed = 0
-        self.position: dict[int, int] = {}
         self.states: dict[int, torch.Tensor] = {}  # position -> its generator state
 
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if _RANDOM not in func.tags:
             return func(*args, **kwargs)
-        for i in range(self.indexed, len(self.seen)):
-            self.position.setdefault(_key(self.seen[i]), i)
-        self.indexed = len(self.seen)
-        written = [
-            value
-            for spec, value in _bound(func._schema, args, kwargs)
-            if spec.alias_info is not None and spec.alias_info.is_write
-        ]
-        if len(written) != 1 or type(written[0]) not in (torch.Tensor, nn.Parameter, nn.Buffer):
+        written = _written(func._schema, args, kwargs)
+        if len(written) != 1:
             raise _Fallback(f"{func} is not a fill of one tensor")
-        position = self.position.get(_key(written[0]))
+        position = self.position(written[0])
         if position is None or position not in self.names:
             raise _Fallback(f"{func} fills a tensor the layer does not register")
         outer = torch.get_rng_state()
