@@ -6,6 +6,8 @@ seed and its name."""
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -182,3 +184,150 @@ def test_seeded_in_one_run_equals_seeded_tensor_by_tensor(make: Make) -> None:
     assert whole is not None
     for name, value in named_tensors(whole).items():
         assert torch.equal(value, alone[name]), name
+
+
+# --- what initialization code may do ------------------------------------------------------
+
+
+class Tied(nn.Module):
+    """The head shares the embedding's weight: one tensor, registered twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 6)
+        self.head.weight = self.emb.weight
+
+
+class ReadsValue(nn.Module):
+    """Fills one tensor from another's value, guarded by ``except Exception``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.gain = nn.Parameter(torch.empty(3))
+        with torch.no_grad():
+            try:
+                self.gain.copy_(self.fc.bias.abs() * self.fc.weight.max().item())
+            except Exception:  # noqa: BLE001 - what user code does; must not hide a fallback
+                self.gain.fill_(1.0)
+
+
+class PythonRandom(nn.Module):
+    """Draws from Python's ``random`` and from torch's CPU generator explicitly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.tensor([random.gauss(0, 1) for _ in range(3)]))
+        self.register_buffer("perm", torch.randperm(4, device="cpu"))
+
+
+@pytest.mark.parametrize("make", [Tied, ReadsValue, PythonRandom])
+def test_unusual_initialization_code_still_gets_eager_values_and_generator_states(
+    make: Make,
+) -> None:
+    random.seed(1)
+    torch.manual_seed(1)
+    want = {n: t.detach().clone() for n, t in named_tensors(make()).items()}
+    after_torch, after_python = torch.get_rng_state(), random.getstate()
+
+    random.seed(1)
+    torch.manual_seed(1)
+    got = {n: t.detach().clone() for n, t in each_tensor(make, list(want), CPU)}
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert torch.equal(torch.get_rng_state(), after_torch)
+    assert random.getstate() == after_python
+
+
+def test_seeded_values_keep_the_relations_the_initialization_makes() -> None:
+    got = dict(each_tensor(ReadsValue, ["fc.weight", "fc.bias", "gain"], CPU, lambda n: len(n)))
+    want = got["fc.bias"].abs() * got["fc.weight"].max()
+    assert torch.equal(got["gain"], want)
+
+
+def test_seeded_materialize_leaves_every_generator_alone() -> None:
+    model = di.build(nn.Sequential(dnn.Linear(4), nn.ReLU(), dnn.Linear(2)), (2, 3), device="meta")
+    torch.manual_seed(3)
+    random.seed(3)
+    before_torch, before_python = torch.get_rng_state(), random.getstate()
+    di.materialize(model, seed=0)
+    assert torch.equal(torch.get_rng_state(), before_torch)
+    assert random.getstate() == before_python
+
+
+def test_modules_made_by_another_thread_meanwhile_do_not_disturb_materialize() -> None:
+    def model() -> nn.Module:
+        return di.build(nn.Sequential(*(dnn.Linear(16) for _ in range(6))), (2, 8), device="meta")
+
+    alone = di.materialize(model(), seed=0)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            nn.Linear(2, 2)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        together = [di.materialize(model(), seed=0) for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    for other in together:
+        pairs = zip(alone.state_dict().items(), other.state_dict().values(), strict=True)
+        for (name, want), got in pairs:
+            assert torch.equal(got, want), name
+
+
+# --- modules declared on meta -------------------------------------------------------------
+
+
+def test_declared_module_materialized_as_float64_equals_eager_converted() -> None:
+    torch.manual_seed(0)
+    want = nn.Linear(5, 3).to(torch.float64)
+    after = torch.get_rng_state()
+    with torch.device("meta"):
+        declared = nn.Linear(5, 3)
+    torch.manual_seed(0)
+    di.materialize(declared, dtype=torch.float64)
+    assert torch.equal(declared.weight, want.weight)
+    assert torch.equal(declared.bias, want.bias)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_declared_module_keeps_a_tensor_that_is_already_real() -> None:
+    with torch.device("meta"):
+        declared = nn.Linear(5, 3)
+    loaded = torch.arange(15.0).reshape(3, 5)
+    declared.load_state_dict({"weight": loaded.clone()}, strict=False, assign=True)
+    di.materialize(declared)
+    assert torch.equal(declared.weight, loaded)
+    assert declared.bias.device.type == "cpu"
+
+
+def test_weights_tied_inside_a_deferred_block_stay_tied_through_build_and_materialize() -> None:
+    class Block(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.inp = nn.Linear(dim, dim)
+            self.out = nn.Linear(dim, dim)
+            self.out.weight = self.inp.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.inp(x)))  # type: ignore[no-any-return]
+
+    deferred = di.defer(Block, dim=di.dim(-1))
+    built = deferred()
+    built(torch.randn(2, 6))
+    assert built.out.weight is built.inp.weight
+    on_meta = di.build(deferred(), (2, 6), device="meta")
+    assert on_meta.out.weight is on_meta.inp.weight
+    torch.manual_seed(0)
+    di.materialize(on_meta)
+    assert on_meta.out.weight is on_meta.inp.weight
+    torch.manual_seed(0)
+    eager = Block(6)
+    for name, value in eager.state_dict().items():
+        assert torch.equal(on_meta.state_dict()[name], value), name

@@ -210,6 +210,7 @@ def _rebind(value: Any, old: object, new: object) -> Any:
 def _adopt_placeholders(
     module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
 ) -> None:
+    adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
         owner_name, _, leaf = name.rpartition(".")
         try:
@@ -222,6 +223,10 @@ def _adopt_placeholders(
             placeholder, UninitializedParameter | UninitializedBuffer
         ):
             continue
+        if id(value) in adopted:  # tied in the layer (e.g. head.weight = emb.weight)
+            table[leaf] = adopted[id(value)]  # type: ignore[assignment]
+            continue
+        adopted[id(value)] = placeholder
         data = value.data
         device = data.device if keep_device else placeholder.device
         if data.dtype != placeholder.dtype or data.device != device:

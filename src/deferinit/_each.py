@@ -27,6 +27,8 @@ more memory, never different values.
 from __future__ import annotations
 
 import contextlib
+import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -57,8 +59,10 @@ _METADATA = {
 }
 
 
-class _Fallback(Exception):  # noqa: N818 - a signal, not an error
-    """The mirror cannot follow this initialization; use a whole layer instead."""
+class _Fallback(BaseException):  # noqa: N818 - a signal, not an error
+    """The mirror cannot follow this initialization; use a whole layer instead.
+    A ``BaseException``, so that an ``except Exception`` in initialization code
+    cannot swallow it."""
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,11 +80,13 @@ def _key(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def _registrations() -> Iterator[list[torch.Tensor]]:
-    """Every parameter and buffer registered on any module, in order."""
+    """Every parameter and buffer registered on any module by this thread, in order
+    (torch's registration hooks are global: other threads' modules are not ours)."""
     seen: list[torch.Tensor] = []
+    thread = threading.get_ident()
 
     def hook(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-        if tensor is not None:
+        if tensor is not None and threading.get_ident() == thread:
             seen.append(tensor)
 
     handles = [
@@ -94,13 +100,62 @@ def _registrations() -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def _order(make: Callable[[], nn.Module]) -> dict[str, int]:
-    """Qualified name -> position in the registration sequence, from a dry run on meta
-    (meta tensors neither allocate nor draw random numbers)."""
-    with _registrations() as seen, torch.device("meta"):
-        module = make()
-    position = {id(t): i for i, t in enumerate(seen)}
+def _order(make: Callable[[], nn.Module], generators: _Generators) -> dict[str, int] | None:
+    """Qualified name -> position of its first registration, from a dry run on meta
+    (meta tensors neither allocate nor draw random numbers; whatever the code draws
+    elsewhere is given back). ``None`` where the dry run fails, e.g. initialization
+    code that reads a value (``.item()``): then whole layers only."""
+    try:
+        with _registrations() as seen, torch.device("meta"):
+            module = make()
+    except Exception:
+        return None
+    finally:
+        generators.restore()
+    position: dict[int, int] = {}
+    for i, t in enumerate(seen):
+        position.setdefault(id(t), i)
     return {n: position[id(t)] for n, t in named_tensors(module).items() if id(t) in position}
+
+
+def _sizes(
+    make: Callable[[], nn.Module], names: Sequence[str], generators: _Generators
+) -> dict[str, int] | None:
+    try:
+        with torch.device("meta"):
+            shapes = named_tensors(make())
+    except Exception:
+        return None
+    finally:
+        generators.restore()
+    return {n: shapes[n].numel() * shapes[n].element_size() for n in names if n in shapes}
+
+
+class _Generators:
+    """The random generators initialization code may draw from: torch's CPU one,
+    the target device's, and Python's ``random``; saved, restored and seeded
+    together."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        random.setstate(self.python)
+
+    def seed(self, seed: int) -> None:
+        """Seed the CPU and target-device generators only (``torch.manual_seed``
+        would reseed every device's)."""
+        self.restore()
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
 
 
 class _Registered(TorchDispatchMode):
@@ -214,19 +269,6 @@ def _groups(names: Sequence[str], sizes: dict[str, int]) -> list[list[str]]:
     return groups
 
 
-def _rng_state(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
-
-
 class _Streams(_Registered):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
@@ -252,7 +294,7 @@ class _Streams(_Registered):
         outer = torch.get_rng_state()
         state = self.states.get(position)
         if state is None:
-            torch.manual_seed(self.seeds(self.names[position]))
+            torch.default_generator.manual_seed(self.seeds(self.names[position]))
         else:
             torch.set_rng_state(state)
         try:
@@ -280,7 +322,10 @@ def seeded_whole(
     """
     if device.type != "cpu":
         return None
-    order = _order(make)
+    generators = _Generators(device)
+    order = _order(make, generators)
+    if order is None:
+        return None
     names: dict[int, str] = {}
     for name, position in order.items():
         names.setdefault(position, name)
@@ -289,6 +334,8 @@ def seeded_whole(
             return make()
     except _Fallback:
         return None
+    finally:
+        generators.restore()
 
 
 def each_tensor(
@@ -302,9 +349,12 @@ def each_tensor(
     largest of them).
 
     Without ``seeds`` every value is what one run of ``make`` from the current
-    generator state gives, and the generator ends where that run leaves it. With
-    ``seeds`` the tensor ``name`` is initialized alone, from a generator seeded
-    with ``seeds(name)``, and the caller's generator is left alone.
+    generator state gives, and the generators (torch's CPU and target device's,
+    Python's ``random``) end where that run leaves them. With ``seeds`` the tensor
+    ``name`` is initialized alone, its draws from a generator seeded with
+    ``seeds(name)`` (the same values :func:`seeded_whole` gives); where its value
+    needs the layer's other tensors, from one run of the layer (per-tensor streams,
+    else the stream ``seeds("")``). The caller's generators are left alone.
 
     >>> import torch
     >>> from torch import nn
@@ -315,38 +365,60 @@ def each_tensor(
     ...     lambda: nn.Linear(3, 2), ["weight"], torch.device("cpu"))]
     [('weight', True)]
     """
-    order = _order(make)
-    start = _rng_state(device)
-    if seeds is not None:
-        groups = [[name] for name in names]
-    else:
-        with torch.device("meta"):
-            shapes = named_tensors(make())
-        sizes = {n: shapes[n].numel() * shapes[n].element_size() for n in names}
+    generators = _Generators(device)
+    order = _order(make, generators)
+    sizes = None if seeds is not None or order is None else _sizes(make, names, generators)
+    if sizes is not None and len(sizes) == len(names):
         groups = _groups(names, sizes)
-    for group in groups:
+    elif seeds is None and order is None:
+        groups = [list(names)]  # one whole layer gives them all
+    else:
+        groups = [[name] for name in names]
+    # seed=: where the mirror cannot follow a tensor, the layer runs once, with a
+    # stream per tensor if it can (seeded_whole), else with the layer's own stream
+    # (seeds("")): its tensors keep whatever relations their initialization makes.
+    layer: list[nn.Module] = []
 
-        def rewind(group: list[str] = group) -> None:
-            if seeds is not None:
-                torch.manual_seed(seeds(group[0]))
-            else:
-                _set_rng_state(device, start)
+    def rewind(name: str) -> None:
+        if seeds is None:
+            generators.restore()
+        else:
+            generators.seed(seeds(name))
 
-        rewind()
-        try:
-            wanted = {order[name] for name in group}
-            values = _mirrored(make, group, wanted, device, replay=seeds is None)
-        except (_Fallback, KeyError):
-            rewind()
+    def whole(group: list[str]) -> list[torch.Tensor]:
+        if seeds is None:
+            rewind(group[0])
             with torch.device(device):
-                whole = named_tensors(make())
-            values = [whole[name] for name in group]
-            del whole
-        for name in group:
-            yield name, values.pop(0)
-        del values
-    if seeds is not None:
-        _set_rng_state(device, start)
-    elif not names:
-        with torch.device(device):
-            make()  # the generator advances as one initialization would
+                tensors = named_tensors(make())
+            return [tensors[name] for name in group]
+        if not layer:
+            module = seeded_whole(make, device, seeds)
+            if module is None:
+                rewind("")
+                with torch.device(device):
+                    module = make()
+            layer.append(module)
+        tensors = named_tensors(layer[0])
+        return [tensors[name] for name in group]
+
+    try:
+        for group in groups:
+            rewind(group[0])
+            try:
+                if order is None:
+                    raise _Fallback("no dry run")
+                wanted = {order[name] for name in group}
+                values = _mirrored(make, group, wanted, device, replay=seeds is None)
+            except (_Fallback, KeyError):
+                values = whole(group)
+            for name in group:
+                yield name, values.pop(0)
+            del values
+        if not names and seeds is None:
+            rewind("")
+            with torch.device(device):
+                make()  # the generators advance as one initialization would
+    finally:
+        layer.clear()
+        if seeds is not None:
+            generators.restore()

@@ -137,15 +137,30 @@ def materialize(
             )
         total = sum(_bytes(sub) for _, _, sub in steps)
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
+        owners = _sharded_owners(module)
         with _progress(show, total) as advance:
             for kind, name, sub in steps:
                 seeds = _seeds(seed, name)
                 if kind == "rebuild":
-                    _rebuild(sub, target, dtype, seeds)
+                    _rebuild(sub, target, dtype, seeds, owners)
                 else:
-                    _reset(sub, target, dtype, seeds)
+                    _reset(sub, target, dtype, seeds, owners)
                 advance(_bytes(sub))
     return module
+
+
+# Every (module, leaf) holding a sharded tensor, by the tensor's id: a tied sharded
+# tensor is replaced (not swapped) when filled, under each of its names at once.
+_Owners = dict[int, list[tuple[nn.Module, str]]]
+
+
+def _sharded_owners(root: nn.Module) -> _Owners:
+    owners: _Owners = {}
+    for sub in root.modules():
+        for leaf, t in _direct(sub):
+            if isinstance(t, DTensor) and _is_meta(t):
+                owners.setdefault(id(t), []).append((sub, leaf))
+    return owners
 
 
 def _bytes(module: nn.Module) -> int:
@@ -214,6 +229,7 @@ def _rebuild(
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
+    owners: _Owners,
 ) -> None:
     from ._initialize import apply_registered, mark_initialized, run_registered  # noqa: PLC0415
 
@@ -230,7 +246,7 @@ def _rebuild(
         new = _named(fresh)
         for name, tensor in old.items():
             if name in new:
-                _put(layer, name, tensor, new[name], device, dtype)
+                _put(layer, name, tensor, new[name], device, dtype, owners)
         run_registered(layer)
         return
 
@@ -242,12 +258,12 @@ def _rebuild(
             apply_registered(module, state.init, recurse=True)
         return module
 
-    if _place_whole(layer, old, make, device, dtype, seeds):
+    if _place_whole(layer, old, make, device, dtype, seeds, owners):
         if state.init is not None:
             mark_initialized(layer)
         return
     for name, value in each_tensor(make, list(old), device, seeds):
-        _put(layer, name, old[name], value, device, dtype)
+        _put(layer, name, old[name], value, device, dtype, owners)
         del value
     if state.init is not None:
         mark_initialized(layer)
@@ -260,6 +276,7 @@ def _place_whole(
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
+    owners: _Owners,
 ) -> bool:
     """``seed=`` on tensors that are not sharded: one run with a generator per tensor
     (the values each_tensor gives, at the cost of one initialization)."""
@@ -270,7 +287,7 @@ def _place_whole(
         return False
     new = _named(whole)
     for name, tensor in old.items():
-        _put(layer, name, tensor, new[name], device, dtype)
+        _put(layer, name, tensor, new[name], device, dtype, owners)
     return True
 
 
@@ -285,36 +302,35 @@ def _put(
     value: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype | None,
+    owners: _Owners,
 ) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name)
     if isinstance(old, DTensor):
-        _fill_shard(owner, leaf, value, device, dtype)
+        places = owners.get(id(old), [(owner, leaf)])
+        if _is_meta(old):  # a tied tensor is filled once, under its first name
+            _fill_shard(places, old, value, device, dtype)
     else:
         _place(owner, leaf, old, value, dtype)
 
 
 def _fill_shard(
-    owner: nn.Module, leaf: str, full: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+    places: list[tuple[nn.Module, str]],
+    sharded: DTensor,
+    full: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> None:
-    """A sharded (FSDP2 / DTensor) parameter: this rank allocates only its own shard
-    and copies in the matching slice of the single-process value.
-
-    CPU's generator cannot skip ahead, so every rank constructs the whole layer
-    (the same random numbers as one process) and keeps its slice: each rank spends
-    the time of a full single-process initialization, and its extra memory peaks at
-    one layer's full size (not one parameter's: the layer's own constructor draws
-    all of its parameters together, which is what keeps the values eager's).
-    """
-    table = owner._parameters if leaf in owner._parameters else owner._buffers
-    sharded = table[leaf]
-    assert isinstance(sharded, DTensor)
+    """A sharded (FSDP2 / DTensor) tensor: this rank keeps only its own shard, a
+    copy of the matching slice of the single-process value, under every name the
+    tensor has."""
     shape, offset = compute_local_shape_and_global_offset(
         sharded.shape, sharded.device_mesh, sharded.placements
     )
     index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
     want = dtype if dtype is not None and full.is_floating_point() else sharded.dtype
-    local = full.detach()[index].to(device=device, dtype=want).contiguous()
+    # copy=True: a slice along dim 0 is a view, which would keep the full tensor alive.
+    local = full.detach()[index].to(device=device, dtype=want, copy=True).contiguous()
     value = DTensor.from_local(
         local,
         sharded.device_mesh,
@@ -325,10 +341,12 @@ def _fill_shard(
     )
     # A new parameter object, as load_state_dict(assign=True) makes: FSDP2 re-pads
     # and re-registers it at its lazy init. Create optimizers after materializing.
+    fresh: torch.Tensor = value
     if isinstance(sharded, nn.Parameter):
-        table[leaf] = nn.Parameter(value, requires_grad=sharded.requires_grad)
-    else:
-        table[leaf] = value  # type: ignore[assignment]
+        fresh = nn.Parameter(value, requires_grad=sharded.requires_grad)
+    for owner, leaf in places:
+        table = owner._parameters if leaf in owner._parameters else owner._buffers
+        table[leaf] = fresh  # type: ignore[assignment]
 
 
 def _reset(
@@ -336,41 +354,37 @@ def _reset(
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
+    owners: _Owners,
 ) -> None:
+    """A module declared on meta: its own initialization (``reset_parameters``, then
+    a registered initializer) runs on a stand-in whose direct tensors are fresh, in
+    their declared dtype and strides, and only the meta tensors take its values:
+    tensors that are real already (loaded, or tied to a filled one) keep theirs."""
     from ._initialize import apply_registered, mark_initialized  # noqa: PLC0415
 
     registered = module.__dict__.get("_di_meta_init")
-    reset = getattr(module, "reset_parameters", None)
-    old = {leaf: t for leaf, t in _direct(module) if _is_meta(t)}
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
-        for leaf, tensor in old.items():
-            _place(module, leaf, tensor, torch.empty_like(tensor, device=device), dtype)
-        # As eager construction: the layer's own initialization, then the registered
-        # one (which may set only some parameters).
-        if callable(reset):
-            reset()
-        if registered is not None:
-            apply_registered(module, registered, recurse=False)
-        return
+    declared = [
+        (table, leaf, t)
+        for table in ("_parameters", "_buffers")
+        for leaf, t in getattr(module, table).items()
+    ]
+    old = {leaf: t for _, leaf, t in declared if t is not None and _is_meta(t)}
 
     def make() -> nn.Module:
-        # A stand-in sharing everything but the direct tensors, which are full-size
-        # and fresh: the initialization runs on it as on the eager module.
         stand_in = object.__new__(type(module))  # no __init__ (FSDP's classes run it)
         stand_in.__dict__.update(module.__dict__)
         stand_in._parameters = {}
         stand_in._buffers = {}
-        for table, fresh in ((module._parameters, True), (module._buffers, False)):
-            for leaf, tensor in table.items():
-                if tensor is None:  # e.g. bias=False: kept as None
-                    (stand_in._parameters if fresh else stand_in._buffers)[leaf] = None
-                    continue
-                blank = torch.empty(tensor.shape, dtype=tensor.dtype)
-                if fresh:
-                    stand_in.register_parameter(leaf, nn.Parameter(blank, tensor.requires_grad))
-                else:
-                    persistent = leaf not in module._non_persistent_buffers_set
-                    stand_in.register_buffer(leaf, blank, persistent=persistent)
+        for table, leaf, tensor in declared:
+            if tensor is None:  # e.g. bias=False: kept as None
+                getattr(stand_in, table)[leaf] = None
+                continue
+            blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+            if table == "_parameters":
+                stand_in.register_parameter(leaf, nn.Parameter(blank, tensor.requires_grad))
+            else:
+                persistent = leaf not in module._non_persistent_buffers_set
+                stand_in.register_buffer(leaf, blank, persistent=persistent)
         stand_reset = getattr(stand_in, "reset_parameters", None)
         if callable(stand_reset):
             stand_reset()
@@ -378,9 +392,14 @@ def _reset(
             apply_registered(stand_in, registered, recurse=False)
         return stand_in
 
-    if not _place_whole(module, old, make, device, dtype, seeds):
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        with torch.device(device):
+            new = _named(make())
+        for leaf, tensor in old.items():
+            _place(module, leaf, tensor, new[leaf], dtype)
+    elif not _place_whole(module, old, make, device, dtype, seeds, owners):
         for leaf, value in each_tensor(make, list(old), device, seeds):
-            _put(module, leaf, old[leaf], value, device, dtype)
+            _put(module, leaf, old[leaf], value, device, dtype, owners)
             del value
     if registered is not None:
         mark_initialized(module, recurse=False)

@@ -1,0 +1,145 @@
+"""FSDP2 sharded materialization, the harder cases, on 2 gloo ranks: each shard owns
+only its slice's memory; a tensor tied across modules stays one tensor; modules
+declared on meta converted with ``dtype=``; ``seed=`` values equal with and without
+sharding, also where one tensor's initialization reads another's value.
+
+This file is also the script each rank runs: the test starts
+``python -m torch.distributed.run --nproc_per_node 2 tests/test_fsdp_edges.py``; every
+rank checks its own shards against a single-process model built in the same process
+and prints ``rank N ok`` (or raises).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import deferinit as di
+from deferinit import nn as dnn
+
+
+class CopiesBias(nn.Module):
+    """Initialization that reads another tensor's value: the mirror falls back."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, 8)
+        self.b = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))  # type: ignore[no-any-return]
+
+
+class TiedHead(nn.Module):
+    """Declared on meta with its sizes; the head shares the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.device("meta"):
+            self.emb = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))  # type: ignore[no-any-return]
+
+
+DeferredCopiesBias = di.defer(CopiesBias, dim=di.dim(-1))
+
+
+def mixed() -> nn.Module:
+    with torch.device("meta"):
+        declared = nn.Linear(12, 6)
+    return nn.Sequential(dnn.Linear(12), nn.ReLU(), declared, DeferredCopiesBias())
+
+
+def shard(model: nn.Module) -> nn.Module:
+    # A tensor shared by two modules must sit in one FSDP unit (FSDP2's rule): the
+    # tied model is sharded as a whole, the others layer by layer.
+    if not isinstance(model, TiedHead):
+        for layer in model.children():
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+        for n, p in model.named_parameters()
+    }
+
+
+def check(name: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want), (name, list(got), list(want))
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, (name, key, got[key].dtype, value.dtype)
+        assert torch.equal(got[key], value), (name, key)
+
+
+def materialized(build: Callable[[], nn.Module], *, sharded: bool, **options: object) -> nn.Module:
+    model = build()
+    if sharded:
+        shard(model)
+    torch.manual_seed(0)
+    di.materialize(model, device="cpu", **options)  # type: ignore[arg-type]
+    return model
+
+
+def rank_main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def meta_mixed() -> nn.Module:
+        return di.build(mixed(), (3, 12), device="meta")
+
+    for options in ({}, {"dtype": torch.float64}, {"seed": 5}):
+        single = full(materialized(meta_mixed, sharded=False, **options))
+        sharded = materialized(meta_mixed, sharded=True, **options)
+        check(f"mixed {options}", full(sharded), single)
+        for name, p in sharded.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p  # type: ignore[attr-defined]
+            owned = local.untyped_storage().nbytes()
+            assert owned == local.numel() * local.element_size(), (name, owned)
+        assert torch.equal(single["3.b.bias"], single["3.a.bias"])
+
+    for options in ({}, {"seed": 5}):
+        single_tied = materialized(TiedHead, sharded=False, **options)
+        sharded_tied = materialized(TiedHead, sharded=True, **options)
+        for model in (single_tied, sharded_tied):
+            assert model.get_parameter("head.weight") is model.get_parameter("emb.weight")
+        check(f"tied {options}", full(sharded_tied), full(single_tied))
+
+    print(f"rank {rank} ok", flush=True)
+    dist.destroy_process_group()
+
+
+def test_sharded_edges_on_two_gloo_ranks() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout
+
+
+if __name__ == "__main__":
+    rank_main()
