@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import socket
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -61,10 +62,10 @@ def same_on_all_ranks(vector: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def rank_main(rank: int, world_size: int, port: int, steps: int) -> None:
+def rank_main(rank: int, world_size: int, rendezvous: str, steps: int) -> None:
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
@@ -106,19 +107,16 @@ def rank_main(rank: int, world_size: int, port: int, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args(argv)
-    # A failing rank raises here (torch.multiprocessing.ProcessRaisedException).
-    spawn(rank_main, args=(args.world_size, free_port(), args.steps), nprocs=args.world_size)
+    # The ranks meet through a file (no port to find free); a failing rank raises
+    # here (torch.multiprocessing.ProcessRaisedException).
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous = os.path.join(folder, "rendezvous")
+        spawn(rank_main, args=(args.world_size, rendezvous, args.steps), nprocs=args.world_size)
     return 0
 
 

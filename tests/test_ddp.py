@@ -2,7 +2,7 @@
 one it refuses before any communication.
 
 Two processes with the gloo backend on CPU. This file is also the script that runs
-them: the test starts ``python tests/test_ddp.py PORT OUT`` in a subprocess (with
+them: the test starts ``python tests/test_ddp.py OUT`` in a subprocess (with
 ``-W error``, which the spawned ranks inherit), whose ``main`` spawns the two ranks;
 each rank saves what it saw to ``OUT/rank<N>.pt`` and the test compares them. A
 subprocess, not ``mp.spawn`` from the test session: the ranks must import this
@@ -13,7 +13,6 @@ rank also has a 20 s process-group timeout) instead of hanging the test session.
 from __future__ import annotations
 
 import datetime
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,19 +50,13 @@ def snapshot(module: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- what each rank runs ------------------------------------------------------------------
 
 
-def rank_main(rank: int, world_size: int, port: int, out: str) -> None:
+def rank_main(rank: int, world_size: int, out: str) -> None:
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{Path(out) / 'rendezvous'}",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=20),
@@ -109,8 +102,8 @@ def rank_main(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    port, out = int(argv[0]), argv[1]
-    spawn(rank_main, args=(WORLD_SIZE, port, out), nprocs=WORLD_SIZE, join=True)
+    (out,) = argv
+    spawn(rank_main, args=(WORLD_SIZE, out), nprocs=WORLD_SIZE, join=True)
     return 0
 
 
@@ -119,7 +112,7 @@ def main(argv: list[str]) -> int:
 
 def run_ranks(out: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-W", "error", __file__, str(free_port()), str(out)],
+        [sys.executable, "-W", "error", __file__, str(out)],
         capture_output=True,
         text=True,
         timeout=90,

@@ -13,7 +13,15 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp_materializ
 def test_sharded_materialize_equals_single_process_and_trains() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLE)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLE),
+        ],
         capture_output=True,
         text=True,
         timeout=180,

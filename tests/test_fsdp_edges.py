@@ -129,7 +129,15 @@ def rank_main() -> None:
 def test_sharded_edges_on_two_gloo_ranks() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+        ],
         capture_output=True,
         text=True,
         timeout=180,

@@ -596,3 +596,78 @@ def test_materialize_on_cuda_equals_eager_on_cuda(assert_same_state: AssertSameS
     with torch.device("cuda"):
         ref = eager_attention()
     assert_same_state(model, ref)
+
+
+# --- all or nothing ----------------------------------------------------------------------
+
+
+class CausalMask(nn.Module):
+    """A mask buffer computed in ``__init__``; ``reset_parameters`` sets the weight only."""
+
+    mask: torch.Tensor
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, size))
+        self.register_buffer("mask", torch.tril(torch.ones(size, size)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight * self.mask)
+
+
+class Failing(nn.Linear):
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            raise RuntimeError("initialization failed")
+
+
+def declared(*modules: Callable[[], nn.Module]) -> nn.Sequential:
+    with torch.device("meta"):
+        return nn.Sequential(*(m() for m in modules))
+
+
+def meta_state(model: nn.Module) -> list[tuple[str, int, str]]:
+    return [
+        (n, id(t), t.device.type) for n, t in [*model.named_parameters(), *model.named_buffers()]
+    ]
+
+
+def test_a_meta_tensor_its_initialization_does_not_set_is_an_error_and_nothing_changes() -> None:
+    model = declared(lambda: nn.Linear(4, 4), lambda: CausalMask(4))
+    before = meta_state(model)
+    with pytest.raises(di.NotBuiltError) as caught:
+        di.materialize(model)
+    message = str(caught.value)
+    assert "'1' (CausalMask)" in message or "1 (CausalMask)" in message, message
+    assert "'mask'" in message and "__init__" in message and "di.initialize" in message, message
+    assert meta_state(model) == before  # the Linear filled first is back on meta
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, CausalMask):
+            with torch.no_grad():
+                module.mask.copy_(torch.tril(torch.ones_like(module.mask)))
+
+    di.initialize(model[1], init)
+    di.materialize(model)
+    assert torch.equal(model[1].get_buffer("mask"), torch.tril(torch.ones(4, 4)))
+
+
+@pytest.mark.parametrize("seed", [None, 0])
+def test_a_failing_initialization_leaves_every_tensor_on_meta_under_the_same_objects(
+    seed: int | None,
+) -> None:
+    model = di.build(nn.Sequential(dnn.Linear(4), nn.ReLU()), (2, 3), device="meta")
+    with torch.device("meta"):
+        model.append(Failing(4, 2))
+    before = meta_state(model)
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        di.materialize(model, seed=seed)
+    assert meta_state(model) == before
+    torch.manual_seed(0)
+    model[2] = nn.Linear(4, 2, device="meta")
+    di.materialize(model)  # once fixed, it materializes
+    assert all(t.device.type == "cpu" for t in model.parameters())

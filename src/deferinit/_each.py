@@ -38,7 +38,7 @@ from torch.nn.modules import module as torch_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["each_tensor", "named_tensors", "seeded_whole"]
+__all__ = ["each_tensor", "named_tensors", "seeded_whole", "storage_key", "written_storages"]
 
 aten = torch.ops.aten
 
@@ -76,6 +76,44 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _key(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
+
+
+storage_key = _key
+
+
+class _Writes(TorchDispatchMode):
+    def __init__(self, written: set[int]) -> None:
+        super().__init__()
+        self.written = written
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        for tensor in _written(func._schema, args, kwargs):
+            if isinstance(tensor, torch.Tensor):
+                self.written.add(_key(tensor))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def written_storages() -> Iterator[set[int]]:
+    """The storages (:func:`storage_key`) every operation inside writes to.
+
+    >>> import torch
+    >>> a, b = torch.empty(2), torch.empty(2)
+    >>> with written_storages() as written:
+    ...     _ = a.fill_(1.0)
+    >>> storage_key(a) in written, storage_key(b) in written
+    (True, False)
+    """
+    written: set[int] = set()
+    with _Writes(written):
+        yield written
 
 
 @contextlib.contextmanager

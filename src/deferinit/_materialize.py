@@ -17,11 +17,13 @@ and a seeded tensor's value depends only on the seed and its qualified name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
-from ._each import each_tensor, seeded_whole
+from ._each import each_tensor, seeded_whole, storage_key, written_storages
 from ._errors import NotBuiltError
 from ._naming import root_scope
 
@@ -38,6 +40,15 @@ __all__ = ["materialize"]
 M = TypeVar("M", bound=nn.Module)
 
 _LARGE = 1 << 30  # show a progress bar by default beyond this many bytes
+
+# What to do, newest first, to put every tensor materialize replaced back.
+_UNDO: ContextVar[list[Callable[[], None]] | None] = ContextVar("_UNDO", default=None)
+
+
+def _on_undo(action: Callable[[], None]) -> None:
+    log = _UNDO.get()
+    if log is not None:
+        log.append(action)
 
 
 def _direct(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -138,14 +149,24 @@ def materialize(
         total = sum(_bytes(sub) for _, _, sub in steps)
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         owners = _sharded_owners(module)
-        with _progress(show, total) as advance:
-            for kind, name, sub in steps:
-                seeds = _seeds(seed, name)
-                if kind == "rebuild":
-                    _rebuild(sub, target, dtype, seeds, owners)
-                else:
-                    _reset(sub, target, dtype, seeds, owners)
-                advance(_bytes(sub))
+        undo: list[Callable[[], None]] = []
+        token = _UNDO.set(undo)
+        try:
+            with _progress(show, total) as advance:
+                for kind, name, sub in steps:
+                    seeds = _seeds(seed, name)
+                    if kind == "rebuild":
+                        _rebuild(sub, target, dtype, seeds, owners)
+                    else:
+                        _reset(sub, name, target, dtype, seeds, owners)
+                    advance(_bytes(sub))
+        except BaseException:
+            # All or nothing: every tensor back on meta, under the same objects.
+            for action in reversed(undo):
+                action()
+            raise
+        finally:
+            _UNDO.reset(token)
     return module
 
 
@@ -214,14 +235,24 @@ def _place(
     for attempt in range(2):
         try:
             torch.utils.swap_tensors(old, fresh)
-            return
         except RuntimeError:
             # A weak reference blocks the swap (e.g. a finished fake-tensor pass
             # that is not collected yet): collect once and retry.
             if attempt == 0:
                 gc.collect()
-    table = owner._parameters if leaf in owner._parameters else owner._buffers
-    table[leaf] = fresh  # type: ignore[assignment]  # last resort: identity is lost
+            continue
+        _on_undo(lambda: torch.utils.swap_tensors(old, fresh))
+        return
+    _replace([(owner, leaf)], fresh)  # last resort: identity is lost
+
+
+def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
+    """``fresh`` under each (module, name), undoably."""
+    for owner, leaf in places:
+        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
+        before = table[leaf]
+        table[leaf] = fresh
+        _on_undo(functools.partial(table.__setitem__, leaf, before))
 
 
 def _rebuild(
@@ -344,13 +375,23 @@ def _fill_shard(
     fresh: torch.Tensor = value
     if isinstance(sharded, nn.Parameter):
         fresh = nn.Parameter(value, requires_grad=sharded.requires_grad)
-    for owner, leaf in places:
-        table = owner._parameters if leaf in owner._parameters else owner._buffers
-        table[leaf] = fresh  # type: ignore[assignment]
+    _replace(places, fresh)
+
+
+def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
+    by = "reset_parameters or the registered initializer" if registered else "reset_parameters"
+    return NotBuiltError(
+        f"di.materialize: {name or '<root>'} ({type(module).__name__}) was declared on meta, "
+        f"and its {by} does not set {', '.join(repr(u) for u in unset)}: such a tensor is "
+        f"computed in __init__, which never ran for real, so its values are unknown. The "
+        f"model is left as it was. Fix: construct this module for real, set the tensor in "
+        f"an initializer registered with di.initialize(module, init), or load its values."
+    )
 
 
 def _reset(
     module: nn.Module,
+    name: str,
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
@@ -359,7 +400,9 @@ def _reset(
     """A module declared on meta: its own initialization (``reset_parameters``, then
     a registered initializer) runs on a stand-in whose direct tensors are fresh, in
     their declared dtype and strides, and only the meta tensors take its values:
-    tensors that are real already (loaded, or tied to a filled one) keep theirs."""
+    tensors that are real already (loaded, or tied to a filled one) keep theirs.
+    A meta tensor that this initialization does not set (a buffer computed in
+    ``__init__``, which never ran for real) is an error, not garbage."""
     from ._initialize import apply_registered, mark_initialized  # noqa: PLC0415
 
     registered = module.__dict__.get("_di_meta_init")
@@ -385,11 +428,23 @@ def _reset(
             else:
                 persistent = leaf not in module._non_persistent_buffers_set
                 stand_in.register_buffer(leaf, blank, persistent=persistent)
+        blanks = {leaf: storage_key(t) for leaf, t in _direct(stand_in) if leaf in old}
         stand_reset = getattr(stand_in, "reset_parameters", None)
-        if callable(stand_reset):
-            stand_reset()
-        if registered is not None:
-            apply_registered(stand_in, registered, recurse=False)
+        with written_storages() as written:
+            if callable(stand_reset):
+                stand_reset()
+            if registered is not None:
+                apply_registered(stand_in, registered, recurse=False)
+        unset = [
+            leaf
+            for leaf, t in _direct(stand_in)
+            if leaf in blanks
+            and not t.is_meta
+            and storage_key(t) == blanks[leaf]
+            and blanks[leaf] not in written
+        ]
+        if unset:
+            raise _unset_error(module, name, unset, registered is not None)
         return stand_in
 
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
