@@ -11,9 +11,6 @@ and prints ``rank N ok`` (or raises).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from torch.distributed.tensor import DTensor
 
 import deferinit as di
 from deferinit import nn as dnn
+
+TwoRanks = Callable[[Path], str]
 
 
 class CopiesBias(nn.Module):
@@ -126,27 +125,9 @@ def rank_main() -> None:
     dist.destroy_process_group()
 
 
-def test_sharded_edges_on_two_gloo_ranks() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            __file__,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout
+def test_sharded_edges_on_two_gloo_ranks(two_ranks: TwoRanks) -> None:
+    out = two_ranks(Path(__file__))
+    assert "rank 0 ok" in out and "rank 1 ok" in out, out
 
 
 if __name__ == "__main__":

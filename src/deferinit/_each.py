@@ -81,10 +81,11 @@ def _key(t: torch.Tensor) -> int:
 storage_key = _key
 
 
-class _Writes(TorchDispatchMode):
-    def __init__(self, written: set[int]) -> None:
-        super().__init__()
-        self.written = written
+class _Mode(TorchDispatchMode):
+    """A dispatch mode whose subclasses say what to do with one operator call."""
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
     def __torch_dispatch__(
         self,
@@ -93,7 +94,15 @@ class _Writes(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
+        return self.handle(func, args, kwargs or {})
+
+
+class _Writes(_Mode):
+    def __init__(self, written: set[int]) -> None:
+        super().__init__()
+        self.written = written
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         for tensor in _written(func._schema, args, kwargs):
             if isinstance(tensor, torch.Tensor):
                 self.written.add(_key(tensor))
@@ -196,7 +205,7 @@ class _Generators:
                 torch.cuda.manual_seed(seed)
 
 
-class _Registered(TorchDispatchMode):
+class _Registered(_Mode):
     """A dispatch mode that knows which registered tensor a tensor's storage is."""
 
     def __init__(self, seen: list[torch.Tensor]) -> None:
@@ -213,18 +222,6 @@ class _Registered(TorchDispatchMode):
             self.positions.setdefault(_key(self.seen[i]), i)
         self.indexed = len(self.seen)
         return self.positions.get(_key(t))
-
-    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return self.handle(func, args, kwargs or {})
 
 
 class _Mirror(_Registered):
