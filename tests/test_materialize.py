@@ -671,3 +671,39 @@ def test_a_failing_initialization_leaves_every_tensor_on_meta_under_the_same_obj
     model[2] = nn.Linear(4, 2, device="meta")
     di.materialize(model)  # once fixed, it materializes
     assert all(t.device.type == "cpu" for t in model.parameters())
+
+
+def test_undo_puts_tensors_back_on_meta_even_when_a_view_of_one_is_still_alive() -> None:
+    model = di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta")
+    kept: list[torch.Tensor] = []
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            kept.append(module.weight.view(-1))  # blocks swapping the weight back
+            raise ValueError("bad init")
+
+    di.initialize(model, init)
+    with pytest.raises(ValueError, match="bad init"):
+        di.materialize(model)
+    assert all(t.device.type == "meta" for t in model.parameters())
+
+
+# torch's own warning for Linear(0, 2), as in eager construction.
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_declared_empty_tensors_and_ties_inside_one_module_materialize() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.empty(3))
+            self.b = self.a
+            self.empty = nn.Linear(0, 2)
+
+        def reset_parameters(self) -> None:
+            nn.init.ones_(self.a)
+
+    with torch.device("meta"):
+        model = Twice()
+    di.materialize(model)
+    assert model.b is model.a
+    assert torch.equal(model.a, torch.ones(3))
+    assert model.empty.weight.shape == (2, 0) and model.empty.weight.device.type == "cpu"

@@ -38,7 +38,14 @@ from torch.nn.modules import module as torch_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["each_tensor", "named_tensors", "seeded_whole", "storage_key", "written_storages"]
+__all__ = [
+    "Generators",
+    "each_tensor",
+    "named_tensors",
+    "seeded_whole",
+    "storage_key",
+    "written_storages",
+]
 
 aten = torch.ops.aten
 
@@ -103,9 +110,10 @@ class _Writes(_Mode):
         self.written = written
 
     def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        for tensor in _written(func._schema, args, kwargs):
-            if isinstance(tensor, torch.Tensor):
-                self.written.add(_key(tensor))
+        for value in _written(func._schema, args, kwargs):
+            for tensor in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(tensor, torch.Tensor):
+                    self.written.add(_key(tensor))
         return func(*args, **kwargs)
 
 
@@ -147,7 +155,7 @@ def _registrations() -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def _order(make: Callable[[], nn.Module], generators: _Generators) -> dict[str, int] | None:
+def _order(make: Callable[[], nn.Module], generators: Generators) -> dict[str, int] | None:
     """Qualified name -> position of its first registration, from a dry run on meta
     (meta tensors neither allocate nor draw random numbers; whatever the code draws
     elsewhere is given back). ``None`` where the dry run fails, e.g. initialization
@@ -166,7 +174,7 @@ def _order(make: Callable[[], nn.Module], generators: _Generators) -> dict[str, 
 
 
 def _sizes(
-    make: Callable[[], nn.Module], names: Sequence[str], generators: _Generators
+    make: Callable[[], nn.Module], names: Sequence[str], generators: Generators
 ) -> dict[str, int] | None:
     try:
         with torch.device("meta"):
@@ -178,7 +186,7 @@ def _sizes(
     return {n: shapes[n].numel() * shapes[n].element_size() for n in names if n in shapes}
 
 
-class _Generators:
+class Generators:
     """The random generators initialization code may draw from: torch's CPU one,
     the target device's, and Python's ``random``; saved, restored and seeded
     together."""
@@ -357,7 +365,7 @@ def seeded_whole(
     """
     if device.type != "cpu":
         return None
-    generators = _Generators(device)
+    generators = Generators(device)
     order = _order(make, generators)
     if order is None:
         return None
@@ -400,7 +408,7 @@ def each_tensor(
     ...     lambda: nn.Linear(3, 2), ["weight"], torch.device("cpu"))]
     [('weight', True)]
     """
-    generators = _Generators(device)
+    generators = Generators(device)
     order = _order(make, generators)
     sizes = None if seeds is not None or order is None else _sizes(make, names, generators)
     if sizes is not None and len(sizes) == len(names):

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
-from ._each import each_tensor, seeded_whole, storage_key, written_storages
+from ._each import Generators, each_tensor, seeded_whole, storage_key, written_storages
 from ._errors import NotBuiltError
 from ._naming import root_scope
 
@@ -150,6 +150,7 @@ def materialize(
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         owners = _sharded_owners(module)
         undo: list[Callable[[], None]] = []
+        generators = Generators(target)
         token = _UNDO.set(undo)
         try:
             with _progress(show, total) as advance:
@@ -161,9 +162,13 @@ def materialize(
                         _reset(sub, name, target, dtype, seeds, owners)
                     advance(_bytes(sub))
         except BaseException:
-            # All or nothing: every tensor back on meta, under the same objects.
+            # All or nothing: every tensor back on meta, under the same objects where
+            # it can be (each undo step runs even if another fails), and the random
+            # generators where they were, so that a corrected call gives eager's values.
             for action in reversed(undo):
-                action()
+                with contextlib.suppress(Exception):
+                    action()
+            generators.restore()
             raise
         finally:
             _UNDO.reset(token)
@@ -241,9 +246,19 @@ def _place(
             if attempt == 0:
                 gc.collect()
             continue
-        _on_undo(lambda: torch.utils.swap_tensors(old, fresh))
+        _on_undo(functools.partial(_swap_back, owner, leaf, old, fresh))
         return
     _replace([(owner, leaf)], fresh)  # last resort: identity is lost
+
+
+def _swap_back(owner: nn.Module, leaf: str, old: torch.Tensor, fresh: torch.Tensor) -> None:
+    """Undo a swap; where a live view or weak reference blocks it, put the meta tensor
+    (now under ``fresh``) back in the table instead: identity is lost, not the state."""
+    try:
+        torch.utils.swap_tensors(old, fresh)
+    except RuntimeError:
+        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
+        table[leaf] = fresh
 
 
 def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
@@ -411,24 +426,35 @@ def _reset(
         for table in ("_parameters", "_buffers")
         for leaf, t in getattr(module, table).items()
     ]
-    old = {leaf: t for _, leaf, t in declared if t is not None and _is_meta(t)}
+    old: dict[str, torch.Tensor] = {}  # meta tensors, each under its first name (ties)
+    for _, leaf, t in declared:
+        if t is not None and _is_meta(t) and all(t is not o for o in old.values()):
+            old[leaf] = t
 
     def make() -> nn.Module:
         stand_in = object.__new__(type(module))  # no __init__ (FSDP's classes run it)
         stand_in.__dict__.update(module.__dict__)
         stand_in._parameters = {}
         stand_in._buffers = {}
+        blanks: dict[int, torch.Tensor] = {}  # declared tensor -> its blank (ties kept)
         for table, leaf, tensor in declared:
             if tensor is None:  # e.g. bias=False: kept as None
                 getattr(stand_in, table)[leaf] = None
                 continue
-            blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+            blank = blanks.get(id(tensor))
+            if blank is None:
+                empty = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+                blank = empty
+                if table == "_parameters":
+                    blank = nn.Parameter(empty, tensor.requires_grad)
+                blanks[id(tensor)] = blank
             if table == "_parameters":
-                stand_in.register_parameter(leaf, nn.Parameter(blank, tensor.requires_grad))
+                stand_in.register_parameter(leaf, blank)  # type: ignore[arg-type]
             else:
                 persistent = leaf not in module._non_persistent_buffers_set
                 stand_in.register_buffer(leaf, blank, persistent=persistent)
-        blanks = {leaf: storage_key(t) for leaf, t in _direct(stand_in) if leaf in old}
+        # Kept alive with their storages, so no new tensor can reuse their addresses.
+        fresh = {leaf: (t, t.untyped_storage()) for leaf, t in _direct(stand_in) if leaf in old}
         stand_reset = getattr(stand_in, "reset_parameters", None)
         with written_storages() as written:
             if callable(stand_reset):
@@ -438,10 +464,12 @@ def _reset(
         unset = [
             leaf
             for leaf, t in _direct(stand_in)
-            if leaf in blanks
+            if leaf in fresh
+            and t is fresh[leaf][0]
             and not t.is_meta
-            and storage_key(t) == blanks[leaf]
-            and blanks[leaf] not in written
+            and t.numel() > 0  # torch.nn.init leaves empty tensors alone
+            and t.untyped_storage()._cdata == fresh[leaf][1]._cdata  # no .data = ...
+            and storage_key(t) not in written
         ]
         if unset:
             raise _unset_error(module, name, unset, registered is not None)
@@ -449,7 +477,7 @@ def _reset(
 
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
         with torch.device(device):
-            new = _named(make())
+            new = dict(_direct(make()))
         for leaf, tensor in old.items():
             _place(module, leaf, tensor, new[leaf], dtype)
     elif not _place_whole(module, old, make, device, dtype, seeds, owners):
