@@ -17,7 +17,9 @@ from torch import nn
 import deferinit as di
 from deferinit import _each
 from deferinit import nn as dnn
-from deferinit._each import each_tensor, named_tensors, seeded_whole
+from deferinit._dispatch import Fallback, named_tensors
+from deferinit._each import each_tensor
+from deferinit._streams import seeded_whole
 
 Make = Callable[[], nn.Module]
 CPU = torch.device("cpu")
@@ -59,7 +61,7 @@ def fallbacks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     def spy(make: Make, names: list[str], *args: object, **kwargs: object) -> object:
         try:
             return mirrored(make, names, *args, **kwargs)  # type: ignore[arg-type]
-        except _each._Fallback:
+        except Fallback:
             seen.extend(names)
             raise
 

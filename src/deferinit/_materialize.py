@@ -5,9 +5,11 @@ the arguments they were built with: their own ``__init__`` draws the random
 numbers in the same order as eager construction (MultiheadAttention, say,
 initializes ``out_proj`` before ``in_proj_weight``), so the values are bitwise
 the eager model's under the same seed. Other modules declared under
-``torch.device("meta")`` get ``to_empty`` and their registered initializer or
-their own ``reset_parameters``. Registration order throughout; parameter objects
-keep their identity; at most one layer's worth of extra memory at a time.
+``torch.device("meta")`` run their own ``reset_parameters`` and registered
+initializer on a stand-in with fresh tensors, and their meta tensors take its
+values. Registration order throughout; parameter objects keep their identity; at
+most one layer's worth of extra memory at a time; all or nothing (any error puts
+every tensor back on meta).
 
 Sharded (FSDP2) tensors and ``seed=`` go one tensor at a time instead
 (:func:`deferinit._each.each_tensor`): a rank keeps only its slice of each value,
@@ -17,47 +19,28 @@ and a seeded tensor's value depends only on the seed and its qualified name.
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import hashlib
 import sys
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
-from ._each import Generators, each_tensor, seeded_whole, storage_key, written_storages
+from ._dispatch import Generators, storage_key, written_storages
+from ._each import each_tensor
 from ._errors import NotBuiltError
 from ._naming import root_scope
+from ._placing import UNDO, Owners, direct, is_meta, named, place, put, sharded_owners
+from ._streams import seeded_whole
 
 __all__ = ["materialize"]
 
 M = TypeVar("M", bound=nn.Module)
 
 _LARGE = 1 << 30  # show a progress bar by default beyond this many bytes
-
-# What to do, newest first, to put every tensor materialize replaced back.
-_UNDO: ContextVar[list[Callable[[], None]] | None] = ContextVar("_UNDO", default=None)
-
-
-def _on_undo(action: Callable[[], None]) -> None:
-    log = _UNDO.get()
-    if log is not None:
-        log.append(action)
-
-
-def _direct(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out = [(n, p) for n, p in module._parameters.items() if p is not None]
-    return out + [(n, b) for n, b in module._buffers.items() if b is not None]
-
-
-def _is_meta(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
 
 
 def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
@@ -76,11 +59,11 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
         state = sub.__dict__.get("_di")
         if state is not None and state.values is not None:
             tensors = [*sub.parameters(), *sub.buffers()]
-            if any(_is_meta(t) for t in tensors):
+            if any(is_meta(t) for t in tensors):
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
-        if any(_is_meta(t) for _, t in _direct(sub)):
+        if any(is_meta(t) for _, t in direct(sub)):
             has_init = sub.__dict__.get("_di_meta_init") is not None
             if has_init or callable(getattr(sub, "reset_parameters", None)):
                 steps.append(("reset", name, sub))
@@ -148,10 +131,10 @@ def materialize(
             )
         total = sum(_bytes(sub) for _, _, sub in steps)
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
-        owners = _sharded_owners(module)
+        owners = sharded_owners(module)
         undo: list[Callable[[], None]] = []
         generators = Generators(target)
-        token = _UNDO.set(undo)
+        token = UNDO.set(undo)
         try:
             with _progress(show, total) as advance:
                 for kind, name, sub in steps:
@@ -171,22 +154,8 @@ def materialize(
             generators.restore()
             raise
         finally:
-            _UNDO.reset(token)
+            UNDO.reset(token)
     return module
-
-
-# Every (module, leaf) holding a sharded tensor, by the tensor's id: a tied sharded
-# tensor is replaced (not swapped) when filled, under each of its names at once.
-_Owners = dict[int, list[tuple[nn.Module, str]]]
-
-
-def _sharded_owners(root: nn.Module) -> _Owners:
-    owners: _Owners = {}
-    for sub in root.modules():
-        for leaf, t in _direct(sub):
-            if isinstance(t, DTensor) and _is_meta(t):
-                owners.setdefault(id(t), []).append((sub, leaf))
-    return owners
 
 
 def _bytes(module: nn.Module) -> int:
@@ -225,57 +194,12 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
         bar.close()
 
 
-def _place(
-    owner: nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor, dtype: torch.dtype | None
-) -> None:
-    """Put ``new``'s values under the ``old`` Python object, so that optimizers and
-    other references made before materialization see them."""
-    want = dtype if dtype is not None and new.is_floating_point() else old.dtype
-    data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
-    fresh: torch.Tensor
-    if isinstance(old, nn.Parameter):
-        fresh = nn.Parameter(data, requires_grad=old.requires_grad)
-    else:
-        fresh = data
-    for attempt in range(2):
-        try:
-            torch.utils.swap_tensors(old, fresh)
-        except RuntimeError:
-            # A weak reference blocks the swap (e.g. a finished fake-tensor pass
-            # that is not collected yet): collect once and retry.
-            if attempt == 0:
-                gc.collect()
-            continue
-        _on_undo(functools.partial(_swap_back, owner, leaf, old, fresh))
-        return
-    _replace([(owner, leaf)], fresh)  # last resort: identity is lost
-
-
-def _swap_back(owner: nn.Module, leaf: str, old: torch.Tensor, fresh: torch.Tensor) -> None:
-    """Undo a swap; where a live view or weak reference blocks it, put the meta tensor
-    (now under ``fresh``) back in the table instead: identity is lost, not the state."""
-    try:
-        torch.utils.swap_tensors(old, fresh)
-    except RuntimeError:
-        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
-        table[leaf] = fresh
-
-
-def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
-    """``fresh`` under each (module, name), undoably."""
-    for owner, leaf in places:
-        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
-        before = table[leaf]
-        table[leaf] = fresh
-        _on_undo(functools.partial(table.__setitem__, leaf, before))
-
-
 def _rebuild(
     layer: nn.Module,
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
-    owners: _Owners,
+    owners: Owners,
 ) -> None:
     from ._initialize import apply_registered, mark_initialized, run_registered  # noqa: PLC0415
 
@@ -283,16 +207,16 @@ def _rebuild(
     args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
     explicit_device = "device" in kwargs
     cls = state.deferred._di_cls
-    old = {n: t for n, t in _named(layer).items() if _is_meta(t)}
+    old = {n: t for n, t in named(layer).items() if is_meta(t)}
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
         if explicit_device:
             kwargs["device"] = device
         with torch.device(device):
             fresh = cls(*args, **kwargs)
-        new = _named(fresh)
+        new = named(fresh)
         for name, tensor in old.items():
             if name in new:
-                _put(layer, name, tensor, new[name], device, dtype, owners)
+                put(layer, name, tensor, new[name], device, dtype, owners)
         run_registered(layer)
         return
 
@@ -304,13 +228,10 @@ def _rebuild(
             apply_registered(module, state.init, recurse=True)
         return module
 
-    if _place_whole(layer, old, make, device, dtype, seeds, owners):
-        if state.init is not None:
-            mark_initialized(layer)
-        return
-    for name, value in each_tensor(make, list(old), device, seeds):
-        _put(layer, name, old[name], value, device, dtype, owners)
-        del value
+    if not _place_whole(layer, old, make, device, dtype, seeds, owners):
+        for name, value in each_tensor(make, list(old), device, seeds):
+            put(layer, name, old[name], value, device, dtype, owners)
+            del value
     if state.init is not None:
         mark_initialized(layer)
 
@@ -322,7 +243,7 @@ def _place_whole(
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
-    owners: _Owners,
+    owners: Owners,
 ) -> bool:
     """``seed=`` on tensors that are not sharded: one run with a generator per tensor
     (the values each_tensor gives, at the cost of one initialization)."""
@@ -331,66 +252,10 @@ def _place_whole(
     whole = seeded_whole(make, device, seeds)
     if whole is None:
         return False
-    new = _named(whole)
+    new = named(whole)
     for name, tensor in old.items():
-        _put(layer, name, tensor, new[name], device, dtype, owners)
+        put(layer, name, tensor, new[name], device, dtype, owners)
     return True
-
-
-def _named(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict([*module.named_parameters(), *module.named_buffers()])
-
-
-def _put(
-    layer: nn.Module,
-    name: str,
-    old: torch.Tensor,
-    value: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    owners: _Owners,
-) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = layer.get_submodule(owner_name)
-    if isinstance(old, DTensor):
-        places = owners.get(id(old), [(owner, leaf)])
-        if _is_meta(old):  # a tied tensor is filled once, under its first name
-            _fill_shard(places, old, value, device, dtype)
-    else:
-        _place(owner, leaf, old, value, dtype)
-
-
-def _fill_shard(
-    places: list[tuple[nn.Module, str]],
-    sharded: DTensor,
-    full: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> None:
-    """A sharded (FSDP2 / DTensor) tensor: this rank keeps only its own shard, a
-    copy of the matching slice of the single-process value, under every name the
-    tensor has."""
-    shape, offset = compute_local_shape_and_global_offset(
-        sharded.shape, sharded.device_mesh, sharded.placements
-    )
-    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-    want = dtype if dtype is not None and full.is_floating_point() else sharded.dtype
-    # copy=True: a slice along dim 0 is a view, which would keep the full tensor alive.
-    local = full.detach()[index].to(device=device, dtype=want, copy=True).contiguous()
-    value = DTensor.from_local(
-        local,
-        sharded.device_mesh,
-        sharded.placements,
-        run_check=False,
-        shape=sharded.shape,
-        stride=sharded.stride(),
-    )
-    # A new parameter object, as load_state_dict(assign=True) makes: FSDP2 re-pads
-    # and re-registers it at its lazy init. Create optimizers after materializing.
-    fresh: torch.Tensor = value
-    if isinstance(sharded, nn.Parameter):
-        fresh = nn.Parameter(value, requires_grad=sharded.requires_grad)
-    _replace(places, fresh)
 
 
 def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
@@ -410,7 +275,7 @@ def _reset(
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
-    owners: _Owners,
+    owners: Owners,
 ) -> None:
     """A module declared on meta: its own initialization (``reset_parameters``, then
     a registered initializer) runs on a stand-in whose direct tensors are fresh, in
@@ -428,7 +293,7 @@ def _reset(
     ]
     old: dict[str, torch.Tensor] = {}  # meta tensors, each under its first name (ties)
     for _, leaf, t in declared:
-        if t is not None and _is_meta(t) and all(t is not o for o in old.values()):
+        if t is not None and is_meta(t) and all(t is not o for o in old.values()):
             old[leaf] = t
 
     def make() -> nn.Module:
@@ -454,7 +319,7 @@ def _reset(
                 persistent = leaf not in module._non_persistent_buffers_set
                 stand_in.register_buffer(leaf, blank, persistent=persistent)
         # Kept alive with their storages, so no new tensor can reuse their addresses.
-        fresh = {leaf: (t, t.untyped_storage()) for leaf, t in _direct(stand_in) if leaf in old}
+        fresh = {leaf: (t, t.untyped_storage()) for leaf, t in direct(stand_in) if leaf in old}
         stand_reset = getattr(stand_in, "reset_parameters", None)
         with written_storages() as written:
             if callable(stand_reset):
@@ -463,7 +328,7 @@ def _reset(
                 apply_registered(stand_in, registered, recurse=False)
         unset = [
             leaf
-            for leaf, t in _direct(stand_in)
+            for leaf, t in direct(stand_in)
             if leaf in fresh
             and t is fresh[leaf][0]
             and not t.is_meta
@@ -477,12 +342,12 @@ def _reset(
 
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
         with torch.device(device):
-            new = dict(_direct(make()))
+            new = dict(direct(make()))
         for leaf, tensor in old.items():
-            _place(module, leaf, tensor, new[leaf], dtype)
+            place(module, leaf, tensor, new[leaf], dtype)
     elif not _place_whole(module, old, make, device, dtype, seeds, owners):
         for leaf, value in each_tensor(make, list(old), device, seeds):
-            _put(module, leaf, old[leaf], value, device, dtype, owners)
+            put(module, leaf, old[leaf], value, device, dtype, owners)
             del value
     if registered is not None:
         mark_initialized(module, recurse=False)

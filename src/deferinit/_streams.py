@@ -1,0 +1,95 @@
+"""``seed=`` in one run: every registered tensor of a layer draws from its own
+generator, seeded from the seed and its qualified name, as if it were initialized
+alone (:func:`deferinit._each.each_tensor` with seeds gives the same values, tensor
+by tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._dispatch import (
+    RANDOM,
+    Fallback,
+    Generators,
+    Registered,
+    registration_order,
+    registrations,
+    written_args,
+)
+
+__all__ = ["seeded_whole"]
+
+
+class _Streams(Registered):
+    """Every random fill of a registered tensor draws from that tensor's own
+    generator (seeded from its name on its first fill), as if it were initialized
+    alone; any other random operation gives up (:class:`Fallback`)."""
+
+    def __init__(
+        self, seen: list[torch.Tensor], names: dict[int, str], seeds: Callable[[str], int]
+    ) -> None:
+        super().__init__(seen)
+        self.names = names  # registration position -> qualified name
+        self.seeds = seeds
+        self.states: dict[int, torch.Tensor] = {}  # position -> its generator state
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if RANDOM not in func.tags:
+            return func(*args, **kwargs)
+        written = written_args(func._schema, args, kwargs)
+        if len(written) != 1:
+            raise Fallback(f"{func} is not a fill of one tensor")
+        position = self.position(written[0])
+        if position is None or position not in self.names:
+            raise Fallback(f"{func} fills a tensor the layer does not register")
+        outer = torch.get_rng_state()
+        state = self.states.get(position)
+        if state is None:
+            torch.default_generator.manual_seed(self.seeds(self.names[position]))
+        else:
+            torch.set_rng_state(state)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.states[position] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def seeded_whole(
+    make: Callable[[], nn.Module], device: torch.device, seeds: Callable[[str], int]
+) -> nn.Module | None:
+    """The module ``make`` builds on ``device``, each of its tensors holding what
+    :func:`each_tensor` with ``seeds`` gives it, in one run; ``None`` where the
+    initialization fills something else at random (then go tensor by tensor).
+    CPU only: elsewhere ``None``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from deferinit._each import each_tensor
+    >>> seeds = {"weight": 1, "bias": 2}.__getitem__
+    >>> whole = seeded_whole(lambda: nn.Linear(3, 2), torch.device("cpu"), seeds)
+    >>> alone = dict(each_tensor(lambda: nn.Linear(3, 2), ["bias"], torch.device("cpu"), seeds))
+    >>> torch.equal(whole.bias, alone["bias"])
+    True
+    """
+    if device.type != "cpu":
+        return None
+    generators = Generators(device)
+    order = registration_order(make, generators)
+    if order is None:
+        return None
+    names: dict[int, str] = {}
+    for name, position in order.items():
+        names.setdefault(position, name)
+    try:
+        with registrations() as seen, torch.device(device), _Streams(seen, names, seeds):
+            return make()
+    except Fallback:
+        return None
+    finally:
+        generators.restore()
