@@ -71,40 +71,48 @@ def rank_main(rank: int, world_size: int, rendezvous: str, steps: int) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        say = print if rank == 0 else (lambda *_: None)
-        torch.manual_seed(rank)  # deliberately different per rank: DDP syncs rank 0's values
-        model = di.build(make_model(), (BATCH, FEATURES))  # a shape, no data
-        say(model)
-        say(f"world size: {world_size} (gloo, CPU)")
-        say(f"built from shape {(BATCH, FEATURES)}: {di.is_built(model)}")
-        before_ddp = same_on_all_ranks(flat(model))
-
-        ddp = DistributedDataParallel(model)
-        initial = flat(model)
-        synced = same_on_all_ranks(initial)
-        say(f"initial parameters differ across ranks before DDP: {not before_ddp}")
-        say(f"initial parameters equal across ranks after DDP: {synced}")
-
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        for step in range(1, steps + 1):
-            x, y = shard(rank, step)
-            optimizer.zero_grad()
-            loss = F.mse_loss(ddp(x), y)
-            loss.backward()  # all-reduces (averages) the gradients across ranks
-            optimizer.step()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            say(f"step {step}: loss {mean_loss.item() / world_size:.4f} (mean over ranks)")
-
-        trained = flat(model)
-        equal = same_on_all_ranks(trained)
-        changed = not torch.equal(trained, initial)
-        say(f"parameters equal across ranks: {equal}")
-        say(f"parameters changed by training: {changed}")
-        if not (di.is_built(model) and not before_ddp and synced and equal and changed):
-            raise RuntimeError(f"rank {rank}: a DDP check failed")
+        # DDP's objects are gone when train returns: destroying the process group
+        # while a DDP wrapper still holds it can hang this process at exit (gloo).
+        passed = train(rank, world_size, steps)
     finally:
         dist.destroy_process_group()
+    if not passed:
+        raise RuntimeError(f"rank {rank}: a DDP check failed")
+
+
+def train(rank: int, world_size: int, steps: int) -> bool:
+    """Build from a shape, wrap in DDP, train; whether every check held."""
+    say = print if rank == 0 else (lambda *_: None)
+    torch.manual_seed(rank)  # deliberately different per rank: DDP syncs rank 0's values
+    model = di.build(make_model(), (BATCH, FEATURES))  # a shape, no data
+    say(model)
+    say(f"world size: {world_size} (gloo, CPU)")
+    say(f"built from shape {(BATCH, FEATURES)}: {di.is_built(model)}")
+    before_ddp = same_on_all_ranks(flat(model))
+
+    ddp = DistributedDataParallel(model)
+    initial = flat(model)
+    synced = same_on_all_ranks(initial)
+    say(f"initial parameters differ across ranks before DDP: {not before_ddp}")
+    say(f"initial parameters equal across ranks after DDP: {synced}")
+
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for step in range(1, steps + 1):
+        x, y = shard(rank, step)
+        optimizer.zero_grad()
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()  # all-reduces (averages) the gradients across ranks
+        optimizer.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        say(f"step {step}: loss {mean_loss.item() / world_size:.4f} (mean over ranks)")
+
+    trained = flat(model)
+    equal = same_on_all_ranks(trained)
+    changed = not torch.equal(trained, initial)
+    say(f"parameters equal across ranks: {equal}")
+    say(f"parameters changed by training: {changed}")
+    return di.is_built(model) and not before_ddp and synced and equal and changed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

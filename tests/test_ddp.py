@@ -62,43 +62,48 @@ def rank_main(rank: int, world_size: int, out: str) -> None:
         timeout=datetime.timedelta(seconds=20),
     )
     try:
-        result: dict[str, Any] = {}
-        if rank == 0:
-            # Rank 0 alone: had DDP started a collective before its check, this would
-            # wait for rank 1 and time out, and rank 1's own DDP below would mismatch.
-            try:
-                DistributedDataParallel(deferred_model())
-                result["unbuilt_error"] = None
-            except RuntimeError as error:
-                result["unbuilt_error"] = f"{type(error).__name__}: {error}"
-
-        torch.manual_seed(rank)  # different initial values per rank: DDP broadcasts rank 0's
-        model = di.build(deferred_model(), (BATCH, FEATURES))
-        result["initial"] = snapshot(model)
-        ddp = DistributedDataParallel(model)
-        result["synced"] = snapshot(model)
-
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
-        x, y = rank_batch(rank)
-        loss = F.mse_loss(ddp(x), y)
-        loss.backward()
-        optimizer.step()
-        result["trained"] = snapshot(model)
-        result["grads"] = {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-
-        # Built on meta and materialized with seed=: every rank gets the same values
-        # without any broadcast, whatever its global RNG state.
-        meta = di.build(deferred_model(), (BATCH, FEATURES), device="meta")
-        di.materialize(meta, seed=MATERIALIZE_SEED)
-        result["materialized"] = snapshot(meta)
-        DistributedDataParallel(meta)(x).sum().backward()
-        result["materialized_ddp_ran"] = True
-
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        # DDP's objects are gone when run_checks returns: destroying the process
+        # group while a DDP wrapper still holds it can hang the process at exit.
+        result = run_checks(rank)
     finally:
         dist.destroy_process_group()
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def run_checks(rank: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if rank == 0:
+        # Rank 0 alone: had DDP started a collective before its check, this would
+        # wait for rank 1 and time out, and rank 1's own DDP below would mismatch.
+        try:
+            DistributedDataParallel(deferred_model())
+            result["unbuilt_error"] = None
+        except RuntimeError as error:
+            result["unbuilt_error"] = f"{type(error).__name__}: {error}"
+
+    torch.manual_seed(rank)  # different initial values per rank: DDP broadcasts rank 0's
+    model = di.build(deferred_model(), (BATCH, FEATURES))
+    result["initial"] = snapshot(model)
+    ddp = DistributedDataParallel(model)
+    result["synced"] = snapshot(model)
+
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
+    x, y = rank_batch(rank)
+    loss = F.mse_loss(ddp(x), y)
+    loss.backward()
+    optimizer.step()
+    result["trained"] = snapshot(model)
+    result["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # Built on meta and materialized with seed=: every rank gets the same values
+    # without any broadcast, whatever its global RNG state.
+    meta = di.build(deferred_model(), (BATCH, FEATURES), device="meta")
+    di.materialize(meta, seed=MATERIALIZE_SEED)
+    result["materialized"] = snapshot(meta)
+    DistributedDataParallel(meta)(x).sum().backward()
+    result["materialized_ddp_ran"] = True
+
+    return result
 
 
 def main(argv: list[str]) -> int:
