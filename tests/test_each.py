@@ -6,6 +6,7 @@ seed and its name."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -281,6 +282,39 @@ def test_modules_made_by_another_thread_meanwhile_do_not_disturb_materialize() -
         pairs = zip(alone.state_dict().items(), other.state_dict().values(), strict=True)
         for (name, want), got in pairs:
             assert torch.equal(got, want), name
+
+
+@contextlib.contextmanager
+def _another_thread_drawing() -> Iterator[None]:
+    """Another thread drawing from torch's default generator all the while."""
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.rand(256)
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_seeded_tensor_by_tensor_ignores_random_draws_in_another_thread() -> None:
+    seeds = {"weight": 1, "bias": 2, "": 3}.__getitem__
+    cpu = torch.device("cpu")
+
+    def make() -> nn.Module:
+        return nn.Linear(64, 64)
+
+    alone = dict(each_tensor(make, ["weight", "bias"], cpu, seeds))
+    with _another_thread_drawing():
+        for _ in range(20):
+            got = dict(each_tensor(make, ["weight", "bias"], cpu, seeds))
+            for name, want in alone.items():
+                assert torch.equal(got[name], want), name
 
 
 # --- modules declared on meta -------------------------------------------------------------

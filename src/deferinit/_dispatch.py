@@ -7,6 +7,7 @@ layer's tensors (from a dry run on meta).
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "RANDOM",
     "Fallback",
+    "Drawing",
     "Generators",
     "Mode",
     "Registered",
@@ -27,6 +29,7 @@ __all__ = [
     "registration_order",
     "registrations",
     "storage_key",
+    "draw",
     "written_args",
     "written_storages",
 ]
@@ -143,8 +146,7 @@ def registration_order(
 
 class Generators:
     """The random generators initialization code may draw from: torch's CPU one,
-    the target device's, and Python's ``random``; saved, restored and seeded
-    together."""
+    the target device's, and Python's ``random``; saved and restored together."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -158,14 +160,108 @@ class Generators:
             torch.cuda.set_rng_state(self.cuda, self.device)
         random.setstate(self.python)
 
-    def seed(self, seed: int) -> None:
-        """Seed the CPU and target-device generators only (``torch.manual_seed``
-        would reseed every device's)."""
-        self.restore()
-        torch.default_generator.manual_seed(seed)
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                torch.cuda.manual_seed(seed)
+
+def _signature(func: Any) -> list[str]:
+    return [a.name for a in func._schema.arguments if a.name != "generator"]
+
+
+@functools.cache
+def _with_generator(func: Any) -> Any:
+    """The overload of ``func`` that also takes a ``generator`` (``aten.randn.default``
+    -> ``aten.randn.generator``), or ``None``."""
+    if any(a.name == "generator" for a in func._schema.arguments):
+        return func
+    packet = func.overloadpacket
+    for name in packet.overloads():
+        other = getattr(packet, name)
+        if _signature(other) == _signature(func) and other is not func:
+            if any(a.name == "generator" for a in other._schema.arguments):
+                return other
+    return None
+
+
+def draw(
+    generator: torch.Generator, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run the random operator ``func`` drawing from ``generator`` instead of its
+    device's default generator, which (like every other thread's draws) it leaves
+    alone. A generator the code passes itself is kept.
+
+    >>> import torch
+    >>> mine = torch.Generator().manual_seed(0)
+    >>> before = torch.get_rng_state()
+    >>> x = draw(mine, torch.ops.aten.uniform_.default, (torch.empty(2),), {})
+    >>> torch.equal(x, torch.empty(2).uniform_(generator=torch.Generator().manual_seed(0)))
+    True
+    >>> torch.equal(torch.get_rng_state(), before)
+    True
+    """
+    if kwargs.get("generator") is not None:
+        return func(*args, **kwargs)
+    overload = _with_generator(func)
+    if overload is not None:
+        return overload(*args, **{**kwargs, "generator": generator})
+    # No overload takes a generator (aten.native_dropout): lend it the default one.
+    default = _default_generator(generator.device)
+    if default is None:
+        return func(*args, **kwargs)
+    with _lock:
+        outer = default.get_state()
+        default.set_state(generator.get_state())
+        try:
+            return func(*args, **kwargs)
+        finally:
+            generator.set_state(default.get_state())
+            default.set_state(outer)
+
+
+_lock = threading.Lock()
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    return None
+
+
+def _device_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    device = kwargs.get("device")
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+class Drawing(Mode):
+    """Every random operation inside draws from private generators seeded with
+    ``seed`` (one per device), not from the default ones: other threads' draws
+    cannot shift its values, and the default generators are left alone.
+
+    >>> import torch
+    >>> with Drawing(0):
+    ...     a = torch.rand(3)
+    >>> torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    True
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if RANDOM not in func.tags:
+            return func(*args, **kwargs)
+        device = _device_of(args, kwargs)
+        if device.type == "meta":
+            return func(*args, **kwargs)
+        generator = self.generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device).manual_seed(self.seed)
+            self.generators[device] = generator
+        return draw(generator, func, args, kwargs)
 
 
 class Registered(Mode):

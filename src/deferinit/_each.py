@@ -26,6 +26,7 @@ more memory, never different values.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch.utils._pytree import tree_map_only
 
 from ._dispatch import (
     RANDOM,
+    Drawing,
     Fallback,
     Generators,
     Registered,
@@ -192,23 +194,23 @@ def each_tensor(
     # (seeds("")): its tensors keep whatever relations their initialization makes.
     layer: list[nn.Module] = []
 
-    def rewind(name: str) -> None:
+    def drawing(name: str) -> contextlib.AbstractContextManager[Any]:
+        """Where the draws for ``name`` come from: the caller's generators rewound,
+        or (``seeds``) a private generator, which other threads cannot disturb."""
         if seeds is None:
             generators.restore()
-        else:
-            generators.seed(seeds(name))
+            return contextlib.nullcontext()
+        return Drawing(seeds(name))
 
     def whole(group: list[str]) -> list[torch.Tensor]:
         if seeds is None:
-            rewind(group[0])
-            with torch.device(device):
+            with drawing(group[0]), torch.device(device):
                 tensors = named_tensors(make())
             return [tensors[name] for name in group]
         if not layer:
             module = seeded_whole(make, device, seeds)
             if module is None:
-                rewind("")
-                with torch.device(device):
+                with drawing(""), torch.device(device):
                     module = make()
             layer.append(module)
         tensors = named_tensors(layer[0])
@@ -216,20 +218,19 @@ def each_tensor(
 
     try:
         for group in groups:
-            rewind(group[0])
             try:
                 if order is None:
                     raise Fallback("no dry run")
                 wanted = {order[name] for name in group}
-                values = _mirrored(make, group, wanted, device, replay=seeds is None)
+                with drawing(group[0]):
+                    values = _mirrored(make, group, wanted, device, replay=seeds is None)
             except (Fallback, KeyError):
                 values = whole(group)
             for name in group:
                 yield name, values.pop(0)
             del values
         if not names and seeds is None:
-            rewind("")
-            with torch.device(device):
+            with drawing(""), torch.device(device):
                 make()  # the generators advance as one initialization would
     finally:
         layer.clear()

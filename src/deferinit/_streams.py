@@ -17,6 +17,7 @@ from ._dispatch import (
     Fallback,
     Generators,
     Registered,
+    draw,
     registration_order,
     registrations,
     written_args,
@@ -28,7 +29,8 @@ __all__ = ["seeded_whole"]
 class _Streams(Registered):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
-    alone; any other random operation gives up (:class:`Fallback`)."""
+    alone, never from the default one (other threads' draws cannot shift it); any
+    other random operation gives up (:class:`Fallback`)."""
 
     def __init__(
         self, seen: list[torch.Tensor], names: dict[int, str], seeds: Callable[[str], int]
@@ -36,7 +38,7 @@ class _Streams(Registered):
         super().__init__(seen)
         self.names = names  # registration position -> qualified name
         self.seeds = seeds
-        self.states: dict[int, torch.Tensor] = {}  # position -> its generator state
+        self.generators: dict[int, torch.Generator] = {}  # position -> its own
 
     def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if RANDOM not in func.tags:
@@ -47,17 +49,12 @@ class _Streams(Registered):
         position = self.position(written[0])
         if position is None or position not in self.names:
             raise Fallback(f"{func} fills a tensor the layer does not register")
-        outer = torch.get_rng_state()
-        state = self.states.get(position)
-        if state is None:
-            torch.default_generator.manual_seed(self.seeds(self.names[position]))
-        else:
-            torch.set_rng_state(state)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            self.states[position] = torch.get_rng_state()
-            torch.set_rng_state(outer)
+        generator = self.generators.get(position)
+        if generator is None:
+            generator = torch.Generator(written[0].device)
+            generator.manual_seed(self.seeds(self.names[position]))
+            self.generators[position] = generator
+        return draw(generator, func, args, kwargs)
 
 
 def seeded_whole(
