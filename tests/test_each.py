@@ -18,7 +18,7 @@ from torch import nn
 import deferinit as di
 from deferinit import _each
 from deferinit import nn as dnn
-from deferinit._dispatch import Fallback, named_tensors
+from deferinit._dispatch import Fallback, draw, named_tensors
 from deferinit._each import each_tensor
 from deferinit._streams import seeded_whole
 
@@ -367,3 +367,18 @@ def test_weights_tied_inside_a_deferred_block_stay_tied_through_build_and_materi
     eager = Block(6)
     for name, value in eager.state_dict().items():
         assert torch.equal(on_meta.state_dict()[name], value), name
+
+
+def test_a_random_operator_without_a_generator_argument_still_draws_from_the_private_one() -> None:
+    dropout = torch.ops.aten.native_dropout.default
+    x = torch.ones(64)
+    torch.manual_seed(0)
+    want, _ = dropout(x, 0.5, True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    mine = torch.Generator().manual_seed(0)
+    first, _ = draw(mine, dropout, (x, 0.5, True), {})
+    second, _ = draw(mine, dropout, (x, 0.5, True), {})
+    assert torch.equal(first, want)
+    assert not torch.equal(second, first)  # the private generator advanced
+    assert torch.equal(torch.get_rng_state(), before)  # the default one is untouched
