@@ -165,6 +165,9 @@ def _signature(func: Any) -> list[str]:
     return [a.name for a in func._schema.arguments if a.name != "generator"]
 
 
+_lock = threading.Lock()  # for lending a default generator (no generator argument)
+
+
 @functools.cache
 def _with_generator(func: Any) -> Any:
     """The overload of ``func`` that also takes a ``generator`` (``aten.randn.default``
@@ -174,9 +177,9 @@ def _with_generator(func: Any) -> Any:
     packet = func.overloadpacket
     for name in packet.overloads():
         other = getattr(packet, name)
-        if _signature(other) == _signature(func) and other is not func:
-            if any(a.name == "generator" for a in other._schema.arguments):
-                return other
+        takes = any(a.name == "generator" for a in other._schema.arguments)
+        if takes and _signature(other) == _signature(func):
+            return other
     return None
 
 
@@ -213,9 +216,6 @@ def draw(
         finally:
             generator.set_state(default.get_state())
             default.set_state(outer)
-
-
-_lock = threading.Lock()
 
 
 def _default_generator(device: torch.device) -> torch.Generator | None:
