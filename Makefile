@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint check bench clean
+.PHONY: setup demo test lint check bench mutate clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,10 @@ setup: $(VENV)/.done
 demo: setup
 	$(VENV)/bin/deferinit demo
 
-# Runs the whole suite: src doctests and tests/. Exit code 5 (no tests ran) fails.
+# Runs the whole suite: src doctests and tests/, measuring line coverage of the
+# deferinit package; fails under 90%. Exit code 5 (no tests ran) fails.
 test: setup
-	$(PY) -m pytest src tests
+	$(PY) -m pytest src tests --cov=deferinit --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -37,5 +38,10 @@ bench: setup
 	$(PY) benchmarks/sharded_init.py
 	$(PY) benchmarks/materialize_throughput.py
 
+# Applies scripted bugs to the core promises, one at a time in a scratch copy, and
+# reports which the tests catch (the kill ratio); fails unless every one is caught.
+mutate: setup
+	$(PY) tools/mutate.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,383 @@
+"""``make mutate``: a scripted mutation run over deferinit's core promises.
+
+Each mutant is one plausible bug: an exact snippet of a source file and what it is
+replaced with, plus the test files that should catch it. Every mutant is applied,
+one at a time, to a *copy* of the repository (the working tree is never touched,
+so it is safe while the code is being edited), and the named tests are run there
+with ``pytest -x``, the copy's ``src`` first on ``PYTHONPATH`` (subprocesses the
+tests start inherit it). A failing run kills the mutant; a passing one lets it
+survive. The first test that failed is then run on the unmutated copy: a test
+that fails there too proves nothing, and the run says so.
+
+A snippet that is no longer in its file is *stale* (the code moved); a snippet
+found more than once is *ambiguous*. Both fail the run, so the table stays true:
+refresh the snippet rather than drop the mutant.
+
+Usage::
+
+    python tools/mutate.py                 # every mutant; exit 0 only if all are killed
+    python tools/mutate.py --list          # the table, without running anything
+    python tools/mutate.py guard-compare seed-same-stream   # some mutants, by name
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path("src/deferinit")
+# Copied into the scratch tree: what the tests read (examples, benchmarks, pyproject's
+# pytest settings), never the virtual environment or caches.
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+    ".hypothesis", "*.egg-info", "build", "dist", ".coverage*", "htmlcov",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One plausible bug: ``original`` (exact, found once in ``file``) becomes
+    ``replacement``; ``tests`` (paths or node ids below the root) should fail."""
+
+    name: str
+    promise: str
+    file: str  # below src/deferinit
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "guard-compare",
+        "guard: a changed inferred size is reported",
+        "_guard.py",
+        "if now != state.values[name]:",
+        "if now == state.values[name]:",
+        ("tests/test_core.py", "tests/test_errors.py"),
+    ),
+    Mutant(
+        "guard-input-fast-path",
+        "guard: the one-input fast path explains mismatches too",
+        "_guard.py",
+        "_explain(module, (input,), {}, error)",
+        "None",
+        ("tests/test_core.py", "tests/test_errors.py"),
+    ),
+    Mutant(
+        "naming-first-of-class",
+        "naming: an error names the failing layer, not the first of its class",
+        "_naming.py",
+        "if sub is module:",
+        "if type(sub) is type(module):",
+        ("tests/test_core.py", "tests/test_errors.py"),
+    ),
+    Mutant(
+        "build-execution-order",
+        "build order: di.build constructs in registration order, not forward order",
+        "_build.py",
+        "for name, sub in module.named_modules():",
+        "for name, sub in [(n, module.get_submodule(n)) for n in seen.values]:",
+        ("tests/test_build.py",),
+    ),
+    Mutant(
+        "build-skips-initializers",
+        "initializers: di.build runs the registered initializers",
+        "_build.py",
+        "run_registered(sub)",
+        "None",
+        ("tests/test_build.py", "tests/test_initialize.py"),
+    ),
+    Mutant(
+        "initializer-first-pattern-wins",
+        "initializers: each parameter takes the last glob it matches",
+        "_initialize.py",
+        "chosen = fn",
+        "chosen = chosen or fn",
+        ("tests/test_initialize.py",),
+    ),
+    Mutant(
+        "reset-new-parameter-objects",
+        "reset: di.reset keeps the parameter objects",
+        "_become.py",
+        "target_table[leaf] = old",
+        "target_table[leaf] = slot",
+        ("tests/test_core.py",),
+    ),
+    Mutant(
+        "reset-keeps-layer-hooks",
+        "reset: the layer's own hooks go with its build (no duplicates after a rebuild)",
+        "_become.py",
+        "table.pop(k, None)",
+        "None",
+        ("tests/test_core.py", "tests/test_defer_any_class.py"),
+    ),
+    Mutant(
+        "dtype-conversion-lost",
+        "dtype: .double() before the build is applied to the built layer",
+        "_become.py",
+        "data = data.to(device=device, dtype=placeholder.dtype)",
+        "data = data.to(device=device)",
+        ("tests/test_core.py",),
+    ),
+    Mutant(
+        "rollback-keeps-class",
+        "rollback: a failed build gives back the placeholders' class",
+        "_become.py",
+        "tensor.__class__ = cls",
+        "None",
+        ("tests/test_core.py", "tests/test_build.py", "tests/test_errors.py"),
+    ),
+    Mutant(
+        "build-not-all-or-nothing",
+        "rollback: di.build undoes every layer it built when a later one fails",
+        "_build.py",
+        "for txn in reversed(done):\n            txn.rollback()",
+        "for txn in reversed([]):\n            txn.rollback()",
+        ("tests/test_build.py",),
+    ),
+    Mutant(
+        "checkpoint-shape-unchecked",
+        "checkpoint checks: a mis-shaped key is refused before anything is written",
+        "_load.py",
+        "and tuple(t.shape) != tuple(state[k].shape)",
+        "and False",
+        ("tests/test_load.py",),
+    ),
+    Mutant(
+        "checkpoint-unexpected-ignored",
+        "checkpoint checks: strict loading reports unexpected keys",
+        "_load.py",
+        "unexpected = [k for k in state if k not in expected]",
+        "unexpected: list[str] = []",
+        ("tests/test_load.py",),
+    ),
+    Mutant(
+        "seed-same-stream",
+        "seeds: seed= gives every tensor its own stream (from its qualified name)",
+        "_materialize.py",
+        'digest = hashlib.sha256(f"{seed}:{qualified}".encode()).digest()',
+        'digest = hashlib.sha256(f"{seed}".encode()).digest()',
+        ("tests/test_materialize.py", "tests/test_each.py"),
+    ),
+    Mutant(
+        "seed-stream-per-layer",
+        "seeds: in one run, each tensor of a layer draws from its own generator",
+        "_streams.py",
+        "generator.manual_seed(self.seeds(self.names[position]))",
+        "generator.manual_seed(self.seeds(min(self.names.values())))",
+        ("tests/test_materialize.py", "tests/test_each.py"),
+    ),
+    Mutant(
+        "seed-draws-default-generator",
+        "seeds: seed= never draws from the default generator",
+        "_dispatch.py",
+        'return overload(*args, **{**kwargs, "generator": generator})',
+        "return func(*args, **kwargs)",
+        ("tests/test_materialize.py", "tests/test_each.py"),
+    ),
+    Mutant(
+        "pending-inside-placeholder",
+        "pending: layers inside a deferred block are not listed twice",
+        "_api.py",
+        "if isinstance(sub, Deferred) and not _inside_placeholder(module, name)",
+        "if isinstance(sub, Deferred)",
+        ("tests/test_core.py", "tests/test_build.py", "tests/test_defer_any_class.py"),
+    ),
+    Mutant(
+        "summary-trainable-counts-frozen",
+        "summary: frozen parameters are not counted as trainable",
+        "_summary.py",
+        '"trainable": sum(p.numel or 0 for p in known if p.requires_grad),',
+        '"trainable": sum(p.numel or 0 for p in known),',
+        ("tests/test_summary.py",),
+    ),
+    Mutant(
+        "summary-tie-counted-twice",
+        "summary: a tied parameter is counted once",
+        "_summary.py",
+        "seen.setdefault(info.key, info)",
+        "seen.setdefault((id(info), info.name), info)",
+        ("tests/test_summary.py",),
+    ),
+)
+
+
+class StaleError(Exception):
+    """The mutant's snippet is not in its file exactly once."""
+
+
+def apply(text: str, mutant: Mutant) -> str:
+    """``text`` with the mutant's snippet replaced; :class:`StaleError` unless the
+    snippet occurs exactly once."""
+    count = text.count(mutant.original)
+    if count == 0:
+        raise StaleError(f"stale: {mutant.original!r} is not in {mutant.file} (the code moved)")
+    if count > 1:
+        raise StaleError(f"ambiguous: {mutant.original!r} occurs {count} times in {mutant.file}")
+    return text.replace(mutant.original, mutant.replacement)
+
+
+@dataclass
+class Result:
+    mutant: Mutant
+    status: str  # killed, survived, stale, error, timeout
+    seconds: float = 0.0
+    by: str = ""  # the first failing test (node id), or why
+    confirmed: bool = True  # the killing test passes on the unmutated copy
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def _pytest(
+    tree: Path, targets: Sequence[str], timeout: float, *extra: str
+) -> tuple[int | None, str]:
+    """Run pytest in ``tree`` on ``targets``; (exit code or None on timeout, output)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tree / "src"), env.get("PYTHONPATH", "")) if p
+    )
+    # No .pyc files: a mutated source of the same size written within the same
+    # second as the original would otherwise load the stale bytecode.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("COVERAGE_PROCESS_START", None)
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command += ["-p", "no:randomly", *extra, *targets]
+    process = subprocess.Popen(
+        command,
+        cwd=tree,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so that a timeout ends the ranks it started too
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        return None, out
+    return process.returncode, out
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    """A scratch copy of the repository (sources, tests, examples, settings)."""
+    shutil.copytree(source, target, ignore=SKIP, symlinks=True)
+    return target
+
+
+def check_imports_copy(tree: Path) -> None:
+    """The copy's package is the one imported (not the editable install)."""
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
+    code = "import importlib.util as u; print(u.find_spec('deferinit').origin)"
+    origin = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not Path(origin).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"mutate: the tests would import {origin}, not the copy in {tree}")
+
+
+def run_mutant(tree: Path, mutant: Mutant, timeout: float) -> Result:
+    """Apply ``mutant`` in ``tree``, run its tests, put the file back."""
+    path = tree / PACKAGE / mutant.file
+    try:
+        original = path.read_text()
+    except FileNotFoundError:
+        return Result(mutant, "stale", by=f"stale: no file {mutant.file}")
+    try:
+        mutated = apply(original, mutant)
+    except StaleError as why:
+        return Result(mutant, "stale", by=str(why))
+    missing = [t for t in mutant.tests if not (tree / t.split("::")[0]).exists()]
+    if missing:
+        return Result(mutant, "error", by=f"no test file {', '.join(missing)}")
+    path.write_text(mutated)
+    start = time.perf_counter()
+    try:
+        code, out = _pytest(tree, mutant.tests, timeout)
+    finally:
+        path.write_text(original)
+    seconds = time.perf_counter() - start
+    if code is None:
+        return Result(mutant, "timeout", seconds, by=f"no result in {timeout:.0f} s")
+    if code == 0:
+        return Result(mutant, "survived", seconds)
+    failed = _FAILED.findall(out)
+    if code in (1, 2) and failed:  # 2: a collection error (the mutant broke an import)
+        return Result(mutant, "killed", seconds, by=failed[0])
+    tail = " | ".join(out.strip().splitlines()[-3:])
+    return Result(mutant, "error", seconds, by=f"pytest exit code {code}: {tail}")
+
+
+def confirm(tree: Path, results: Iterable[Result], timeout: float) -> None:
+    """Run each killing test on the unmutated copy; a kill by a test that fails
+    there too is not a kill (``confirmed=False``)."""
+    for result in results:
+        if result.status != "killed":
+            continue
+        target = result.by
+        extra = () if "::" in target else ("--collect-only",)
+        code, _ = _pytest(tree, [target], timeout, *extra)
+        result.confirmed = code == 0
+
+
+def table(results: Sequence[Result]) -> str:
+    rows = ["| # | mutant | file | result | s | caught by / why |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(results, 1):
+        status = r.status if r.confirmed else "killed (UNCONFIRMED: fails unmutated)"
+        by = r.by.replace("|", "/")
+        rows.append(
+            f"| {i} | {r.mutant.name} | {r.mutant.file} | {status} | {r.seconds:.0f} | {by} |"
+        )
+    killed = sum(r.status in ("killed", "timeout") and r.confirmed for r in results)
+    rows.append("")
+    rows.append(f"kill ratio: {killed}/{len(results)} ({100 * killed / max(len(results), 1):.0f}%)")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only these mutants")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"no mutant named {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34} {m.file:16} {m.promise}  [{' '.join(m.tests)}]")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="deferinit-mutate-") as scratch:
+        tree = copy_tree(ROOT, Path(scratch) / "repo")
+        check_imports_copy(tree)
+        results = []
+        for mutant in chosen:
+            result = run_mutant(tree, mutant, args.timeout)
+            print(
+                f"{mutant.name}: {result.status} ({result.seconds:.0f} s) {result.by}", flush=True
+            )
+            results.append(result)
+        confirm(tree, results, args.timeout)
+    print()
+    print(table(results))
+    bad = [r for r in results if r.status not in ("killed", "timeout") or not r.confirmed]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
