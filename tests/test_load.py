@@ -245,9 +245,9 @@ def test_unbuilt_model_takes_sizes_and_values_from_the_checkpoint(
     model = case.deferred()
     assert not di.is_built(model)
 
-    loaded = di.load_state_dict(model, make_source(eager.state_dict()))
+    result = di.load_state_dict(model, make_source(eager.state_dict()))
 
-    assert loaded is model
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])  # torch's _IncompatibleKeys
     assert di.is_built(model) and di.pending(model) == []
     assert repr(model) == repr(eager)  # every size inferred, exactly torch's classes
     assert [type(m) for m in model.modules()] == [type(m) for m in eager.modules()]
@@ -271,7 +271,9 @@ def test_loading_into_an_unbuilt_model_draws_no_random_numbers(case: Case) -> No
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_unbuilt_model_shares_storage_with_the_checkpoint(case: Case) -> None:
+def test_unbuilt_model_copies_a_dict_and_shares_it_only_with_assign(case: Case) -> None:
+    # As torch's load_state_dict: the caller's tensors are copied, never aliased;
+    # assign=True takes them (their storage) instead.
     state = _clone(_trained(case).state_dict())
     pointers = {k: v.data_ptr() for k, v in state.items()}
     model = case.deferred()
@@ -279,7 +281,11 @@ def test_unbuilt_model_shares_storage_with_the_checkpoint(case: Case) -> None:
     got = model.state_dict()
     assert list(got) == list(pointers)
     for key, pointer in pointers.items():
-        assert got[key].data_ptr() == pointer, f"{key} was copied: memory held twice"
+        assert got[key].data_ptr() != pointer, f"{key} aliases the caller's tensor"
+    assigned = case.deferred()
+    di.load_state_dict(assigned, state, assign=True)
+    for key, tensor in assigned.state_dict().items():
+        assert tensor.data_ptr() == pointers[key], f"{key} was copied despite assign=True"
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -379,7 +385,7 @@ def test_multihead_attention_with_other_key_and_value_sizes_from_the_checkpoint(
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_meta_built_model_is_assigned_the_checkpoint_tensors(case: Case) -> None:
+def test_meta_built_model_takes_copies_of_the_checkpoint_tensors(case: Case) -> None:
     eager = _trained(case)
     state = _clone(eager.state_dict())
     want = _clone(state)
@@ -387,13 +393,13 @@ def test_meta_built_model_is_assigned_the_checkpoint_tensors(case: Case) -> None
     model = _meta_built(case)
     before = torch.get_rng_state()
 
-    assert di.load_state_dict(model, state) is model
+    di.load_state_dict(model, state)
 
     assert torch.equal(torch.get_rng_state(), before), "a random init ran before the load"
     _assert_holds(model, want)
     got = model.state_dict()
     for key, pointer in pointers.items():
-        assert got[key].data_ptr() == pointer, f"{key} was copied: memory held twice"
+        assert got[key].data_ptr() != pointer, f"{key} aliases the caller's tensor"
     inputs = case.inputs()
     with torch.no_grad():
         _assert_equal_outputs(model.eval()(*inputs), eager(*inputs))
@@ -431,14 +437,15 @@ def test_meta_built_model_leaves_the_callers_state_dict_as_it_was() -> None:
         assert tensor.device.type == "cpu", f"the caller's {key!r} became meta"
 
 
-def test_layer_constructed_on_meta_without_deferinit_is_assigned() -> None:
+def test_layer_constructed_on_meta_without_deferinit_takes_the_values() -> None:
     with torch.device("meta"):
         model = nn.Linear(3, 2)
     weight = model.weight
     state = _clone(nn.Linear(3, 2).state_dict())
     di.load_state_dict(model, state)
     assert model.weight is weight and model.weight.device.type == "cpu"
-    assert model.weight.data_ptr() == state["weight"].data_ptr()
+    assert model.weight.data_ptr() != state["weight"].data_ptr()
+    assert torch.equal(model.weight, state["weight"])
     assert torch.equal(model.bias, state["bias"])
 
 
@@ -465,8 +472,8 @@ def test_mix_of_real_and_deferred_layers() -> None:
     # Layers that hold memory are copied into, in place, as torch's load_state_dict does.
     assert real.weight is real_weight and real.weight.data_ptr() == real_pointer
     assert built.weight is built_weight
-    # The deferred layer takes the checkpoint's tensors.
-    assert _linear(model[4]).weight.data_ptr() == pointers["4.weight"]
+    # The deferred layer takes copies: the caller's dict is never aliased.
+    assert _linear(model[4]).weight.data_ptr() != pointers["4.weight"]
     x = torch.randn(3, 20)
     assert torch.equal(model(x), eager(x))
 
@@ -701,8 +708,11 @@ def test_a_torch_file_holding_a_whole_model_is_refused(tmp_path: Path) -> None:
     torch.save(_trained(CASES[0]), path)  # the model object, not its state dict
     model = CASES[0].deferred()
     before = _snapshot(model)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(
+        di.DeferredInitError, match=r"model.pt.*other than tensors.*GLOBAL torch.nn.*Sequential\)"
+    ) as caught:
         di.load_state_dict(model, path)
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
     _assert_unchanged(model, before)
 
 
@@ -711,7 +721,7 @@ def test_a_torch_file_runs_no_code_from_the_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"0.weight": _Payload(marker)}, path)
     model = CASES[0].deferred()
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(di.DeferredInitError, match="evil.pt.*nothing in it ran"):
         di.load_state_dict(model, str(path))
     assert not marker.exists(), "the checkpoint executed code"
     assert not di.is_built(model)

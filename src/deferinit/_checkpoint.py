@@ -5,19 +5,57 @@ layer itself: it is constructed on ``meta`` twice per argument with different
 stand-in sizes, and a tensor dimension that moves with the argument gives a
 linear relation ``dim = a * size + b`` (``4 * hidden`` for an LSTM's gates,
 ``in1`` and ``in2`` for a Bilinear). Solving it for the saved shape gives the size.
+
+Also here, shared by ``di.load_state_dict`` and torch's own ``load_state_dict``
+on a placeholder: which saved values can be loaded at all, and swapping a tensor
+under a parameter object that a recurrent layer holds by weak reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.nn.parameter import is_lazy
 
 from ._deferred import Deferred, constructor_call
 from ._layout import probe_shapes
 from ._naming import label
 
-__all__ = ["infer_from_shapes", "load_into_placeholder"]
+__all__ = [
+    "infer_from_shapes",
+    "load_into_placeholder",
+    "meta_to_empty",
+    "swappable",
+    "value_problem",
+]
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be loaded under ``key``, or None when it can.
+
+    A placeholder saved from an unbuilt layer (``UninitializedParameter``) is
+    loadable: it carries no sizes, and the layer that takes it stays deferred.
+    """
+    if not isinstance(value, torch.Tensor):
+        return f"{key!r} holds a {type(value).__name__}, not a tensor"
+    if is_lazy(value):
+        return None
+    if value.is_nested:
+        return f"{key!r} is a nested tensor; a parameter or buffer is a dense tensor"
+    if value.layout != torch.strided:
+        return f"{key!r} is a {value.layout} tensor; only dense (strided) tensors load"
+    if value.device.type == "meta" or is_fake(value):
+        kind = "meta" if value.device.type == "meta" else "fake"
+        return (
+            f"{key!r} is a {kind} tensor, which holds no values (a checkpoint must hold data: "
+            f"save the model after di.materialize or after loading real values)"
+        )
+    return None
 
 
 def _flat(value: Any) -> list[int] | None:
@@ -108,6 +146,44 @@ def _solve(
     return found
 
 
+@contextmanager
+def swappable(modules: list[nn.Module]) -> Iterator[None]:
+    """Let ``torch.utils.swap_tensors`` work on the tensors of ``modules``.
+
+    Recurrent layers hold their weights by weak reference, which blocks a swap;
+    torch's own ``Module._apply`` drops those references around its swaps and
+    rebuilds them after, and so does this.
+    """
+    rnns = [m for m in modules if isinstance(m, nn.RNNBase)]
+    for rnn in rnns:
+        rnn._flat_weight_refs = []
+    try:
+        yield
+    finally:
+        for rnn in rnns:
+            rnn._init_flat_weights()
+
+
+def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
+    """Give every meta tensor of ``module`` (not its children) uninitialized memory
+    on its device in ``devices`` (by tensor id), keeping the tensor objects."""
+    with swappable([module]), torch.no_grad():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                device = devices.get(id(tensor), torch.device("cpu"))
+                empty = torch.empty_strided(
+                    tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device
+                )
+                fresh = (
+                    nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                    if isinstance(tensor, nn.Parameter)
+                    else empty.requires_grad_(tensor.requires_grad)
+                )
+                torch.utils.swap_tensors(tensor, fresh)
+
+
 def load_into_placeholder(
     module: Deferred,
     state_dict: dict[str, Any],
@@ -118,19 +194,39 @@ def load_into_placeholder(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """``Module._load_from_state_dict`` for a placeholder: build from the saved
-    shapes, then load as the built layer would."""
+    """``Module._load_from_state_dict`` for a placeholder (torch's own
+    ``model.load_state_dict``): build from the saved shapes on ``meta``, give the
+    tensors memory (no random initialization, as torch's Lazy modules), then load
+    as the built layer would. A layer whose saved values are all placeholders (a
+    state dict saved before the build) stays deferred, as torch's Lazy modules do.
+    """
     from ._become import become  # noqa: PLC0415 - cyclic by nature
     from ._deferred import placeholder_tensors  # noqa: PLC0415
 
-    names = {name for name, _ in placeholder_tensors(module)}
-    shapes = {
-        key[len(prefix) :]: tuple(value.shape)
-        for key, value in state_dict.items()
-        if key.startswith(prefix)
-        and key[len(prefix) :] in names
-        and isinstance(value, torch.Tensor)
-    }
+    placeholders = placeholder_tensors(module)
+    names = {name for name, _ in placeholders}
+    mine = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+    where = f"{label(module, type(module).__name__)} at {prefix[:-1] or 'the root'!r}"
+    # Keys of this layer that it does not have: torch reports them for the layer
+    # that owns the prefix; once built, the built class's own loader does that.
+    unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in names]
+    if strict:
+        unexpected_keys.extend(unexpected)
+    problems = [p for n, v in mine.items() if (p := value_problem(prefix + n, v)) is not None]
+    if problems:
+        error_msgs.append(f"{where} cannot load: {'; '.join(problems)}")
+        return
+    lazy = sorted(n for n, v in mine.items() if is_lazy(v))
+    if lazy:
+        missing_keys.extend(prefix + n for n in sorted(names - set(mine)))
+        if len(lazy) != len(mine):
+            error_msgs.append(
+                f"{where} is not built, and the checkpoint holds values for some of its "
+                f"tensors but placeholders (saved before a build) for {', '.join(lazy)}. "
+                f"Fix: save the checkpoint after the model is built."
+            )
+        return  # saved before the build: the layer stays deferred
+    shapes = {n: tuple(v.shape) for n, v in mine.items()}
     values, problems = infer_from_shapes(module, shapes)
     if problems:
         # As torch: missing keys are listed (strict loading raises on them, a
@@ -140,13 +236,20 @@ def load_into_placeholder(
         if not shapes:
             return
         error_msgs.append(
-            f"{label(module, type(module).__name__)} at {prefix[:-1] or 'the root'!r} is not "
-            f"built and cannot take its sizes from the checkpoint: {'; '.join(problems)}. "
-            f"Fix: load a checkpoint that holds this layer's tensors, or build the model "
-            f"first with a forward pass."
+            f"{where} is not built and cannot take its sizes from the checkpoint: "
+            f"{'; '.join(problems)}. Fix: load a checkpoint that holds this layer's "
+            f"tensors, or build the model first with a forward pass."
         )
         return
-    become(module, values, built_from="a checkpoint")
+    devices = {
+        id(t): t.device if t.device.type != "meta" else mine.get(n, t).device
+        for n, t in placeholders
+    }
+    if strict:
+        del unexpected_keys[len(unexpected_keys) - len(unexpected) :]
+    become(module, values, built_from="a checkpoint", device="meta")
+    for sub in module.modules():
+        meta_to_empty(sub, devices)
     type(module)._load_from_state_dict(  # the built class's own loader
         module,
         state_dict,

@@ -1,24 +1,43 @@
 """``di.load_state_dict``: load a checkpoint without a random initialization first.
 
-Deferred layers take their sizes from the checkpoint's shapes and are built on
-``meta`` (no memory, no random numbers); every key is checked against the model
-before anything is assigned; then the saved tensors are put *under* the existing
-parameter objects (``torch.utils.swap_tensors``), so nothing is allocated twice
-and an optimizer created before loading holds the loaded values.
+All or nothing, in two phases. The *plan* reads the source, builds deferred
+layers on ``meta`` from the saved shapes (undoable), and checks every key, value
+type, shape and dtype, collecting every problem; any problem raises with the
+model unchanged. The *commit* then writes, recording an undo step for each
+write, so an exception there (``KeyboardInterrupt`` included) restores the model:
+
+- a tensor with memory is copied into in place (as torch's ``load_state_dict``:
+  storage, views and ties by storage are kept), after a copy of its old values;
+- a meta tensor (meta-built, or just built from the checkpoint) is given a tensor
+  with memory, swapped under the same Python object (optimizers keep it).
+
+A dict's tensors are copied, as torch's ``load_state_dict`` does: the caller's
+tensors are never shared, and two keys holding one tensor never become tied
+parameters. ``assign=True`` takes the caller's tensors themselves, with their
+dtype and device, as torch's ``assign=True``, but under the model's parameter
+objects. A file's tensors belong to nobody else, so meta tensors take them
+without a second copy.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.parameter import is_lazy
 
 from ._become import Transaction, become
-from ._checkpoint import infer_from_shapes
+from ._checkpoint import infer_from_shapes, swappable, value_problem
 from ._deferred import BUILD_LOCK, Deferred, placeholder_tensors
 from ._errors import DeferredInitError
 from ._naming import label, root_scope
@@ -29,137 +48,415 @@ M = TypeVar("M", bound=nn.Module)
 
 Source = Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
+_EXTRA_STATE = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
-def _read(source: Source) -> dict[str, torch.Tensor]:
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read(source: Source) -> tuple[dict[str, Any], str, bool]:
+    """The state dict, how to name it in messages, and whether its tensors are ours."""
     if isinstance(source, Mapping):
-        return dict(source)
+        bad = [k for k in source if not isinstance(k, str)]
+        if bad:
+            raise DeferredInitError(
+                f"di.load_state_dict: the state dict's keys must be strings (qualified "
+                f"names such as '0.weight'); got {', '.join(repr(k) for k in bad[:5])}. "
+                f"Nothing was loaded. Fix: pass model.state_dict() of the saved model."
+            )
+        return dict(source), "the state dict", False
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"di.load_state_dict expects a state dict, or the path of a .safetensors or "
+            f"torch file, got {type(source).__name__}"
+        )
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"di.load_state_dict: no checkpoint file at {str(path)!r}")
+    shown = repr(str(path))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415 - optional at import time
+        return _read_safetensors(path, shown), shown, True
+    return _read_torch(path, shown), shown, True
 
+
+def _unreadable(shown: str, kind: str, what: str, fix: str) -> DeferredInitError:
+    return DeferredInitError(
+        f"di.load_state_dict: {shown} cannot be read as a {kind} file: {what}. Nothing "
+        f"was loaded. Fix: {fix}"
+    )
+
+
+def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
+    from safetensors import SafetensorError  # noqa: PLC0415 - optional at import time
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
         return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, ValueError, OSError, OverflowError) as error:
+        size = path.stat().st_size
+        what = "the file is empty" if size == 0 else f"{type(error).__name__}: {error}"
+        raise _unreadable(
+            shown,
+            "safetensors",
+            f"{what} ({size} bytes; it is truncated or corrupt)" if size else what,
+            "save it again (safetensors.torch.save_file(model.state_dict(), path)).",
+        ) from error
+
+
+def _read_torch(path: Path, shown: str) -> dict[str, Any]:
+    fix = "save it again with torch.save(model.state_dict(), path)."
+    size = path.stat().st_size
+    if size == 0:
+        raise _unreadable(shown, "torch", "the file is empty", fix)
+    if zipfile.is_zipfile(path):
+        _check_crcs(path, shown, fix)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = [ln.strip() for ln in str(error).splitlines()]
+        # torch's own words on what it refused ("Unsupported global: GLOBAL os.system").
+        refused = [ln for ln in lines if "WeightsUnpickler error" in ln] or lines[:1]
+        first = "".join(refused[:1]).replace("WeightsUnpickler error: ", "")
+        first = first.split(" was not an allowed")[0]
+        raise DeferredInitError(
+            f"di.load_state_dict: {shown} holds something other than tensors, which "
+            f"weights-only loading refuses because unpickling it could run code ({first}). "
+            f"Nothing was loaded and nothing in it ran. Fix: save "
+            f"model.state_dict(), not the model or other objects; load files you do not "
+            f"trust only this way."
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as error:
+        raise _unreadable(
+            shown, "torch", f"{type(error).__name__}: {error} ({size} bytes)", fix
+        ) from error
     if not isinstance(loaded, Mapping):
         raise DeferredInitError(
-            f"di.load_state_dict: {str(path)!r} holds a {type(loaded).__name__}, not a state "
-            f"dict. Fix: save model.state_dict(), not the model."
+            f"di.load_state_dict: {shown} holds a {type(loaded).__name__}, not a state "
+            f"dict. Nothing was loaded. Fix: save model.state_dict(), not the model."
         )
     return dict(loaded)
 
 
-def load_state_dict(module: M, source: Source, *, strict: bool = True) -> M:
+def _check_crcs(path: Path, shown: str, fix: str) -> None:
+    """Check every record of a torch (zip) file against its CRC-32, which torch's
+    reader does not: a flipped bit in the data would otherwise load silently.
+
+    Reads the file once more in 1 MiB pieces; no memory is held.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if infos and all(i.CRC == 0 for i in infos if i.file_size):
+                return  # saved with torch.serialization.set_crc32_options(False)
+            for info in infos:
+                crc = 0
+                with archive.open(info) as record:
+                    while piece := record.read(1 << 20):
+                        crc = zlib.crc32(piece, crc)
+                if crc != info.CRC:
+                    raise _unreadable(
+                        shown, "torch", f"record {info.filename!r} fails its CRC-32 check", fix
+                    )
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error) as error:
+        raise _unreadable(shown, "torch", f"{type(error).__name__}: {error}", fix) from error
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Write:
+    """One tensor of the model and what it takes."""
+
+    owner: nn.Module
+    target: torch.Tensor
+    key: str
+    value: torch.Tensor
+    fresh: torch.Tensor | None = None  # for a swap: the new tensor, prepared before commit
+
+
+def load_state_dict(
+    module: nn.Module, source: Source, *, strict: bool = True, assign: bool = False
+) -> _IncompatibleKeys:
     """Load ``source`` (a state dict, a ``.safetensors`` file, or a torch file read
     with ``weights_only=True``) into a built, unbuilt or meta-built ``module``.
 
     Unbuilt layers take their sizes from the checkpoint; nothing is randomly
-    initialized first and nothing is allocated twice. With ``strict`` every key
-    must match (missing, unexpected and mis-shaped keys are listed), and the
-    model is left unchanged on any mismatch. Returns ``module``.
+    initialized first. All or nothing: every key, value type, shape and dtype is
+    checked first, every problem is listed in one ``DeferredInitError``, and any
+    error (an interrupt included) leaves the model as it was. Parameter objects
+    are kept. Values take the model's dtype (converted as ``Tensor.copy_``); a
+    dict's tensors are copied, unless ``assign=True``, which puts the caller's
+    tensors (their storage, dtype and device) under the model's parameter objects.
+    With ``strict=False`` missing and unexpected keys are skipped. Returns torch's
+    ``_IncompatibleKeys(missing_keys, unexpected_keys)``, as
+    ``nn.Module.load_state_dict``.
 
     >>> import torch, deferinit as di
     >>> from torch import nn
     >>> from deferinit import nn as dnn
     >>> saved = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 10)).state_dict()
-    >>> net = di.load_state_dict(nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10)), saved)
+    >>> net = nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10))
+    >>> di.load_state_dict(net, saved)
+    <All keys matched successfully>
     >>> net[0], torch.equal(net[2].weight, saved["2.weight"])
     (Linear(in_features=20, out_features=256, bias=True), True)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.load_state_dict expects an nn.Module, got {type(module).__name__}")
-    state = _read(source)
+    state, shown, owned = _read(source)
     with BUILD_LOCK, root_scope(module):
-        done: list[Transaction] = []
+        built: list[Transaction] = []
         try:
-            _build_from(module, state, done)
-            _check_keys(module, state, strict)
-            if _has_meta(module):
-                _assign(module, state)
-            else:
-                module.load_state_dict(state, strict=strict)
+            devices: dict[int, torch.device] = {}
+            writes, extra, missing, unexpected = _plan(module, state, shown, strict, built, devices)
+            _prepare(writes, devices, owned=owned, assign=assign)
+            _commit(writes, extra)
         except BaseException:
-            for txn in reversed(done):
+            for txn in reversed(built):
                 txn.rollback()
             raise
-    return module
+    return _IncompatibleKeys(missing, unexpected)
 
 
-def _build_from(module: nn.Module, state: Mapping[str, torch.Tensor], done: list[Any]) -> None:
-    # A live walk: a block built here may construct deferred children, next in order.
-    for name, sub in module.named_modules():
-        if not isinstance(sub, Deferred):
-            continue
-        prefix = name + "." if name else ""
-        names = {n for n, _ in placeholder_tensors(sub)}
-        shapes = {
-            key[len(prefix) :]: tuple(value.shape)
-            for key, value in state.items()
-            if key.startswith(prefix) and key[len(prefix) :] in names
-        }
-        if not shapes:
-            continue  # no keys: stays deferred; strict loading reports them missing
-        values, problems = infer_from_shapes(sub, shapes)
-        if problems:
-            raise DeferredInitError(
-                f"di.load_state_dict: {label(sub)} cannot take its sizes from the "
-                f"checkpoint: {'; '.join(problems)}. Nothing was loaded. Fix: check that "
-                f"the checkpoint belongs to this model (keys under {prefix!r})."
-            )
-        done.append(become(sub, values, built_from="a checkpoint", device="meta"))
-
-
-def _assign(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Meta tensors take the saved tensor itself (no copy, no second allocation),
-    under the same Python object where possible; real ones are copied into."""
-    for owner_name, owner in module.named_modules():
-        prefix = owner_name + "." if owner_name else ""
-        for table in (owner._parameters, owner._buffers):
-            for leaf, old in list(table.items()):
-                key = prefix + leaf
-                if old is None or key not in state:
-                    continue
-                new = state[key]
-                if old.device.type != "meta":
-                    with torch.no_grad():
-                        old.copy_(new)
-                    continue
-                # A new object over the same storage: the swap must not turn the
-                # caller's own tensor into the meta placeholder.
-                new = new.to(dtype=old.dtype) if new.dtype != old.dtype else new.detach()
-                fresh: torch.Tensor = (
-                    nn.Parameter(new, requires_grad=old.requires_grad)
-                    if isinstance(old, nn.Parameter)
-                    else new
-                )
-                try:
-                    torch.utils.swap_tensors(old, fresh)
-                except RuntimeError:  # weak references (RNN weights): replace instead
-                    setattr(owner, leaf, fresh)
-
-
-def _has_meta(module: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()])
-
-
-def _check_keys(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
+def _plan(
+    module: nn.Module,
+    state: dict[str, Any],
+    shown: str,
+    strict: bool,
+    built: list[Transaction],
+    devices: dict[int, torch.device],
+) -> tuple[list[_Write], list[tuple[nn.Module, Any]], list[str], list[str]]:
+    extra_keys = _extra_state_keys(module)
+    found = {k: value_problem(k, v) for k, v in state.items() if k not in extra_keys}
+    problems = [p for p in found.values() if p is not None]
+    bad = {k for k, p in found.items() if p is not None}
+    problems += _build_from(module, state, bad, built, devices)
     expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misfit = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(t.shape)}"
-        for k, t in expected.items()
-        if k in state
-        and not isinstance(t, nn.parameter.UninitializedTensorMixin)  # type: ignore[attr-defined]
-        and tuple(t.shape) != tuple(state[k].shape)
-    ]
-    problems = [f"size mismatch: {', '.join(misfit)}"] if misfit else []
+    unexpected = _unexpected(module, state)
+    writes: list[_Write] = []
+    extra: list[tuple[nn.Module, Any]] = []
+    misfit: list[str] = []
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        prefix = owner_name + "." if owner_name else ""
+        for leaf, target in [*owner._parameters.items(), *owner._buffers.items()]:
+            key = prefix + leaf
+            if target is None or key not in state or key in bad or key not in expected:
+                continue
+            value = state[key]
+            problem = _fit(module, owner, key, target, value)
+            if problem:
+                misfit.append(problem)
+            elif not is_lazy(value):
+                writes.append(_Write(owner, target, key, value))
+        if prefix + _EXTRA_STATE in extra_keys and prefix + _EXTRA_STATE in state:
+            extra.append((owner, state[prefix + _EXTRA_STATE]))
+    problems += [f"size mismatch: {', '.join(misfit)}"] if misfit else []
     if strict:
         problems += [f"missing keys: {', '.join(missing)}"] if missing else []
         problems += [f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []
     if problems:
         raise DeferredInitError(
-            f"di.load_state_dict: the checkpoint does not fit {type(module).__name__}: "
+            f"di.load_state_dict: {shown} does not fit {type(module).__name__}: "
             f"{'; '.join(problems)}. Nothing was loaded. Fix: load the checkpoint of this "
-            f"model, or pass strict=False to skip missing and unexpected keys."
+            f"model (with strict=False, missing and unexpected keys are skipped)."
         )
+    return writes, extra, missing, unexpected
+
+
+def _where(root: nn.Module, owner: nn.Module, key: str) -> str:
+    owner_name = key.rpartition(".")[0]
+    kind = type(owner).__name__
+    return f"{key} ({kind} layer {owner_name!r})" if owner_name else f"{key} ({kind})"
+
+
+def _fit(
+    root: nn.Module, owner: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor
+) -> str | None:
+    """Why ``value`` cannot go into ``target``, or None."""
+    where = _where(root, owner, key)
+    if is_lazy(target):
+        if is_lazy(value):
+            return None  # saved before the build into a layer not built: stays deferred
+        if isinstance(owner, Deferred) or any(t is target for _, t in _slots(root, key)):
+            return (
+                f"{where} stays unbuilt: the checkpoint does not determine its sizes "
+                f"(see the other problems)"
+            )
+        return (
+            f"{where} is a torch Lazy module's uninitialized tensor: "
+            f"call di.adopt(model) first so its sizes come from the checkpoint"
+        )
+    if is_lazy(value):
+        return (
+            f"{where}: the checkpoint holds a placeholder (saved before the layer was "
+            f"built, so it has no values), the model's layer is built"
+        )
+    if tuple(value.shape) != tuple(target.shape):
+        return f"{where}: checkpoint {tuple(value.shape)}, model {tuple(target.shape)}"
+    if value.is_complex() and not target.is_complex():
+        return (
+            f"{where}: checkpoint {value.dtype}, model {target.dtype} (converting would "
+            f"drop the imaginary part)"
+        )
+    return None
+
+
+def _slots(root: nn.Module, key: str) -> list[tuple[str, torch.Tensor]]:
+    """The placeholders of the deferred layer that owns ``key``, if any."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        name = ".".join(parts[:i])
+        try:
+            sub = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(sub, Deferred):
+            return placeholder_tensors(sub)
+    return []
+
+
+def _extra_state_keys(module: nn.Module) -> set[str]:
+    return {
+        (name + "." if name else "") + _EXTRA_STATE
+        for name, sub in module.named_modules()
+        if type(sub).get_extra_state is not nn.Module.get_extra_state
+    }
+
+
+def _unexpected(module: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """Torch's unexpected keys, in torch's order: per module (preorder), each key
+    under its prefix that names neither a child nor a tensor of that module."""
+    out: list[str] = []
+    for name, sub in module.named_modules():
+        prefix = name + "." if name else ""
+        local = {n for n, t in [*sub._parameters.items(), *sub._buffers.items()] if t is not None}
+        local -= sub._non_persistent_buffers_set
+        if type(sub).get_extra_state is not nn.Module.get_extra_state:
+            local.add(_EXTRA_STATE)
+        for key in state:
+            if not key.startswith(prefix):
+                continue
+            head = key[len(prefix) :].split(".", 1)[0]
+            if head not in sub._modules and head not in local:
+                out.append(key)
+            elif head in sub._modules and sub._modules[head] is None:
+                out.append(key)
+    return out
+
+
+def _build_from(
+    module: nn.Module,
+    state: Mapping[str, Any],
+    bad: set[str],
+    built: list[Transaction],
+    devices: dict[int, torch.device],
+) -> list[str]:
+    """Build every deferred layer that the checkpoint gives sizes for, on meta."""
+    problems: list[str] = []
+    # A live walk: a block built here may construct deferred children, next in order.
+    for name, sub in module.named_modules():
+        if not isinstance(sub, Deferred):
+            continue
+        prefix = name + "." if name else ""
+        mine = {
+            n: state[prefix + n]
+            for n, _ in placeholder_tensors(sub)
+            if prefix + n in state and prefix + n not in bad
+        }
+        lazy = sorted(prefix + n for n, v in mine.items() if is_lazy(v))
+        if not mine or len(lazy) == len(mine):
+            continue  # nothing saved, or saved before a build: stays deferred
+        if lazy:
+            problems.append(
+                f"{label(sub)} holds values for some of its tensors but placeholders "
+                f"(saved before a build, no values) for {', '.join(lazy)}"
+            )
+            continue
+        shapes = {n: tuple(v.shape) for n, v in mine.items()}
+        values, found = infer_from_shapes(sub, shapes)
+        if found:
+            problems.append(
+                f"{label(sub)} cannot take its sizes from the checkpoint: {'; '.join(found)}"
+                f" (keys under {prefix!r})"
+            )
+            continue
+        # The device each placeholder was declared on (or moved to): the built
+        # tensor, on meta for now, takes its values there.
+        devices.update({id(t): t.device for _, t in placeholder_tensors(sub)})
+        built.append(become(sub, values, built_from="a checkpoint", device="meta"))
+    return problems
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _prepare(
+    writes: list[_Write], devices: dict[int, torch.device], *, owned: bool, assign: bool
+) -> None:
+    """Make every new tensor before the model is touched (allocation may fail)."""
+    with torch.no_grad():
+        for w in writes:
+            target, value = w.target, w.value
+            if assign:
+                new = value.detach()
+            elif target.device.type != "meta":
+                continue  # copied into at commit
+            else:
+                device = devices.get(id(target), value.device)
+                if device.type == "meta":
+                    device = value.device
+                if (
+                    owned
+                    and value.dtype == target.dtype
+                    and value.device == device
+                    and value.stride() == target.stride()
+                ):
+                    new = value.detach()  # the file's own tensor: no second copy
+                else:
+                    new = torch.empty_strided(
+                        target.shape, target.stride(), dtype=target.dtype, device=device
+                    )
+                    new.copy_(value)
+            w.fresh = (
+                nn.Parameter(new, requires_grad=target.requires_grad)
+                if isinstance(target, nn.Parameter)
+                else new.requires_grad_(target.requires_grad)
+                if new.is_floating_point() or new.is_complex()
+                else new
+            )
+
+
+def _commit(writes: list[_Write], extra: list[tuple[nn.Module, Any]]) -> None:
+    undo: list[Callable[[], None]] = []
+    swapped: set[int] = set()
+    # The last key wins for a tensor the model holds under two keys, as torch's copies.
+    last = {id(w.target): w for w in writes if w.fresh is not None}
+    owners = [w.owner for w in writes if w.fresh is not None]
+    try:
+        with swappable(owners), torch.no_grad():
+            for w in writes:
+                if w.fresh is None:
+                    backup = w.target.detach().clone()
+                    undo.append(_restore(w.target, backup))
+                    w.target.copy_(w.value)
+                elif last[id(w.target)] is w and id(w.target) not in swapped:
+                    torch.utils.swap_tensors(w.target, w.fresh)
+                    swapped.add(id(w.target))
+                    undo.append(_swap_back(w.target, w.fresh))
+            for owner, value in extra:
+                owner.set_extra_state(value)
+    except BaseException:
+        with swappable(owners), torch.no_grad():
+            for step in reversed(undo):
+                step()
+        raise
+
+
+def _restore(target: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
+    return lambda: target.copy_(backup)  # type: ignore[func-returns-value]
+
+
+def _swap_back(a: torch.Tensor, b: torch.Tensor) -> Callable[[], None]:
+    return lambda: torch.utils.swap_tensors(a, b)
