@@ -5,19 +5,30 @@ subclass; a forward pre-hook costs ~10% on a small MLP. Instead a small callable
 is stored as the instance's ``forward`` attribute: it calls the class's forward
 and only when that raises does it look at the input, to say which inferred size
 changed and how to fix it.
+
+To everything that inspects ``layer.forward`` the guard looks like the bound
+method eager torch has there: wrong arguments are reported against the layer's
+real ``forward`` signature, ``inspect.signature`` shows it, and
+``torch.jit.script`` compiles the class's ``forward`` (it reads the source and
+globals through ``__func__``, and decides "method" with ``isinstance``).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import inspect
+import sys
+import types
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
-from ._errors import ShapeMismatchError
+from ._errors import DeferredInitError, ShapeMismatchError
 from ._naming import label
 from ._rules import Call, RuleError, describe
+from ._signature import forward_signature
 
 __all__ = ["Guard", "InputGuard", "guard_for"]
 
@@ -27,34 +38,92 @@ class Guard:
 
     It holds its layer by weak reference: a strong one would make a cycle
     (layer -> forward -> layer) that keeps a dropped model's memory until the
-    garbage collector runs, where eager models are freed at once.
+    garbage collector runs, where eager models are freed at once. A bound
+    ``forward`` must still outlive the layer's other references, as eager's
+    bound method does (``fwd = make_model().forward``): when the layer dies
+    while someone else still holds its guard, the guard keeps a copy of the
+    layer's state (see :func:`_outlive`).
+
+    One subclass per layer class (:func:`guard_for`): it carries the class and
+    names ``__call__`` like the class's ``forward``, so that a call with wrong
+    arguments raises torch's own ``TypeError`` text.
     """
 
-    __slots__ = ("__weakref__", "_ref")
+    __slots__ = ("__weakref__", "_heir", "_ref")
+    layer_class: ClassVar[type[nn.Module]] = nn.Module
 
     def __init__(self, module: nn.Module) -> None:
-        self._ref = weakref.ref(module)
+        self._ref = weakref.ref(module, functools.partial(_outlive, weakref.ref(self)))
+        self._heir: nn.Module | None = None
 
     @property
     def module(self) -> nn.Module:
+        """The layer (or, once it was freed, the copy this guard kept of it)."""
         module = self._ref()
         if module is None:
-            raise ReferenceError("the layer of this forward no longer exists")
+            module = self._heir
+            if module is None:
+                raise DeferredInitError(
+                    f"the {type(self).layer_class.__name__} layer of this forward was freed "
+                    f"while it was part of a reference cycle, so its state could not be kept. "
+                    f"Fix: keep a reference to the layer, not only to its forward."
+                )
         return module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self._ref()
+        if module is None:
+            module = self.module
         try:
-            return type(module).forward(module, *args, **kwargs)  # type: ignore[union-attr]
+            return type(module).forward(module, *args, **kwargs)
         except Exception as error:
-            _explain(module, args, kwargs, error)  # type: ignore[arg-type]
+            _explain(module, args, kwargs, error)
             raise
 
+    # What a bound method offers, so that inspect and torch.jit see the layer's forward.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return types.MethodType
+
+    @property
+    def __func__(self) -> Any:
+        return type(self).layer_class.forward
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self.module
+
+    def __getattr__(self, name: str) -> Any:
+        # As a bound method: other attributes are the function's (__globals__, __code__ ...).
+        if name.startswith("__") and name.endswith("__") and name in _FUNCTION_ATTRIBUTES:
+            return getattr(type(self).layer_class.forward, name)
+        raise AttributeError(name)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.module,))
+        if self._ref() is not None:
+            return (_rebuild, (self._ref(),))
+        return (_rebuild_kept, (self.module,))
 
     def __repr__(self) -> str:
-        return f"<deferinit guarded {type(self._ref()).__name__}.forward>"
+        module = self._ref()
+        shown = module if module is not None else self._heir
+        return f"<deferinit guarded {type(self).layer_class.__qualname__}.forward of {shown!r}>"
+
+
+_FUNCTION_ATTRIBUTES = frozenset(
+    {
+        "__annotations__",
+        "__closure__",
+        "__code__",
+        "__defaults__",
+        "__doc__",
+        "__globals__",
+        "__kwdefaults__",
+        "__module__",
+        "__name__",
+        "__qualname__",
+    }
+)
 
 
 class InputGuard(Guard):
@@ -65,44 +134,96 @@ class InputGuard(Guard):
 
     def __call__(self, input: Any) -> Any:  # noqa: A002 - torch's parameter name
         module = self._ref()
+        if module is None:
+            module = self.module
         try:
-            return type(module).forward(module, input)  # type: ignore[union-attr]
+            return type(module).forward(module, input)
         except Exception as error:
-            _explain(module, (input,), {}, error)  # type: ignore[arg-type]
+            _explain(module, (input,), {}, error)
             raise
 
 
-_KINDS: dict[type, type[Guard]] = {}
+def _rebuild(module: nn.Module) -> Guard:
+    return guard_for(module, type(module))
+
+
+def _rebuild_kept(module: nn.Module) -> Guard:
+    """A guard that outlived its layer, copied: it holds its copy of the layer."""
+    guard = guard_for(module, type(module))
+    guard._heir = module
+    return guard
 
 
 def guard_for(module: nn.Module, cls: type[nn.Module]) -> Guard:
-    """The cheapest guard that fits ``cls.forward``'s signature."""
-    kind = _KINDS.get(cls)
-    if kind is None:
-        kind = Guard
-        try:
-            params = list(inspect.signature(cls.forward).parameters.values())
-        except (TypeError, ValueError):
-            params = []
-        if [p.name for p in params] == ["self", "input"] and all(
-            p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
-        ):
-            kind = InputGuard
-        _KINDS[cls] = kind
-    return kind(module)
+    """The guard of ``module``, a built ``cls``."""
+    return _kind(cls)(module)
+
+
+@functools.lru_cache(maxsize=256)
+def _kind(cls: type[nn.Module]) -> type[Guard]:
+    """The guard class for layers of ``cls`` (bounded: a process may define classes
+    without end; an evicted class just gets a new guard class next time)."""
+    base: type[Guard] = Guard
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    if [p.name for p in params] == ["self", "input"] and all(
+        p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
+    ):
+        base = InputGuard
+    call = base.__call__
+    renamed = types.FunctionType(
+        call.__code__, call.__globals__, "forward", call.__defaults__, call.__closure__
+    )
+    renamed.__kwdefaults__ = call.__kwdefaults__
+    renamed.__qualname__ = getattr(cls.forward, "__qualname__", f"{cls.__qualname__}.forward")
+    namespace = {"__slots__": (), "__call__": renamed, "layer_class": cls}
+    return type(f"{base.__name__}[{cls.__qualname__}]", (base,), namespace)
+
+
+def _outlive(guard_ref: weakref.ref[Guard], _dead: object) -> None:
+    """Called as a guarded layer is freed (its ``__dict__`` still intact): if the
+    guard is held elsewhere (a kept bound ``forward``), give it a copy of the layer.
+
+    The weak reference cannot simply be made strong: a layer's ``__dict__`` holds
+    its guard, so any strong path back from the guard is a cycle. The rare holder
+    pays for finding that ``__dict__`` (a search of the heap); every other layer
+    is freed as an eager one.
+    """
+    guard = guard_ref()
+    if guard is None:
+        return
+    probe = object()
+    holder = {"forward": probe}  # the layer's __dict__ as the only other holder
+    if sys.getrefcount(guard) <= sys.getrefcount(probe):
+        return
+    del holder
+    for referrer in gc.get_referrers(guard):
+        if type(referrer) is dict and referrer.get("forward") is guard and "_di" in referrer:
+            heir = object.__new__(type(guard).layer_class)
+            state = dict(referrer)
+            del state["forward"]  # the class's forward; and no cycle heir -> guard
+            object.__setattr__(heir, "__dict__", state)
+            guard._heir = heir
+            return
 
 
 def _explain(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
 ) -> None:
     """Raise ``ShapeMismatchError`` if an inferred size changed; else return."""
-    from ._deferred import forward_signature  # noqa: PLC0415 - cyclic by nature
-
     state = module.__dict__.get("_di")
     if state is None or state.values is None:
         return
     cls = state.deferred
-    call = Call(args, kwargs, forward_signature(cls))
+    signature = forward_signature(cls)
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError:
+            return  # wrong arguments: torch's own error says so
+    call = Call(args, kwargs, signature)
     changed = []
     for name, rule in cls._di_rules.items():
         try:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._rules import MISSING, Call, Rule, RuleError, _tensor, describe
+from ._rules import MISSING, Call, Rule, RuleError, _argument_name, _tensor, describe, size_at
 
 __all__ = ["PerChannel", "SizeIfDiffers", "Trailing"]
 
@@ -21,7 +22,7 @@ class Trailing(Rule):
         x = _tensor(call, 0)
         if x.dim() < k:
             raise RuleError(f"a tensor with at least {k} dimension(s) (ndim={k})", describe(x))
-        shape = tuple(int(s) for s in x.shape[x.dim() - k :])
+        shape = tuple(size_at(x, axis) for axis in range(-k, 0))
         if 0 in shape:
             raise RuleError(
                 "non-zero trailing sizes (they become the normalized shape)", describe(x)
@@ -33,6 +34,10 @@ class Trailing(Rule):
 
     def describe(self) -> str:
         return "the last ndim sizes of the input"
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        name = _argument_name(0, forward) or "input"
+        return f"``{name}.shape[-ndim:]`` (``ndim``: keyword, default 1)"
 
     def __hash__(self) -> int:
         return hash(type(self))
@@ -64,12 +69,17 @@ class PerChannel(Rule):
         x = _tensor(call, 0)
         if not options["per_channel"] or x.dim() < 2:
             return 1
-        if x.shape[1] == 0:
+        size = size_at(x, 1)
+        if size == 0:
             raise RuleError("a non-zero channel size on axis 1", describe(x))
-        return int(x.shape[1])
+        return size
 
     def describe(self) -> str:
         return "the channel size (axis 1)"
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        name = _argument_name(0, forward) or "input"
+        return f"``{name}.shape[1]`` with ``per_channel=True`` (keyword), else 1"
 
     def __hash__(self) -> int:
         return hash(type(self))
@@ -95,13 +105,23 @@ class SizeIfDiffers(Rule):
         return None if self.ref_name in explicit else MISSING
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int | None:
-        size = int(_tensor(call, self.arg).shape[-1])
+        size = self._last(call, self.arg)
         if size == 0:
             raise RuleError(f"a non-zero last size of {self.arg}", describe(call.get(self.arg)))
-        return None if size == int(_tensor(call, self.ref).shape[-1]) else size
+        return None if size == self._last(call, self.ref) else size
+
+    @staticmethod
+    def _last(call: Call, arg: str) -> int:
+        x = _tensor(call, arg)
+        if x.dim() == 0:
+            raise RuleError(f"{arg} with at least 1 dimension", describe(x))
+        return size_at(x, -1)
 
     def provisional(self, size: int, options: Mapping[str, Any]) -> None:
         return None
 
     def describe(self) -> str:
         return f"the last size of {self.arg}, when it differs from {self.ref}'s"
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        return f"``{self.arg}.shape[-1]`` when it differs from ``{self.ref}.shape[-1]``, else None"

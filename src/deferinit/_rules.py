@@ -7,6 +7,7 @@ an error). It never runs on the normal forward path.
 from __future__ import annotations
 
 import inspect
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["MISSING", "Call", "Rule", "RuleError", "as_rule", "dim"]
+__all__ = ["MISSING", "Call", "Rule", "RuleError", "as_rule", "describe", "dim", "size_at"]
 
 
 class _Missing:
@@ -98,15 +99,62 @@ class Call:
 
 
 def describe(value: Any) -> str:
-    """``value`` for an error message: tensors by shape and dtype."""
+    """``value`` for an error message: tensors by shape and dtype, anything else by
+    type and a bounded repr (fast for a list of a million items, and safe for an
+    object whose ``repr`` raises)."""
     if isinstance(value, PackedSequence):
-        return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
+        return f"a PackedSequence with data of shape {_shape(value.data)}"
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
         article = "an" if dtype.startswith("int") else "a"
-        return f"{article} {dtype} tensor of shape {tuple(value.shape)}"
-    text = repr(value)
-    return f"a {type(value).__name__} ({text[:60]})"
+        nested = "nested " if value.is_nested else ""
+        return f"{article} {dtype} {nested}tensor of shape {_shape(value)}"
+    kind = type(value).__name__
+    if isinstance(value, list | tuple | dict | set | frozenset | str | bytes):
+        kind = f"{kind} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"a {kind} ({_REPR.repr(value)})"
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's bounded repr; an object whose repr raises shows as its type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = 60
+        self.maxlong = 40
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        try:
+            text = repr(x)
+        except Exception:  # the user's __repr__: the message must still be written
+            return f"<{type(x).__name__} object>"
+        if len(text) > self.maxother:
+            return text[: self.maxother - 3] + "..."
+        return text
+
+
+_REPR = _BoundedRepr()
+
+
+def _shape(x: torch.Tensor) -> tuple[Any, ...]:
+    try:
+        return tuple(x.shape)
+    except RuntimeError:  # a tensor kind without sizes (sparse CSR batches, ...)
+        return ("?",)
+
+
+def size_at(x: torch.Tensor, axis: int) -> int:
+    """``x.shape[axis]`` as an int; a ragged dimension of a nested tensor has none."""
+    size = x.shape[axis]
+    if isinstance(size, torch.SymInt) and size.node.is_nested_int():
+        raise RuleError(
+            f"a regular size on axis {axis} (a ragged dimension of a nested tensor cannot "
+            f"become a layer size)",
+            describe(x),
+        )
+    return int(size)
 
 
 class Rule:
@@ -131,7 +179,27 @@ class Rule:
         return size
 
     def describe(self) -> str:
+        """Where the value comes from, for error messages."""
         return repr(self)
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        """:meth:`describe` for docstrings, naming the arguments of ``forward`` (the
+        layer's forward signature without ``self``) as torch's docs do:
+        "``input.shape[-1]``"."""
+        return self.describe()
+
+
+def _argument_name(arg: int | str, forward: inspect.Signature | None) -> str | None:
+    if isinstance(arg, str):
+        return arg
+    if forward is None:
+        return None
+    names = [
+        p.name
+        for p in forward.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return names[arg] if 0 <= arg < len(names) else None
 
 
 def _tensor(call: Call, arg: int | str) -> torch.Tensor:
@@ -177,7 +245,7 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
         need = self.axis + 1 if self.axis >= 0 else -self.axis
         if x.dim() < need:
             raise RuleError(f"a tensor with at least {need} dimension(s)", describe(x))
-        size = int(x.shape[self.axis])
+        size = size_at(x, self.axis)
         if size <= 0:
             raise RuleError(
                 f"a non-zero size on axis {self.axis} (it becomes a layer size)", describe(x)
@@ -185,8 +253,15 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
         return size
 
     def describe(self) -> str:
-        where = f"forward argument {self.arg!r}"
-        return f"size of axis {self.axis} of {where}"
+        return f"size of axis {self.axis} of forward argument {self.arg!r}"
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        name = _argument_name(self.arg, forward)
+        where = self.describe() if name is None else f"``{name}.shape[{self.axis}]``"
+        if self.ndim is None:
+            return where
+        ranks = (self.ndim,) if isinstance(self.ndim, int) else self.ndim
+        return f"{where} ({_rank_text(ranks).removeprefix('a ')} only)"
 
 
 @dataclass(frozen=True)
@@ -210,7 +285,7 @@ class _Function(Rule):
         return value
 
     def describe(self) -> str:
-        return f"rule {getattr(self.fn, '__name__', repr(self.fn))}"
+        return f"rule {getattr(self.fn, '__name__', _REPR.repr(self.fn))}"
 
 
 def as_rule(rule: Rule | Callable[..., Any]) -> Rule:

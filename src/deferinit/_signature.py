@@ -7,6 +7,7 @@ showing the arguments in a ``repr`` or an error.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,45 +28,42 @@ __all__ = [
     "qualname",
 ]
 
-_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
+# Bounded caches: a long-running process may define deferred classes without end
+# (a new lambda rule makes a new class); an evicted entry is only recomputed.
+_CACHE_SIZE = 256
 
 
 def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
     """The real class's forward signature without ``self`` (to find named arguments)."""
-    real = cls._di_cls
-    if real not in _FORWARD_SIGNATURES:
-        try:
-            sig = inspect.signature(real.forward)
-            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-        except (TypeError, ValueError):
-            sig = None
-        _FORWARD_SIGNATURES[real] = sig
-    return _FORWARD_SIGNATURES[real]
+    return _forward_signature(cls._di_cls)
 
 
-_FAST: dict[type, tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None] = {}
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _forward_signature(real: type) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(real.forward)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def fast_signature(
     cls: type[Deferred],
 ) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]] | None:
     """(positional names, all names, required names) of the public signature when
     it has only plain parameters, else None (then inspect's binder is used)."""
-    if cls not in _FAST:
-        params = list(cls._di_public_signature.parameters.values())
-        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
-        full = cls._di_init_signature.parameters.values()
-        plain = plain and all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in full)
-        _FAST[cls] = (
-            (
-                tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
-                frozenset(p.name for p in params),
-                frozenset(p.name for p in params if p.default is p.empty),
-            )
-            if plain
-            else None
-        )
-    return _FAST[cls]
+    params = list(cls._di_public_signature.parameters.values())
+    plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+    full = cls._di_init_signature.parameters.values()
+    plain = plain and all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in full)
+    if not plain:
+        return None
+    return (
+        tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
+        frozenset(p.name for p in params),
+        frozenset(p.name for p in params if p.default is p.empty),
+    )
 
 
 def bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
