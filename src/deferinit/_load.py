@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -111,7 +112,10 @@ def _read_torch(path: Path, shown: str) -> dict[str, Any]:
     if zipfile.is_zipfile(path):
         _check_crcs(path, shown, fix)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle of another protocol: the refusal that follows says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [ln.strip() for ln in str(error).splitlines()]
         # torch's own words on what it refused ("Unsupported global: GLOBAL os.system").
