@@ -12,6 +12,7 @@ step is recorded so that a failure leaves the layer exactly as it was.
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._deferred import (
@@ -30,12 +32,13 @@ from ._deferred import (
     constructor_call,
     placeholder_tensors,
 )
-from ._errors import InferenceError
+from ._errors import InferenceError, ShapeMismatchError
 from ._guard import guard_for
+from ._initialize import run_registered
 from ._layout import freeze
 from ._naming import label
 from ._rules import describe
-from ._state import State, replace
+from ._state import State, declared_defaults, replace
 
 __all__ = [
     "SHAPE_PASS",
@@ -158,11 +161,8 @@ def become(
     cls = type(module)
     args, kwargs = constructor_call(cls, state.arguments, values)
     try:
-        if device is None:
+        with declared_defaults(state, device):
             real = cls._di_cls(*args, **kwargs)
-        else:
-            with torch.device(device):
-                real = cls._di_cls(*args, **kwargs)
     except Exception as error:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if k not in state.explicit)
         got = f" (inferred {shown} from {built_from})" if built_from else ""
@@ -171,14 +171,34 @@ def become(
             f"sizes{got}: {type(error).__name__}: {error}. The layer is left unbuilt. "
             f"Fix: pass an input whose sizes the layer accepts, or give them explicitly."
         ) from error
+    _check_ties(module, real, values, built_from)
     if not module.training:
         real.train(False)
     txn = Transaction(module)
+    try:
+        _take_over(module, real, state, values, built_from, txn, adopt, device)
+    except BaseException:  # Ctrl-C between two steps included: never half-built
+        txn.rollback()
+        raise
+    return txn
+
+
+def _take_over(
+    module: Deferred,
+    real: nn.Module,
+    state: State,
+    values: dict[str, Any],
+    built_from: str | None,
+    txn: Transaction,
+    adopt: bool,
+    device: torch.device | str | None,
+) -> None:
+    ties: list[str] = []
     if adopt:
         # Plain tensor attribute access: Parameter's Python __torch_function__ would
         # otherwise run for every .data/.dtype/.device read below.
-        with torch._C.DisableTorchFunctionSubclass():
-            _adopt_placeholders(module, real, txn, keep_device=device is not None)
+        with torch._C.DisableTorchFunctionSubclass(), declared_defaults(state, device):
+            ties = _adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     for key in _hook_tables(module.__dict__):
@@ -193,12 +213,44 @@ def become(
     built = object.__new__(State)  # dataclasses.replace, without its per-call field walk
     built.__dict__.update(state.__dict__)
     built.values, built.built_from, built.own_hooks = dict(values), built_from, own
+    built.ties = tuple(ties)
     new["_di"] = built
     new["forward"] = guard_for(module, type(real))
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)
     object.__setattr__(module, "__class__", type(real))
-    return txn
+
+
+def _check_ties(
+    module: nn.Module, real: nn.Module, values: dict[str, Any], built_from: str | None
+) -> None:
+    """A real tensor assigned to the placeholder before the build (a tie such as
+    ``head.weight = emb.weight``) is kept, so it must fit the layer being built:
+    checked before anything changes."""
+    for name, tensor in placeholder_tensors(module):
+        if isinstance(tensor, UninitializedTensorMixin):
+            continue
+        fresh = _tensor_at(real, name)
+        if fresh is None or tuple(fresh.shape) == tuple(tensor.shape):
+            continue
+        got = f" (inferred from {built_from})" if built_from else ""
+        raise ShapeMismatchError(
+            f"{label(module)}: {name} was assigned a tensor of shape {tuple(tensor.shape)} "
+            f"before the build (a tie, such as head.weight = emb.weight), but the sizes "
+            f"{_sizes(values)}{got} give it shape {tuple(fresh.shape)}. The layer is left "
+            f"unbuilt. Fix: pass an input whose sizes agree with the assigned tensor, or "
+            f"assign a tensor that fits."
+        )
+
+
+def _tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name) if owner_name else module
+    except AttributeError:
+        return None
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers.get(leaf)
 
 
 def _rebind(value: Any, old: object, new: object) -> Any:
@@ -209,7 +261,10 @@ def _rebind(value: Any, old: object, new: object) -> Any:
 
 def _adopt_placeholders(
     module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
-) -> None:
+) -> list[str]:
+    """Put the placeholders' objects in place of the real layer's fresh tensors;
+    returns the names that held a real tensor (ties), which the layer keeps."""
+    ties: list[str] = []
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
         owner_name, _, leaf = name.rpartition(".")
@@ -219,9 +274,19 @@ def _adopt_placeholders(
             continue
         table = owner._parameters if leaf in owner._parameters else owner._buffers
         value = table.get(leaf)
-        if value is None or not isinstance(
-            placeholder, UninitializedParameter | UninitializedBuffer
-        ):
+        if value is None:
+            continue
+        if not isinstance(placeholder, UninitializedTensorMixin):
+            # Assigned before the build (head.weight = emb.weight), or another
+            # layer's placeholder that its build made real: the tie is kept, as
+            # eager code assigning it after construction would have it.
+            table[leaf] = placeholder  # type: ignore[assignment]
+            ties.append(name)
+            continue
+        if isinstance(value, UninitializedTensorMixin):
+            # A deferred layer inside a block: it adopts this placeholder when it
+            # builds, so an optimizer made before the block's build holds it too.
+            table[leaf] = placeholder  # type: ignore[assignment]
             continue
         if id(value) in adopted:  # tied in the layer (e.g. head.weight = emb.weight)
             table[leaf] = adopted[id(value)]  # type: ignore[assignment]
@@ -253,6 +318,7 @@ def _adopt_placeholders(
                 continue
             txn.swaps.append((placeholder, built))
         table[leaf] = placeholder  # type: ignore[assignment]
+    return ties
 
 
 def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -270,37 +336,114 @@ def _build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, An
         built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
         recorder = SHAPE_PASS.get()
         if recorder is not None:
-            key = _memo_key(module, values, args, kwargs)
-            if key is not None and key in recorder.memo:
-                recorder.records.append((module, values, built_from, None))
-                return _from_spec(recorder.memo[key])
-        if recorder is None:
-            txn = become(module, values, built_from=built_from)
-        else:  # fake parameters, on the device the (fake) input is on
-            given = [*args, *kwargs.values()]
-            device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
-            txn = become(module, values, built_from=built_from, device=device, adopt=False)
+            return _record_shapes(module, values, built_from, recorder, args, kwargs)
+        state = module._di
+        txn = become(module, values, built_from=built_from)
         try:
-            if recorder is not None:  # di.build's shape-only pass: record, don't initialize
-                recorder.records.append((module, values, built_from, txn))
-                output = type(module).forward(module, *args, **kwargs)
-                if key is not None:
-                    spec = _output_spec(output)
-                    if spec is not None:
-                        recorder.memo[key] = spec
-                return output
-            from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
-
-            run_registered(module)
-            return type(module).forward(module, *args, **kwargs)
-        except Exception as error:
+            with declared_defaults(state):
+                run_registered(module)
+        except BaseException:  # the initializer's own error (or Ctrl-C), unchanged
             txn.rollback()
+            raise
+        try:
+            output = type(module).forward(module, *args, **kwargs)
+        except BaseException as error:
+            txn.rollback()
+            if not isinstance(error, Exception):
+                raise
             raise InferenceError(
                 f"{label(module)}: built with {_sizes(values)} from {built_from}, but its "
                 f"forward then failed: {type(error).__name__}: {error}. The layer is left "
                 f"unbuilt, with the same placeholders. Fix: pass the input the layer "
                 f"expects (e.g. a floating-point tensor of the right rank), then call again."
             ) from error
+        if module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
+            _undo_if_a_hook_fails(module, txn)
+        return output
+
+
+def _record_shapes(
+    module: Deferred,
+    values: dict[str, Any],
+    built_from: str,
+    recorder: ShapeRecorder,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """di.build's shape-only pass: construct with fake tensors on the device the
+    (fake) input is on, record the sizes, run; no initializer. Rolled back later."""
+    key = _memo_key(module, values, args, kwargs)
+    if key is not None and key in recorder.memo:
+        recorder.records.append((module, values, built_from, None))
+        return _from_spec(recorder.memo[key])
+    given = [*args, *kwargs.values()]
+    device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
+    txn = become(module, values, built_from=built_from, device=device, adopt=False)
+    recorder.records.append((module, values, built_from, txn))
+    try:
+        output = type(module).forward(module, *args, **kwargs)
+    except BaseException as error:
+        if not isinstance(error, Exception):
+            raise  # di.build rolls back every record
+        raise InferenceError(
+            f"{label(module)}: built with {_sizes(values)} from {built_from}, but its "
+            f"forward then failed: {type(error).__name__}: {error}. The layer is left "
+            f"unbuilt, with the same placeholders. Fix: pass the input the layer "
+            f"expects (e.g. a floating-point tensor of the right rank), then call again."
+        ) from error
+    if key is not None:
+        spec = _output_spec(output)
+        if spec is not None:
+            recorder.memo[key] = spec
+    return output
+
+
+def _undo_if_a_hook_fails(module: nn.Module, txn: Transaction) -> None:
+    """Make the first call all-or-nothing up to its last forward hook.
+
+    ``Module.__call__`` runs the forward hooks after this build returned. For that
+    one call, each hook is wrapped: if one raises (Ctrl-C included), the build is
+    undone and the error goes on unchanged; after the last hook the layer's own
+    table is back. Same hook ids, so torch's with-kwargs bookkeeping still applies;
+    calls from other threads meanwhile run the hooks as they are.
+    """
+    watch = _HookWatch(module, txn)
+    items = list(watch.table.items())
+    module.__dict__["_forward_hooks"] = {
+        hook_id: watch.wrap(hook, last=i == len(items) - 1)
+        for i, (hook_id, hook) in enumerate(items)
+    }
+
+
+class _HookWatch:
+    def __init__(self, module: nn.Module, txn: Transaction) -> None:
+        self.module = module
+        self.txn = txn
+        self.table = module.__dict__["_forward_hooks"]
+        self.builder = threading.get_ident()
+        self.open = True
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.module.__dict__["_forward_hooks"] = self.table
+
+    def wrap(self, hook: Any, *, last: bool) -> Any:
+        def run(*hook_args: Any) -> Any:
+            if not self.open or threading.get_ident() != self.builder:
+                return hook(*hook_args)
+            try:
+                result = hook(*hook_args)
+            except BaseException:
+                self.close()
+                with BUILD_LOCK:
+                    self.txn.rollback()
+                raise
+            if last:
+                self.close()
+            return result
+
+        return run
 
 
 # Never traced by torch.compile: building changes the module itself, so it runs
@@ -318,8 +461,10 @@ def unbecome(module: nn.Module) -> bool:
 
     Sizes are forgotten; initializers, hooks, train/eval mode, dtype and device
     are kept, and so are the parameter objects (emptied in place), so an
-    optimizer that holds them keeps training them after the next build.
-    Returns whether anything changed.
+    optimizer that holds them keeps training them after the next build. Tensors
+    the layer kept from before its build (ties) are not deferinit's: they stay as
+    they are, and fix the sizes again at the next build. Returns whether
+    anything changed.
     """
     state: State | None = module.__dict__.get("_di")
     if state is None or isinstance(module, Deferred):
@@ -327,30 +472,15 @@ def unbecome(module: nn.Module) -> bool:
     cls = state.deferred
     if len(state.explicit) == len(cls._di_rules):
         return False  # every size was given: nothing to forget
-    fresh = replace(state, values=None, built_from=None, own_hooks={})
+    fresh = replace(state, values=None, built_from=None, own_hooks={}, ties=())
     fresh.layout = _layout(cls, fresh)
     placeholder = cls.__new__(cls)
     nn.Module.__init__(placeholder)
     object.__setattr__(placeholder, "_di", fresh)
     _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
+    for name, _ in placeholder_tensors(placeholder):
+        _keep_object(module, placeholder, name, emptied=name not in state.ties)
     current = module.__dict__
-    for name, slot in placeholder_tensors(placeholder):
-        owner_name, _, leaf = name.rpartition(".")
-        try:
-            owner = module.get_submodule(owner_name)
-        except AttributeError:
-            continue
-        table = owner._parameters if leaf in owner._parameters else owner._buffers
-        old = table.get(leaf)
-        if old is None:
-            continue
-        target = placeholder.get_submodule(owner_name)
-        target_table = (
-            target._parameters if slot.__class__ is UninitializedParameter else target._buffers
-        )
-        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
-        old.__class__ = type(slot)
-        target_table[leaf] = old  # type: ignore[assignment]
     new = placeholder.__dict__
     for key in _hook_tables(current):
         table = current[key]
@@ -363,3 +493,20 @@ def unbecome(module: nn.Module) -> bool:
     for sub in placeholder.modules():
         sub.training = new["training"]
     return True
+
+
+def _keep_object(module: nn.Module, placeholder: nn.Module, name: str, *, emptied: bool) -> None:
+    """Put the built layer's tensor object ``name`` into the new placeholder's slot,
+    turned back into a placeholder in place unless it is a tie."""
+    old = _tensor_at(module, name)
+    if old is None:
+        return
+    owner_name, _, leaf = name.rpartition(".")
+    target = placeholder.get_submodule(owner_name) if owner_name else placeholder
+    table = target._parameters if leaf in target._parameters else target._buffers
+    if emptied:
+        slot = table[leaf]
+        old.grad = None  # a gradient of the old sizes would not fit the next build
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        old.__class__ = type(slot)
+    table[leaf] = old  # type: ignore[assignment]

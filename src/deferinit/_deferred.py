@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copyreg
 import inspect
+import pickle
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -26,11 +30,12 @@ from ._signature import (
     qualname,
     quoted,
 )
-from ._state import State
+from ._state import State, declared_defaults, default_device
 
 __all__ = [
     "BUILD_LOCK",
     "Deferred",
+    "PortableClass",
     "constructor_call",
     "defer",
     "forward_signature",
@@ -45,8 +50,12 @@ M = TypeVar("M", bound=nn.Module)
 # each layer once, and a block that builds nested layers can re-enter.
 BUILD_LOCK = threading.RLock()
 
-_CLASSES: dict[Any, type[Deferred]] = {}
-_LAYOUTS: dict[Any, Layout] = {}
+# Both caches live as long as the process, so neither may grow with it: a class
+# stays cached while something holds it (the twins in deferinit.nn, a user's
+# ``LazyBlock``), and the layouts of the most recently declared sizes are kept.
+_CLASSES: weakref.WeakValueDictionary[Any, type[Deferred]] = weakref.WeakValueDictionary()
+_LAYOUTS: OrderedDict[Any, Layout] = OrderedDict()
+LAYOUT_CACHE_SIZE = 512
 
 
 class _DeferredMeta(type):
@@ -58,8 +67,20 @@ class _DeferredMeta(type):
 
 
 def _reduce_class(cls: _DeferredMeta) -> Any:
+    """A deferred class pickled as the placeholder's own class: it must infer again
+    after unpickling, so every rule must pickle."""
     if cls is Deferred:
         return "Deferred"
+    lost = _unpicklable_rules(cls)  # type: ignore[arg-type]
+    if lost:
+        rules = cls._di_rules  # type: ignore[attr-defined]
+        shown = ", ".join(f"{n} ({rules[n].describe()})" for n in lost)
+        raise _NotPicklableError(
+            f"deferinit {cls.__name__} layer: cannot be pickled before it is built: pickle "
+            f"cannot store the rule for {shown} (a lambda or a function defined inside "
+            f"another). Fix: build the layer first (a forward pass or di.build), or use "
+            f"di.dim(...) or a module-level function as the rule."
+        )
     return (_redefer, (cls._di_cls, tuple(cls._di_rules.items())))  # type: ignore[attr-defined]
 
 
@@ -68,6 +89,72 @@ def _redefer(cls: type[nn.Module], rules: tuple[tuple[str, Rule], ...]) -> type[
 
 
 copyreg.pickle(_DeferredMeta, _reduce_class)
+
+
+def _reduce_state(state: State) -> Any:
+    saved = dict(state.__dict__)
+    saved["deferred"] = PortableClass(state.deferred)
+    return (copyreg.__newobj__, (State,), saved)  # type: ignore[attr-defined]
+
+
+copyreg.pickle(State, _reduce_state)
+
+
+def _unpicklable_rules(cls: type[Deferred]) -> list[str]:
+    lost: list[str] | None = cls.__dict__.get("_di_unpicklable")
+    if lost is None:
+        lost = []
+        for name, rule in cls._di_rules.items():
+            try:
+                pickle.dumps(rule)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                lost.append(name)
+        type.__setattr__(cls, "_di_unpicklable", lost)
+    return lost
+
+
+class _NotPicklableError(NotBuiltError, pickle.PicklingError):
+    """A placeholder whose rule pickle cannot store (also a ``PicklingError``)."""
+
+
+@dataclass(frozen=True)
+class _Unpickled(Rule):
+    """Stands in for a rule pickle could not store, in a layer pickled once built:
+    the layer works as built; only inferring again (after ``di.reset``) needs it."""
+
+    shown: str
+
+    def infer(self, call: Call, options: Mapping[str, Any]) -> Any:
+        raise RuleError(
+            f"its rule, {self.shown}, which was not pickled with the layer (pickle cannot "
+            f"store it); re-declare the layer with di.dim(...) or a module-level function",
+            "a layer unpickled after its build and then reset",
+        )
+
+    def describe(self) -> str:
+        return f"{self.shown}, not pickled"
+
+
+class PortableClass:
+    """How a built layer's :class:`State` pickles its deferred class: rules that
+    pickle cannot store are replaced by :class:`_Unpickled` stand-ins, so the built
+    layer always pickles. ``deepcopy`` keeps the class itself."""
+
+    def __init__(self, cls: type[Deferred]) -> None:
+        self.cls = cls
+
+    def __reduce__(self) -> Any:
+        cls = self.cls
+        lost = _unpicklable_rules(cls)
+        if not lost:
+            return _reduce_class(cls)  # type: ignore[arg-type]
+        rules = tuple(
+            (n, _Unpickled(r.describe()) if n in lost else r) for n, r in cls._di_rules.items()
+        )
+        return (_redefer, (cls._di_cls, rules))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> type[Deferred]:
+        return self.cls
 
 
 class _Slot(nn.Module):
@@ -115,7 +202,9 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                 value = rule.static(options, explicit)
                 if value is not MISSING:
                     explicit[name] = value
-        self.__dict__["_di"] = State(cls, arguments, options, explicit)  # no Module.__setattr__
+        state = State(cls, arguments, options, explicit)
+        state.dtype, state.device = torch.get_default_dtype(), default_device()
+        self.__dict__["_di"] = state  # no Module.__setattr__
         if len(explicit) == len(cls._di_rules):
             from ._become import become  # noqa: PLC0415 - cyclic by nature
 
@@ -238,11 +327,11 @@ def make_deferred(
     parsed = {name: as_rule(rule) for name, rule in rules.items()}
     key: Any = (cls, tuple(parsed.items()))
     try:
-        return _CLASSES[key]
-    except KeyError:
-        pass
+        cached = _CLASSES.get(key)
     except TypeError:  # unhashable rule: no caching
-        key = None
+        key = cached = None
+    if cached is not None:
+        return cached
     if signature is None:
         signature = inspect.signature(cls.__init__)
         params = list(signature.parameters.values())[1:]
@@ -279,13 +368,26 @@ def make_deferred(
 def _layout(cls: type[Deferred], state: State) -> Layout:
     key: Any
     try:
-        key = (cls, freeze(state.arguments), freeze(state.options), freeze(state.explicit))
-        return _LAYOUTS[key]
+        key = (
+            cls,
+            state.dtype,
+            freeze(state.arguments),
+            freeze(state.options),
+            freeze(state.explicit),
+        )
+        layout = _LAYOUTS[key]
     except KeyError:
         pass
     except TypeError:
         key = None
-    layout, error = probe_layout(_provisional(cls, state))
+    else:
+        try:
+            _LAYOUTS.move_to_end(key)
+        except KeyError:  # another thread evicted it meanwhile
+            pass
+        return layout
+    with declared_defaults(state, "meta"):
+        layout, error = probe_layout(_provisional(cls, state))
     if layout is None:
         shown = ", ".join(constructor_args_of(cls, state))
         raise TypeError(
@@ -294,6 +396,11 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         ) from error
     if key is not None:
         _LAYOUTS[key] = layout
+        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+            try:
+                _LAYOUTS.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
     return layout
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar, Union
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from ._deferred import BUILD_LOCK, Deferred
+from ._errors import DeferredInitError, InferenceError
+from ._naming import qualified_name
 
 __all__ = ["Initializer", "initialize", "run_registered"]
 
@@ -114,10 +117,42 @@ def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool
             reset()
             return True
         return False
-    if isinstance(init, Mapping):
-        return _apply_mapping(init, module._parameters.items(), prefix)
-    init(module)
+    with _reported(module, init, prefix):
+        if isinstance(init, Mapping):
+            return _apply_mapping(init, module._parameters.items(), prefix)
+        init(module)
     return True
+
+
+@contextlib.contextmanager
+def _reported(module: nn.Module, init: Initializer, prefix: str) -> Iterator[None]:
+    """An initializer's error, the same ``InferenceError`` on every path that runs
+    it (the first forward, ``di.build``, ``di.materialize``, ``di.initialize``),
+    naming the layer and chained to the original. Errors that are already ours,
+    and ``BaseException`` (Ctrl-C, ``SystemExit``), pass unchanged; each caller
+    undoes its own step."""
+    try:
+        yield
+    except DeferredInitError:
+        raise
+    except Exception as error:
+        name = qualified_name(module)
+        if name is None and prefix:  # a stand-in outside the model (di.materialize)
+            name = prefix[:-1]
+        layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
+        raise InferenceError(
+            f"{layer}: the initializer {_shown(init)} registered with "
+            f"di.initialize raised {type(error).__name__}: {error}. The layer is left as "
+            f"it was before this build or initialization. Fix: make the initializer "
+            f"accept this layer (test isinstance(module, ...) in a function, or narrow "
+            f"the glob patterns)."
+        ) from error
+
+
+def _shown(init: Initializer) -> str:
+    if isinstance(init, Mapping):
+        return "{" + ", ".join(repr(k) for k in init) + "}"
+    return repr(getattr(init, "__qualname__", None) or init)
 
 
 def _apply_mapping(
@@ -144,13 +179,14 @@ def _apply_mapping(
 def apply_registered(module: nn.Module, registered: Registered, *, recurse: bool) -> None:
     """Run one registered initializer on ``module`` (and below, with ``recurse``)."""
     init = registered.init
-    if isinstance(init, Mapping):
-        params = module.named_parameters() if recurse else module._parameters.items()
-        _apply_mapping(init, params, registered.prefix)
-    elif recurse:
-        module.apply(init)
-    else:
-        init(module)
+    with _reported(module, init, registered.prefix):
+        if isinstance(init, Mapping):
+            params = module.named_parameters() if recurse else module._parameters.items()
+            _apply_mapping(init, params, registered.prefix)
+        elif recurse:
+            module.apply(init)
+        else:
+            init(module)
     for sub in module.modules() if recurse else [module]:
         object.__setattr__(sub, _DONE, True)
 

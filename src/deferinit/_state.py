@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     from ._deferred import Deferred
     from ._layout import Layout
 
-__all__ = ["State", "replace"]
+__all__ = ["State", "declared_defaults", "default_device", "replace"]
 
 
 @dataclass
@@ -17,7 +20,12 @@ class State:
     """What a layer made through deferinit remembers, built or not.
 
     ``deferred`` is the deferred class (``deferinit.nn.Linear``), so that
-    ``di.reset`` can turn the built layer back into a placeholder.
+    ``di.reset`` can turn the built layer back into a placeholder. ``dtype`` and
+    ``device`` are torch's defaults when the layer was declared: eager code would
+    have constructed the layer under them at that line, so the build does too.
+    ``ties`` names the tensors the built layer kept from before its build (a real
+    parameter assigned to the placeholder, or another layer's): they are not
+    deferinit's, so ``di.reset`` leaves them as they are.
     """
 
     deferred: type[Deferred]
@@ -30,3 +38,62 @@ class State:
     init: Any = None  # registered initializer (see _initialize.py)
     initialized: bool = False  # deferinit ran an initializer on this layer
     own_hooks: dict[str, list[Any]] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None  # None: no default device was set (CPU)
+    ties: tuple[str, ...] = ()
+
+
+def default_device() -> torch.device | None:
+    """torch's default device now, or None for the plain default (CPU).
+
+    Only reads the mode stack when something is on it: declaring a layer is a
+    hot path, and ``torch.get_default_device`` costs microseconds.
+    """
+    if not torch._C._len_torch_function_stack():
+        return None
+    device = torch.get_default_device()
+    return None if device.type == "cpu" else device
+
+
+class _DefaultDtype:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.saved = torch.get_default_dtype()
+
+    def __enter__(self) -> None:
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_default_dtype(self.saved)
+
+
+def declared_defaults(
+    state: State, device: torch.device | str | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """Construct (and initialize) a layer as eager code would have at its declaration.
+
+    Under the default dtype and device recorded then (``device``, when given, wins),
+    and with ordinary trainable tensors even when the first call runs under
+    ``torch.no_grad()`` or ``torch.inference_mode()``. torch's default dtype is
+    process-wide, so it is only switched when it changed since the declaration.
+    """
+    contexts: list[contextlib.AbstractContextManager[Any]] = []
+    target = device if device is not None else state.device
+    if target is not None:
+        contexts.append(torch.device(target))
+    elif default_device() is not None:
+        contexts.append(torch.device("cpu"))
+    if state.dtype is not torch.get_default_dtype():
+        contexts.append(_DefaultDtype(state.dtype))
+    if torch.is_inference_mode_enabled():
+        contexts.append(torch.inference_mode(False))
+    if not torch.is_grad_enabled():
+        contexts.append(torch.enable_grad())
+    if not contexts:
+        return contextlib.nullcontext()
+    if len(contexts) == 1:
+        return contexts[0]
+    stack = contextlib.ExitStack()
+    for context in contexts:
+        stack.enter_context(context)
+    return stack
