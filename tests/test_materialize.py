@@ -511,6 +511,74 @@ def test_seed_does_not_touch_the_global_random_state_and_different_seeds_differ(
     assert not torch.equal(a.get_parameter("first.weight"), a.get_parameter("enc.0.weight")[:, :1])
 
 
+class TwoSquare(nn.Module):
+    """Two same-shape layers, under names given by ``names``, after ``extra`` others."""
+
+    def __init__(self, names: tuple[str, str], extra: int = 0) -> None:
+        super().__init__()
+        for i in range(extra):
+            self.add_module(f"pad{i}", dnn.Linear(8))
+        for name in names:
+            self.add_module(name, dnn.Linear(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def two_square_seeded(names: tuple[str, str], extra: int = 0) -> nn.Module:
+    model = di.build(TwoSquare(names, extra), (2, 8), device="meta")
+    return di.materialize(model, seed=0)
+
+
+def test_seed_gives_same_shape_tensors_under_different_names_different_values() -> None:
+    model = two_square_seeded(("a", "b"))
+    assert not torch.equal(model.get_parameter("a.weight"), model.get_parameter("b.weight"))
+    assert not torch.equal(model.get_parameter("a.bias"), model.get_parameter("b.bias"))
+    # Within one layer too: Linear draws weight and bias from U(-1/sqrt(8), 1/sqrt(8)),
+    # so one stream shared by both would make the bias the weight's first row.
+    weight, bias = model.get_parameter("a.weight"), model.get_parameter("a.bias")
+    assert not torch.equal(weight.flatten()[:8], bias)
+    # The same layer (first of the two, same neighbours) under another name: other values.
+    renamed = two_square_seeded(("c", "b"))
+    assert not torch.equal(model.get_parameter("a.weight"), renamed.get_parameter("c.weight"))
+    # The same name in another model, at another position among other neighbours: equal.
+    elsewhere = two_square_seeded(("b", "a"), extra=2)
+    for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
+        assert torch.equal(model.get_parameter(name), elsewhere.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["one run", "tensor by tensor"])
+def test_seed_runs_a_registered_initializer_only_where_its_values_are_used(
+    alone: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            calls.append(module.weight.device.type)
+            nn.init.normal_(module.weight)
+
+    def model() -> nn.Module:
+        built = di.build(nn.Sequential(dnn.Linear(4), dnn.Linear(3)), (2, 5), device="meta")
+        with torch.device("meta"):
+            built.append(nn.Linear(3, 2))  # declared on meta: the reset path
+        di.initialize(built, init)
+        return built
+
+    want = di.materialize(model(), seed=0)
+    assert calls == ["cpu"] * 3  # once per layer, never on a dry run
+    if alone:  # each tensor initialized alone: once per tensor (weight, bias)
+        monkeypatch.setattr("deferinit._materialize.seeded_whole", lambda *a, **k: None)
+        monkeypatch.setattr("deferinit._each.seeded_whole", lambda *a, **k: None)
+        calls.clear()
+        got = di.materialize(model(), seed=0)
+        assert calls == ["cpu"] * 6
+        for (name, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_seed_gives_the_same_model_every_time(assert_same_state: AssertSameState) -> None:
     a, b = on_meta(deferred_attention, (2, 5, 6)), on_meta(deferred_attention, (2, 5, 6))
     torch.manual_seed(0)
@@ -673,7 +741,7 @@ def test_a_failing_initialization_leaves_every_tensor_on_meta_under_the_same_obj
     assert all(t.device.type == "cpu" for t in model.parameters())
 
 
-def test_undo_puts_tensors_back_on_meta_even_when_a_view_of_one_is_still_alive() -> None:
+def test_undo_keeps_every_object_even_when_the_initializer_kept_a_view() -> None:
     model = di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta")
     kept: list[torch.Tensor] = []
 
@@ -683,9 +751,10 @@ def test_undo_puts_tensors_back_on_meta_even_when_a_view_of_one_is_still_alive()
             raise ValueError("bad init")
 
     di.initialize(model, init)
+    before = meta_state(model)
     with pytest.raises(ValueError, match="bad init"):
         di.materialize(model)
-    assert all(t.device.type == "meta" for t in model.parameters())
+    assert meta_state(model) == before  # back on meta under the very same objects
 
 
 # torch's own warning for Linear(0, 2), as in eager construction.

@@ -158,6 +158,8 @@ def each_tensor(
     names: Sequence[str],
     device: torch.device,
     seeds: Callable[[str], int] | None = None,
+    *,
+    construct: Callable[[], nn.Module] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, full value)`` for each wanted tensor of the module ``make``
     creates and initializes, a few at a time (never more bytes at once than the
@@ -171,6 +173,11 @@ def each_tensor(
     needs the layer's other tensors, from one run of the layer (per-tensor streams,
     else the stream ``seeds("")``). The caller's generators are left alone.
 
+    ``construct`` builds the module without running what initializes it beyond its
+    constructor (a registered initializer): the dry runs on meta, which learn the
+    registration order and sizes, use it, so that user code runs only where its
+    values are used (default: ``make``).
+
     >>> import torch
     >>> from torch import nn
     >>> _ = torch.manual_seed(0)
@@ -181,8 +188,9 @@ def each_tensor(
     [('weight', True)]
     """
     generators = Generators(device)
-    order = registration_order(make, generators)
-    sizes = None if seeds is not None or order is None else _sizes(make, names, generators)
+    dry = make if construct is None else construct
+    order = registration_order(dry, generators)
+    sizes = None if seeds is not None or order is None else _sizes(dry, names, generators)
     if sizes is not None and len(sizes) == len(names):
         groups = _groups(names, sizes)
     elif seeds is None and order is None:
@@ -208,7 +216,7 @@ def each_tensor(
                 tensors = named_tensors(make())
             return [tensors[name] for name in group]
         if not layer:
-            module = seeded_whole(make, device, seeds)
+            module = seeded_whole(make, device, seeds, construct=construct)
             if module is None:
                 with drawing(""), torch.device(device):
                     module = make()

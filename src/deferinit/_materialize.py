@@ -31,9 +31,10 @@ from torch.distributed.tensor import DTensor
 from ._deferred import BUILD_LOCK, Deferred, constructor_call
 from ._dispatch import Generators, storage_key, written_storages
 from ._each import each_tensor
-from ._errors import NotBuiltError
+from ._errors import DeferredInitError, NotBuiltError
+from ._initialize import apply_registered, mark_initialized
 from ._naming import root_scope
-from ._placing import UNDO, Owners, direct, is_meta, named, place, put, sharded_owners
+from ._placing import UNDO, Owners, Undo, direct, is_meta, named, place, put, sharded_owners
 from ._streams import seeded_whole
 
 __all__ = ["materialize"]
@@ -132,7 +133,7 @@ def materialize(
         total = sum(_bytes(sub) for _, _, sub in steps)
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         owners = sharded_owners(module)
-        undo: list[Callable[[], None]] = []
+        undo: list[Undo] = []
         generators = Generators(target)
         token = UNDO.set(undo)
         try:
@@ -140,22 +141,41 @@ def materialize(
                 for kind, name, sub in steps:
                     seeds = _seeds(seed, name)
                     if kind == "rebuild":
-                        _rebuild(sub, target, dtype, seeds, owners)
+                        _rebuild(sub, name, target, dtype, seeds, owners)
                     else:
                         _reset(sub, name, target, dtype, seeds, owners)
                     advance(_bytes(sub))
-        except BaseException:
-            # All or nothing: every tensor back on meta, under the same objects where
-            # it can be (each undo step runs even if another fails), and the random
-            # generators where they were, so that a corrected call gives eager's values.
-            for action in reversed(undo):
-                with contextlib.suppress(Exception):
-                    action()
+        except BaseException as error:
+            # All or nothing: every tensor back on meta under its own object, and the
+            # random generators where they were, so that a corrected call gives
+            # eager's values.
+            lost = [why for action in reversed(undo) if (why := action()) is not None]
             generators.restore()
+            if lost:
+                _report_lost(error, lost)
             raise
         finally:
             UNDO.reset(token)
     return module
+
+
+def _report_lost(error: BaseException, lost: list[str]) -> None:
+    """Tensors that went back to meta under new objects: the failure's own code
+    made references to their new data that are still alive. An interrupt stays an
+    interrupt, with this as a note (Python 3.11+); any other error becomes a
+    :class:`DeferredInitError` raised from it."""
+    message = (
+        f"di.materialize failed ({type(error).__name__}: {error}), and while putting the "
+        f"model back, {'; '.join(lost)}: so it is back on meta under a new object, and "
+        f"references made before (an optimizer) no longer reach it. Fix: do not keep "
+        f"references to the model's tensors in initialization code; create the "
+        f"optimizer again after di.materialize succeeds."
+    )
+    if isinstance(error, Exception):
+        raise DeferredInitError(message) from error
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(message)
 
 
 def _bytes(module: nn.Module) -> int:
@@ -196,50 +216,55 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
 
 def _rebuild(
     layer: nn.Module,
+    prefix: str,
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
     owners: Owners,
 ) -> None:
-    from ._initialize import apply_registered, mark_initialized, run_registered  # noqa: PLC0415
-
+    """A layer deferinit built on meta: constructed again for real with the arguments
+    it was built with, its registered initializer applied to that copy (user code
+    never holds the model's own tensors mid-way, so a failure can always be undone),
+    and the values placed under the layer's tensors."""
     state = layer.__dict__["_di"]
     args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
     explicit_device = "device" in kwargs
     cls = state.deferred._di_cls
+    registered = state.init
     old = {n: t for n, t in named(layer).items() if is_meta(t)}
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
-        if explicit_device:
-            kwargs["device"] = device
-        with torch.device(device):
-            fresh = cls(*args, **kwargs)
-        new = named(fresh)
-        for name, tensor in old.items():
-            if name in new:
-                put(layer, name, tensor, new[name], device, dtype, owners)
-        run_registered(layer)
-        return
 
-    def make() -> nn.Module:
+    def construct() -> nn.Module:
         if explicit_device:
             kwargs["device"] = torch.get_default_device()
         module: nn.Module = cls(*args, **kwargs)
-        if state.init is not None:
-            apply_registered(module, state.init, recurse=True)
         return module
 
-    if not _place_whole(layer, old, make, device, dtype, seeds, owners):
-        for name, value in each_tensor(make, list(old), device, seeds):
-            put(layer, name, old[name], value, device, dtype, owners)
+    def make() -> nn.Module:
+        module = construct()
+        if registered is not None:
+            apply_registered(module, registered, recurse=True)
+        return module
+
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        with torch.device(device):
+            new = named(make())
+        for name, tensor in old.items():
+            if name in new:
+                put(layer, name, tensor, new[name], device, dtype, owners, prefix)
+    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
+        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
+            put(layer, name, old[name], value, device, dtype, owners, prefix)
             del value
-    if state.init is not None:
+    if registered is not None:
         mark_initialized(layer)
 
 
 def _place_whole(
     layer: nn.Module,
+    prefix: str,
     old: dict[str, torch.Tensor],
     make: Callable[[], nn.Module],
+    construct: Callable[[], nn.Module],
     device: torch.device,
     dtype: torch.dtype | None,
     seeds: Callable[[str], int] | None,
@@ -249,12 +274,12 @@ def _place_whole(
     (the values each_tensor gives, at the cost of one initialization)."""
     if seeds is None or any(isinstance(t, DTensor) for t in old.values()):
         return False
-    whole = seeded_whole(make, device, seeds)
+    whole = seeded_whole(make, device, seeds, construct=construct)
     if whole is None:
         return False
     new = named(whole)
     for name, tensor in old.items():
-        put(layer, name, tensor, new[name], device, dtype, owners)
+        put(layer, name, tensor, new[name], device, dtype, owners, prefix)
     return True
 
 
@@ -283,8 +308,6 @@ def _reset(
     tensors that are real already (loaded, or tied to a filled one) keep theirs.
     A meta tensor that this initialization does not set (a buffer computed in
     ``__init__``, which never ran for real) is an error, not garbage."""
-    from ._initialize import apply_registered, mark_initialized  # noqa: PLC0415
-
     registered = module.__dict__.get("_di_meta_init")
     declared = [
         (table, leaf, t)
@@ -296,7 +319,7 @@ def _reset(
         if t is not None and is_meta(t) and all(t is not o for o in old.values()):
             old[leaf] = t
 
-    def make() -> nn.Module:
+    def construct() -> nn.Module:
         stand_in = object.__new__(type(module))  # no __init__ (FSDP's classes run it)
         stand_in.__dict__.update(module.__dict__)
         stand_in._parameters = {}
@@ -318,6 +341,10 @@ def _reset(
             else:
                 persistent = leaf not in module._non_persistent_buffers_set
                 stand_in.register_buffer(leaf, blank, persistent=persistent)
+        return stand_in
+
+    def make() -> nn.Module:
+        stand_in = construct()
         # Kept alive with their storages, so no new tensor can reuse their addresses.
         fresh = {leaf: (t, t.untyped_storage()) for leaf, t in direct(stand_in) if leaf in old}
         stand_reset = getattr(stand_in, "reset_parameters", None)
@@ -344,10 +371,10 @@ def _reset(
         with torch.device(device):
             new = dict(direct(make()))
         for leaf, tensor in old.items():
-            place(module, leaf, tensor, new[leaf], dtype)
-    elif not _place_whole(module, old, make, device, dtype, seeds, owners):
-        for leaf, value in each_tensor(make, list(old), device, seeds):
-            put(module, leaf, old[leaf], value, device, dtype, owners)
+            place(module, leaf, tensor, new[leaf], dtype, f"{name}.{leaf}" if name else leaf)
+    elif not _place_whole(module, name, old, make, construct, device, dtype, seeds, owners):
+        for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
+            put(module, leaf, old[leaf], value, device, dtype, owners, name)
             del value
     if registered is not None:
         mark_initialized(module, recurse=False)

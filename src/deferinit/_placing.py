@@ -1,8 +1,25 @@
-"""Putting new values into a model, undoably: under the existing Python objects
-(``torch.utils.swap_tensors``, so optimizers made before keep them), or, for FSDP2
+"""Putting new values into a model, undoably: under the existing Python objects, so
+that optimizers and every other reference made before see them, or, for FSDP2
 shards, as this rank's slice under every name the sharded tensor has. Every step is
 logged while :data:`UNDO` holds a list, so that a failing ``di.materialize`` can
 put the model back as it was.
+
+Why the tensor under a Python object is exchanged rather than written: a meta
+tensor cannot take real data in place (``param.data = cpu_tensor`` raises
+"incompatible tensor type", ``param.set_(cpu_tensor)`` refuses a storage on
+another device), so the object's C++ tensor is swapped for a real one
+(``torch._C._swap_tensor_impl``, the core of ``torch.utils.swap_tensors``). The
+swap is done here rather than through ``torch.utils.swap_tensors`` for two
+reasons. That function refuses any tensor with a Python weak reference (a user's
+``weakref.ref``, ``weakref.finalize``, a ``WeakKeyDictionary`` key, an RNN's
+``_flat_weight_refs``), because a weak reference sees new contents behind the same
+object; here that is the point: whoever refers to the parameter, strongly or
+weakly, must see it filled. And it also swaps the Python class and attributes,
+which would move attributes a user set on the parameter to the discarded object.
+What must hold for the swap to be sound is kept: no other C++ reference to either
+tensor (a view, an autograd graph), since torch keeps a Python object alive from
+the C++ side by counting those references, and no C++ weak reference (checked by
+torch itself).
 """
 
 from __future__ import annotations
@@ -18,14 +35,29 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-__all__ = ["UNDO", "Owners", "direct", "is_meta", "named", "place", "put", "sharded_owners"]
+from ._errors import DeferredInitError
 
+__all__ = [
+    "UNDO",
+    "Owners",
+    "Undo",
+    "direct",
+    "is_meta",
+    "named",
+    "place",
+    "put",
+    "sharded_owners",
+]
+
+# One undo step: puts one tensor back; returns ``None``, or, where the tensor could
+# be put back only under a new object, a sentence saying which and why.
+Undo = Callable[[], str | None]
 
 # What to do, newest first, to put every tensor materialize replaced back.
-UNDO: ContextVar[list[Callable[[], None]] | None] = ContextVar("UNDO", default=None)
+UNDO: ContextVar[list[Undo] | None] = ContextVar("UNDO", default=None)
 
 
-def on_undo(action: Callable[[], None]) -> None:
+def on_undo(action: Undo) -> None:
     log = UNDO.get()
     if log is not None:
         log.append(action)
@@ -58,40 +90,74 @@ def named(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict([*module.named_parameters(), *module.named_buffers()])
 
 
+_HELD = (
+    "another tensor holds its data: a view of it (such as p[0] or p.view(-1)) or an "
+    "autograd graph that used it (the output of a forward run on meta) is still alive"
+)
+
+
+def _alone(*tensors: torch.Tensor) -> bool:
+    return all(t._use_count() == 1 for t in tensors)
+
+
+def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Swap the C++ tensors under the Python objects ``a`` and ``b``, each object
+    keeping its class, attributes and weak references; or say why that is unsound."""
+    if not _alone(a, b):
+        gc.collect()  # a view or graph that is garbage already must not block it
+        if not _alone(a, b):
+            return _HELD
+    try:
+        torch._C._swap_tensor_impl(a, b)
+    except RuntimeError as error:  # a C++ weak reference (torch's own check)
+        return f"torch refuses to swap it ({error})"
+    return None
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
+
+
 def place(
-    owner: nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor, dtype: torch.dtype | None
+    owner: nn.Module,
+    leaf: str,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    dtype: torch.dtype | None,
+    qualified: str,
 ) -> None:
     """Put ``new``'s values under the ``old`` Python object, so that optimizers and
-    other references made before materialization see them."""
+    every other reference made before materialization see them. ``qualified`` names
+    the tensor in errors. Never a new object: where the swap is unsound, a
+    :class:`DeferredInitError` saying why, and the model is put back."""
     want = dtype if dtype is not None and new.is_floating_point() else old.dtype
     data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
-    fresh: torch.Tensor
-    if isinstance(old, nn.Parameter):
-        fresh = nn.Parameter(data, requires_grad=old.requires_grad)
-    else:
-        fresh = data
-    for attempt in range(2):
-        try:
-            torch.utils.swap_tensors(old, fresh)
-        except RuntimeError:
-            # A weak reference blocks the swap (e.g. a finished fake-tensor pass
-            # that is not collected yet): collect once and retry.
-            if attempt == 0:
-                gc.collect()
-            continue
-        on_undo(functools.partial(_swap_back, owner, leaf, old, fresh))
-        return
-    _replace([(owner, leaf)], fresh)  # last resort: identity is lost
+    data.requires_grad_(old.requires_grad)
+    why = _exchange(old, data)
+    if why is not None:
+        raise DeferredInitError(
+            f"di.materialize: {_tensor_kind(old)} {qualified!r} of {type(owner).__name__} "
+            f"cannot be filled under its own object: {why}. deferinit never hands out a new "
+            f"object in its place (an optimizer made before would silently stop training "
+            f"it). The model is left as it was. Fix: drop those references (del them) and "
+            f"call di.materialize again."
+        )
+    on_undo(functools.partial(_swap_back, owner, leaf, old, data, qualified))
 
 
-def _swap_back(owner: nn.Module, leaf: str, old: torch.Tensor, fresh: torch.Tensor) -> None:
-    """Undo a swap; where a live view or weak reference blocks it, put the meta tensor
-    (now under ``fresh``) back in the table instead: identity is lost, not the state."""
-    try:
-        torch.utils.swap_tensors(old, fresh)
-    except RuntimeError:
-        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
-        table[leaf] = fresh
+def _swap_back(
+    owner: nn.Module, leaf: str, old: torch.Tensor, data: torch.Tensor, qualified: str
+) -> str | None:
+    """Undo a :func:`place`. Where something made during materialization still holds
+    the new data, the meta tensor goes back into the table under ``data``'s object:
+    the state is restored, the identity is not, and the caller reports it."""
+    why = _exchange(old, data)
+    if why is None:
+        return None
+    table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
+    if table.get(leaf) is old:
+        table[leaf] = data
+    return f"{_tensor_kind(old)} {qualified!r} ({why})"
 
 
 def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
@@ -100,7 +166,11 @@ def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
         table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
         before = table[leaf]
         table[leaf] = fresh
-        on_undo(functools.partial(table.__setitem__, leaf, before))
+        on_undo(functools.partial(_put_back, table, leaf, before))
+
+
+def _put_back(table: dict[str, Any], leaf: str, before: torch.Tensor) -> None:
+    table[leaf] = before
 
 
 def put(
@@ -111,7 +181,9 @@ def put(
     device: torch.device,
     dtype: torch.dtype | None,
     owners: Owners,
+    prefix: str,
 ) -> None:
+    """``value`` into the tensor ``name`` of ``layer`` (which sits at ``prefix``)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name)
     if isinstance(old, DTensor):
@@ -119,7 +191,7 @@ def put(
         if is_meta(old):  # a tied tensor is filled once, under its first name
             _fill_shard(places, old, value, device, dtype)
     else:
-        place(owner, leaf, old, value, dtype)
+        place(owner, leaf, old, value, dtype, f"{prefix}.{name}" if prefix else name)
 
 
 def _fill_shard(

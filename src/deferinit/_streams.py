@@ -58,12 +58,18 @@ class _Streams(Registered):
 
 
 def seeded_whole(
-    make: Callable[[], nn.Module], device: torch.device, seeds: Callable[[str], int]
+    make: Callable[[], nn.Module],
+    device: torch.device,
+    seeds: Callable[[str], int],
+    *,
+    construct: Callable[[], nn.Module] | None = None,
 ) -> nn.Module | None:
     """The module ``make`` builds on ``device``, each of its tensors holding what
     :func:`each_tensor` with ``seeds`` gives it, in one run; ``None`` where the
     initialization fills something else at random (then go tensor by tensor).
-    CPU only: elsewhere ``None``.
+    CPU only: elsewhere ``None``. ``construct`` (default ``make``) builds the module
+    without its registered initializer, for the dry run on meta that learns the
+    registration order: the initializer then runs once.
 
     >>> import torch
     >>> from torch import nn
@@ -77,7 +83,7 @@ def seeded_whole(
     if device.type != "cpu":
         return None
     generators = Generators(device)
-    order = registration_order(make, generators)
+    order = registration_order(make if construct is None else construct, generators)
     if order is None:
         return None
     names: dict[int, str] = {}
