@@ -124,9 +124,10 @@ def test_a_parameter_held_in_a_user_list_is_the_one_filled() -> None:
 
 def test_attributes_set_on_a_parameter_stay_on_it() -> None:
     model = on_meta()
-    model[0].weight.no_decay = True  # type: ignore[attr-defined]
+    weight = model.get_parameter("0.weight")
+    weight.no_decay = True  # type: ignore[attr-defined]
     di.materialize(model)
-    assert model[0].weight.no_decay is True  # type: ignore[attr-defined]
+    assert model.get_parameter("0.weight").no_decay is True  # type: ignore[attr-defined]
 
 
 def test_an_rnn_declared_on_meta_keeps_its_weights_and_runs_like_eager(
@@ -154,7 +155,7 @@ def test_a_live_view_of_a_parameter_is_an_error_naming_it_and_nothing_changes(
     seed: int | None,
 ) -> None:
     model = on_meta()
-    view = model[2].weight.view(-1)
+    view = model.get_parameter("2.weight").view(-1)
     before = snapshot(model)
     with pytest.raises(di.DeferredInitError, match=r"parameter '2\.weight' of Linear") as caught:
         di.materialize(model, seed=seed)
@@ -187,7 +188,7 @@ def test_initialization_code_that_keeps_a_view_of_a_filled_parameter_is_reported
         if isinstance(module, nn.Linear):
             linears.append(module)
             if len(linears) == 2:  # the first layer is filled by now
-                kept.append(model[0].weight.view(-1))
+                kept.append(model.get_parameter("0.weight").view(-1))
                 raise ValueError("bad init")
 
     di.initialize(model, init)

@@ -97,7 +97,8 @@ _HELD = (
 
 
 def _alone(*tensors: torch.Tensor) -> bool:
-    return all(t._use_count() == 1 for t in tensors)
+    # The C++ reference count, the one torch.utils.swap_tensors checks too.
+    return all(t._use_count() == 1 for t in tensors)  # type: ignore[attr-defined]
 
 
 def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
