@@ -7,6 +7,7 @@ and a corrected input after which it must equal the eager layer bitwise.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import deferinit as di
+import test_layers as layers
 from deferinit import nn as dnn
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
@@ -253,3 +255,203 @@ def test_defer_rejects_bad_declarations_with_type_error(
 ) -> None:
     with pytest.raises(TypeError, match=match):
         di.defer(cls, **rules)
+
+
+def _snapshot(module: nn.Module) -> tuple[Any, ...]:
+    """Everything a failed first call must leave as it was: class, repr, and the very
+    placeholder objects under every name."""
+    tensors = module.state_dict(keep_vars=True)
+    return type(module), repr(module), [(k, id(v)) for k, v in tensors.items()], tensors
+
+
+def _assert_unchanged(module: nn.Module, before: tuple[Any, ...]) -> None:
+    cls, text, ids, _ = before
+    assert type(module) is cls
+    assert repr(module) == text
+    assert [(k, id(v)) for k, v in module.state_dict(keep_vars=True).items()] == ids
+
+
+def test_multihead_attention_given_a_0d_key_names_the_layer_and_stays_deferred() -> None:
+    layer = dnn.MultiheadAttention(num_heads=2)
+    before = _snapshot(layer)
+    q = torch.randn(5, 3, 8)
+    with pytest.raises(
+        di.InferenceError,
+        match=r"^MultiheadAttention layer cannot infer kdim .*expected key with at least 1 "
+        r"dimension, got a float32 tensor of shape \(\)",
+    ):
+        layer(q, torch.tensor(1.0), q)
+    _assert_unchanged(layer, before)
+    assert layer(q, q, q)[0].shape == (5, 3, 8)
+
+
+class _NoRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("this repr is broken")
+
+
+def test_an_argument_whose_repr_raises_is_described_by_its_type() -> None:
+    layer = dnn.Linear(4)
+    with pytest.raises(
+        di.InferenceError,
+        match=r"^Linear layer cannot infer in_features .*expected a tensor as forward "
+        r"argument 0, got a _NoRepr \(<_NoRepr object>\)",
+    ):
+        layer(_NoRepr())
+    assert not di.is_built(layer)
+
+
+class _CountedRepr(float):
+    calls = 0
+
+    def __repr__(self) -> str:
+        type(self).calls += 1
+        return super().__repr__()
+
+
+def test_a_huge_list_as_first_input_fails_fast_with_a_bounded_message() -> None:
+    huge = [_CountedRepr(0.5)] * 10**6
+    layer = dnn.Linear(4)
+    start = time.perf_counter()
+    with pytest.raises(di.InferenceError, match=r"got a list of 1000000 items \(\[0\.5, ") as info:
+        layer(huge)
+    assert time.perf_counter() - start < 2.0  # the whole repr took seconds
+    assert _CountedRepr.calls <= 10
+    assert len(str(info.value)) < 400
+    assert not di.is_built(layer)
+
+
+class _Sum(nn.Module):
+    """Reduces its input to a 0-d tensor: no layer after it can infer anything."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+
+def test_inference_error_names_a_later_layer_of_a_repeated_class() -> None:
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(8), _Sum(), dnn.Linear(8))
+    with pytest.raises(
+        di.InferenceError,
+        match=r"^Linear layer '4' cannot infer in_features .*got a float32 tensor of shape \(\)",
+    ):
+        net(torch.randn(2, 5))
+    assert di.pending(net) == ["4"]
+
+
+def test_shape_mismatch_names_a_later_layer_of_a_repeated_class() -> None:
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(8), nn.ReLU(), dnn.Linear(8))
+    net(torch.randn(2, 5))
+    # Only the width reaching layer '4' changes: layers '0' and '2' still fit.
+    net[3] = nn.Linear(8, 6)
+    with pytest.raises(
+        di.ShapeMismatchError,
+        match=r"^Linear layer '4' was built for in_features=8 \(inferred from a float32 tensor "
+        r"of shape \(2, 8\)\), but received a float32 tensor of shape \(2, 6\), which would "
+        r"need in_features=6\.",
+    ):
+        net(torch.randn(2, 5))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = dnn.Linear(8)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block(), _Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _Encoder()
+        self.head = dnn.Linear(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_shape_mismatch_names_a_later_block_of_a_nested_model() -> None:
+    model = _Model()
+    model(torch.randn(2, 5))
+    model.encoder.layers[0].act = nn.Linear(8, 3)  # only encoder.layers.1.proj now misfits
+    with pytest.raises(
+        di.ShapeMismatchError,
+        match=r"^Linear layer 'encoder\.layers\.1\.proj' was built for in_features=8 .*"
+        r"received a float32 tensor of shape \(2, 3\)",
+    ):
+        model(torch.randn(2, 5))
+
+
+def test_inference_error_names_a_later_block_of_a_nested_model() -> None:
+    model = _Model()
+    model.encoder.layers[1].act = _Sum()
+    with pytest.raises(
+        di.InferenceError, match=r"^Linear layer 'encoder\.layers\.2\.proj' cannot infer"
+    ):
+        model(torch.randn(2, 5))
+    assert di.pending(model) == ["encoder.layers.2.proj", "head"]
+
+
+def _nested(x: Any) -> Any:
+    """A jagged nested tensor with the same trailing sizes: two samples whose first
+    (ragged) dimension differs."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return x
+    parts = [x[0].contiguous(), x[0][: max(1, x.shape[1] - 1)].contiguous()]
+    return torch.nested.nested_tensor(parts, layout=torch.jagged)
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        return (value.values(), value.offsets())
+    if isinstance(value, tuple):
+        return tuple(_flat(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in layers.CASES])
+def test_nested_tensor_builds_as_eager_does_or_leaves_the_layer_unchanged(
+    case: layers.Case, training: bool
+) -> None:
+    args = tuple(_nested(a) for a in case.inputs())
+    good = case.inputs()
+    torch.manual_seed(0)
+    want: Any = None
+    try:
+        with torch.no_grad():
+            want = _flat(layers.eager(case).train(training)(*args))
+    except Exception as error:  # eager torch rejects it: deferinit may say so its own way
+        eager_error: type[Exception] | None = type(error)
+    else:
+        eager_error = None
+    torch.manual_seed(0)
+    layer = layers.twin(case).train(training)
+    before = _snapshot(layer)
+    try:
+        with torch.no_grad():
+            got = _flat(layer(*args))
+    except di.DeferredInitError:
+        assert eager_error is not None
+        _assert_unchanged(layer, before)
+        layer(*good)  # a corrected call then builds
+        return
+    except Exception as error:  # torch's own error: only where eager raises it too
+        assert type(error) is eager_error
+        _assert_unchanged(layer, before)
+        return
+    assert eager_error is None
+    layers.assert_same(got, want)
