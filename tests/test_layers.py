@@ -9,6 +9,7 @@ layer draws its initialization at its first forward.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -761,3 +762,48 @@ def test_attention_with_explicit_kdim_vdim_keeps_keys_and_placeholders_before_bu
     assert keys == list(reference.state_dict())
     assert [id(p) for p in layer.parameters()] == [id(p) for p in before]
     assert torch.equal(out, reference(q, k, v)[0])
+
+
+@pytest.mark.parametrize("cls", list(TWINS), ids=[c.__name__ for c in TWINS])
+def test_twin_signature_is_torchs_minus_the_inferred_arguments(cls: type[nn.Module]) -> None:
+    twin_cls = getattr(dnn, cls.__name__)
+    shown = inspect.signature(twin_cls).parameters
+    torch_names = list(twin_cls._di_init_signature.parameters)
+    options = list(twin_cls._di_options)
+    assert list(shown) == [n for n in torch_names if n not in TWINS[cls]] + options
+    for name in options:
+        assert shown[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_linear_signature_reads_like_torchs() -> None:
+    assert str(inspect.signature(dnn.Linear)) == (
+        "(out_features: int, bias: bool = True, device=None, dtype=None)"
+    )
+    layer = dnn.Linear(3)
+    assert inspect.signature(layer) == inspect.signature(nn.Linear(2, 3))  # the instance: its call
+
+
+@pytest.mark.parametrize("cls", list(TWINS), ids=[c.__name__ for c in TWINS])
+def test_twin_docstring_says_which_axis_of_which_input_each_size_comes_from(
+    cls: type[nn.Module],
+) -> None:
+    doc = getattr(dnn, cls.__name__).__doc__
+    forward = list(inspect.signature(cls.forward).parameters)[1:]
+    for name, rule in TWINS[cls].items():
+        if isinstance(rule, di.dim):
+            arg = rule.arg if isinstance(rule.arg, str) else forward[rule.arg]
+            source = f"``{arg}.shape[{rule.axis}]``"
+        else:
+            source = rule.origin(_forward_signature(cls))
+        assert f"    {name}: inferred from {source}" in doc, (name, doc)
+    assert f"becomes a ``torch.nn.{cls.__name__}``" in doc
+
+
+def _forward_signature(cls: type[nn.Module]) -> inspect.Signature:
+    sig = inspect.signature(cls.forward)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def test_linear_docstring_says_in_features_comes_from_the_last_axis_of_input() -> None:
+    assert "in_features: inferred from ``input.shape[-1]``" in (dnn.Linear.__doc__ or "")
+    assert "embed_dim: inferred from ``query.shape[-1]``" in (dnn.MultiheadAttention.__doc__ or "")
