@@ -8,8 +8,12 @@ its first forward, an eager one at construction, and both must draw the same.
 
 from __future__ import annotations
 
+import copy as copy_module
+import gc
+import pickle
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +23,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import deferinit as di
+from deferinit import _deferred
 from deferinit import nn as dnn
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
@@ -582,3 +587,68 @@ def test_concurrent_first_calls_build_each_layer_once(
     assert_same_state(net, ref)
     expected = ref(x)
     assert all(out is not None and torch.equal(out, expected) for out in outputs)
+
+
+# --- pickling with a lambda rule, bounded caches (§3.7, issue 8) ------------------------
+
+
+class PairBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # type: ignore[no-any-return]
+
+
+def test_layer_deferred_with_a_lambda_rule_pickles_once_built() -> None:
+    block = di.defer(PairBlock, in_dim=lambda x: x.shape[-1])(out_dim=3)
+    x = torch.randn(2, 4)
+    out = block(x)
+    copy = pickle.loads(pickle.dumps(block))
+    assert type(copy) is PairBlock
+    assert torch.equal(copy(x), out)
+    di.reset(copy)  # the rule did not travel: inferring again says so
+    with pytest.raises(
+        di.InferenceError, match=r"(?s)PairBlock layer cannot infer in_dim.*not pickled.*di\.dim"
+    ):
+        copy(torch.randn(2, 5))
+
+
+def test_unbuilt_layer_with_a_lambda_rule_refuses_pickle_naming_the_rule_and_the_fix() -> None:
+    block = di.defer(PairBlock, in_dim=lambda x: x.shape[-1])(out_dim=3)
+    with pytest.raises(
+        di.NotBuiltError,
+        match=r"PairBlock layer: cannot be pickled before it is built: .*in_dim \(rule "
+        r"<lambda>\).*Fix: build the layer first .*di\.dim",
+    ) as caught:
+        pickle.dumps(block)
+    assert isinstance(caught.value, pickle.PicklingError)
+    twin = copy_module.deepcopy(block)  # deepcopy keeps the class itself
+    assert twin(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_layout_cache_stays_bounded_over_many_distinct_sizes() -> None:
+    for size in range(1, 2 * _deferred.LAYOUT_CACHE_SIZE):
+        dnn.Linear(size)
+    assert len(_deferred._LAYOUTS) <= _deferred.LAYOUT_CACHE_SIZE
+
+
+def test_deferred_classes_with_new_lambda_rules_are_not_kept_for_good() -> None:
+    refs = []
+    for _ in range(_deferred.LAYOUT_CACHE_SIZE + 50):
+        cls = di.defer(PairBlock, in_dim=lambda x: x.shape[-1])
+        cls(out_dim=2)
+        refs.append(weakref.ref(cls))
+    del cls
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive <= _deferred.LAYOUT_CACHE_SIZE  # only what the layout cache still holds
+    assert refs[0]() is None
+
+
+def test_same_rule_function_gives_the_same_deferred_class() -> None:
+    def rule(x: torch.Tensor) -> int:
+        return int(x.shape[-1])
+
+    assert di.defer(PairBlock, in_dim=rule) is di.defer(PairBlock, in_dim=rule)

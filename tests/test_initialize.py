@@ -405,3 +405,20 @@ def test_force_reinit_is_keyword_only() -> None:
     initialize: Any = di.initialize
     with pytest.raises(TypeError):
         initialize(mlp(), None, True)
+
+
+def test_di_build_runs_the_registered_initializer_of_every_layer_once() -> None:
+    net = nn.Sequential(dnn.Linear(4), nn.ReLU(), dnn.Linear(2))
+    seen: list[str] = []
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            seen.append(f"{module.in_features}->{module.out_features}")
+            nn.init.constant_(module.weight, 0.5)
+            nn.init.zeros_(module.bias)
+
+    di.initialize(net, init)
+    di.build(net, (2, 3))
+    assert seen == ["3->4", "4->2"]  # registration order, once each
+    assert torch.equal(net[0].weight, torch.full((4, 3), 0.5))
+    assert torch.equal(net[2].bias, torch.zeros(2))

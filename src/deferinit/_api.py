@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 from torch import nn
 
-from ._become import unbecome
-from ._deferred import BUILD_LOCK, Deferred, _Slot
+from ._become import hook_tables, tensor_at
+from ._deferred import (
+    BUILD_LOCK,
+    Deferred,
+    _install_placeholders,
+    _layout,
+    _Slot,
+    placeholder_tensors,
+)
+from ._state import State, replace
 
 __all__ = ["is_built", "pending", "reset"]
 
@@ -60,8 +69,11 @@ def reset(module: M) -> M:
     """Turn every layer below ``module`` that deferinit built back into a deferred
     layer: sizes are forgotten, so the next input infers them again. Initializers,
     hooks, train/eval mode, dtype, device and the parameter objects themselves are
-    kept (emptied in place); layers whose sizes were all given explicitly are left
-    as they are. Returns ``module``.
+    kept (emptied in place), so optimizers holding them keep training the model
+    after the next build. Only what deferinit created is forgotten: a tensor the
+    layer kept from before its build (a tie such as ``head.weight = emb.weight``)
+    stays as it is and fixes its sizes again. Layers whose sizes were all given
+    explicitly are left as they are. Returns ``module``.
 
     >>> import torch, deferinit as di
     >>> from deferinit import nn as dnn
@@ -77,3 +89,59 @@ def reset(module: M) -> M:
         for sub in reversed(list(module.modules())):
             unbecome(sub)
     return module
+
+
+def unbecome(module: nn.Module) -> bool:
+    """Turn a layer that deferinit built back into a placeholder (``di.reset``).
+
+    Sizes are forgotten; initializers, hooks, train/eval mode, dtype and device
+    are kept, and so are the parameter objects (emptied in place), so an
+    optimizer that holds them keeps training them after the next build. Tensors
+    the layer kept from before its build (ties) are not deferinit's: they stay as
+    they are, and fix the sizes again at the next build. Returns whether
+    anything changed.
+    """
+    state: State | None = module.__dict__.get("_di")
+    if state is None or isinstance(module, Deferred):
+        return False
+    cls = state.deferred
+    if len(state.explicit) == len(cls._di_rules):
+        return False  # every size was given: nothing to forget
+    fresh = replace(state, values=None, built_from=None, own_hooks={}, ties=())
+    fresh.layout = _layout(cls, fresh)
+    placeholder = cls.__new__(cls)
+    nn.Module.__init__(placeholder)
+    object.__setattr__(placeholder, "_di", fresh)
+    _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
+    for name, _ in placeholder_tensors(placeholder):
+        _keep_object(module, placeholder, name, emptied=name not in state.ties)
+    current = module.__dict__
+    new = placeholder.__dict__
+    for key in hook_tables(current):
+        table = current[key]
+        for k in state.own_hooks.get(key, []):
+            table.pop(k, None)
+        new[key] = table
+    new["training"] = current.get("training", True)
+    object.__setattr__(module, "__class__", cls)
+    object.__setattr__(module, "__dict__", new)
+    for sub in placeholder.modules():
+        sub.training = new["training"]
+    return True
+
+
+def _keep_object(module: nn.Module, placeholder: nn.Module, name: str, *, emptied: bool) -> None:
+    """Put the built layer's tensor object ``name`` into the new placeholder's slot,
+    turned back into a placeholder in place unless it is a tie."""
+    old = tensor_at(module, name)
+    if old is None:
+        return
+    owner_name, _, leaf = name.rpartition(".")
+    target = placeholder.get_submodule(owner_name) if owner_name else placeholder
+    table = target._parameters if leaf in target._parameters else target._buffers
+    if emptied:
+        slot = table[leaf]
+        old.grad = None  # a gradient of the old sizes would not fit the next build
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        old.__class__ = type(slot)
+    table[leaf] = old  # type: ignore[assignment]

@@ -27,8 +27,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._deferred import (
     BUILD_LOCK,
     Deferred,
-    _install_placeholders,
-    _layout,
     constructor_call,
     placeholder_tensors,
 )
@@ -38,7 +36,7 @@ from ._initialize import run_registered
 from ._layout import freeze
 from ._naming import label
 from ._rules import describe
-from ._state import State, declared_defaults, replace
+from ._state import State, declared_defaults
 
 __all__ = [
     "SHAPE_PASS",
@@ -46,7 +44,8 @@ __all__ = [
     "Transaction",
     "become",
     "build_and_run",
-    "unbecome",
+    "hook_tables",
+    "tensor_at",
 ]
 
 
@@ -112,7 +111,7 @@ _HOOK_TABLES = tuple(
 )
 
 
-def _hook_tables(d: Mapping[str, Any]) -> list[str]:
+def hook_tables(d: Mapping[str, Any]) -> list[str]:
     return [k for k in _HOOK_TABLES if k in d]
 
 
@@ -201,7 +200,7 @@ def _take_over(
             ties = _adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
-    for key in _hook_tables(module.__dict__):
+    for key in hook_tables(module.__dict__):
         table = module.__dict__[key]
         theirs = new.get(key, {})
         if theirs:
@@ -230,7 +229,7 @@ def _check_ties(
     for name, tensor in placeholder_tensors(module):
         if isinstance(tensor, UninitializedTensorMixin):
             continue
-        fresh = _tensor_at(real, name)
+        fresh = tensor_at(real, name)
         if fresh is None or tuple(fresh.shape) == tuple(tensor.shape):
             continue
         got = f" (inferred from {built_from})" if built_from else ""
@@ -243,7 +242,7 @@ def _check_ties(
         )
 
 
-def _tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
+def tensor_at(module: nn.Module, name: str) -> torch.Tensor | None:
     owner_name, _, leaf = name.rpartition(".")
     try:
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -454,59 +453,3 @@ _build_and_run_eagerly = torch.compiler.disable(_build_and_run)
 
 def _sizes(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in values.items())
-
-
-def unbecome(module: nn.Module) -> bool:
-    """Turn a layer that deferinit built back into a placeholder (``di.reset``).
-
-    Sizes are forgotten; initializers, hooks, train/eval mode, dtype and device
-    are kept, and so are the parameter objects (emptied in place), so an
-    optimizer that holds them keeps training them after the next build. Tensors
-    the layer kept from before its build (ties) are not deferinit's: they stay as
-    they are, and fix the sizes again at the next build. Returns whether
-    anything changed.
-    """
-    state: State | None = module.__dict__.get("_di")
-    if state is None or isinstance(module, Deferred):
-        return False
-    cls = state.deferred
-    if len(state.explicit) == len(cls._di_rules):
-        return False  # every size was given: nothing to forget
-    fresh = replace(state, values=None, built_from=None, own_hooks={}, ties=())
-    fresh.layout = _layout(cls, fresh)
-    placeholder = cls.__new__(cls)
-    nn.Module.__init__(placeholder)
-    object.__setattr__(placeholder, "_di", fresh)
-    _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
-    for name, _ in placeholder_tensors(placeholder):
-        _keep_object(module, placeholder, name, emptied=name not in state.ties)
-    current = module.__dict__
-    new = placeholder.__dict__
-    for key in _hook_tables(current):
-        table = current[key]
-        for k in state.own_hooks.get(key, []):
-            table.pop(k, None)
-        new[key] = table
-    new["training"] = current.get("training", True)
-    object.__setattr__(module, "__class__", cls)
-    object.__setattr__(module, "__dict__", new)
-    for sub in placeholder.modules():
-        sub.training = new["training"]
-    return True
-
-
-def _keep_object(module: nn.Module, placeholder: nn.Module, name: str, *, emptied: bool) -> None:
-    """Put the built layer's tensor object ``name`` into the new placeholder's slot,
-    turned back into a placeholder in place unless it is a tie."""
-    old = _tensor_at(module, name)
-    if old is None:
-        return
-    owner_name, _, leaf = name.rpartition(".")
-    target = placeholder.get_submodule(owner_name) if owner_name else placeholder
-    table = target._parameters if leaf in target._parameters else target._buffers
-    if emptied:
-        slot = table[leaf]
-        old.grad = None  # a gradient of the old sizes would not fit the next build
-        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
-        old.__class__ = type(slot)
-    table[leaf] = old  # type: ignore[assignment]

@@ -55,7 +55,7 @@ BUILD_LOCK = threading.RLock()
 # ``LazyBlock``), and the layouts of the most recently declared sizes are kept.
 _CLASSES: weakref.WeakValueDictionary[Any, type[Deferred]] = weakref.WeakValueDictionary()
 _LAYOUTS: OrderedDict[Any, Layout] = OrderedDict()
-LAYOUT_CACHE_SIZE = 512
+LAYOUT_CACHE_SIZE = 256
 
 
 class _DeferredMeta(type):
@@ -386,8 +386,11 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         except KeyError:  # another thread evicted it meanwhile
             pass
         return layout
-    with declared_defaults(state, "meta"):
+    if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
         layout, error = probe_layout(_provisional(cls, state))
+    else:  # reset after the default dtype changed: probe as at the declaration
+        with declared_defaults(state, "meta"):
+            layout, error = probe_layout(_provisional(cls, state))
     if layout is None:
         shown = ", ".join(constructor_args_of(cls, state))
         raise TypeError(
