@@ -659,3 +659,55 @@ def test_a_safetensors_data_byte_loads_what_the_file_says(tmp_path: Path) -> Non
     says = load_file(str(path))
     assert not torch.equal(says["2.weight"], _ORIGINAL["2.weight"])
     _assert_loaded(model, {k: says[k] for k in _ORIGINAL})
+
+
+# --------------------------------------------------------------------------- files never aliased
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_loaded_from_a_safetensors_file_do_not_share_its_pages(
+    kind: str, tmp_path: Path
+) -> None:
+    # safetensors.torch.load_file maps the file: a tensor it returns changes when the
+    # file is written in place. The loaded model must not.
+    state = _saved()
+    path = _safetensors_file(tmp_path, state)
+    model = _model(kind)
+    di.load_state_dict(model, path)
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.seek(size // 2)
+        file.write(b"\xff" * (size // 2))
+    _assert_loaded(model, state)
+
+
+def test_a_torch_files_ties_by_storage_become_two_tensors(tmp_path: Path) -> None:
+    shared = torch.randn(6, 6)
+    state = {
+        "0.weight": shared,
+        "0.bias": torch.zeros(6),
+        "1.weight": shared,
+        "1.bias": torch.ones(6),
+    }
+    path = _torch_file(tmp_path, state)
+    model = nn.Sequential(dnn.Linear(6), dnn.Linear(6))
+    di.load_state_dict(model, path)
+    first, second = model[0].weight, model[1].weight
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    with torch.no_grad():
+        first.add_(1.0)
+    assert torch.equal(second, shared)
+
+
+@pytest.mark.parametrize("fmt", list(FILES))
+def test_a_built_parameter_viewed_elsewhere_is_loaded_in_place(fmt: str, tmp_path: Path) -> None:
+    # A file's tensor may replace a parameter's storage only when nothing else uses
+    # it; a view (a tie by storage, FSDP1's flat parameter) must see the new values.
+    model = _model("built")
+    view = model[0].weight.detach().view(-1)
+    pointer = model[0].weight.data_ptr()
+    state = _saved()
+    di.load_state_dict(model, FILES[fmt](tmp_path, state))
+    assert model[0].weight.data_ptr() == pointer
+    assert torch.equal(view, state["0.weight"].view(-1))
+    _assert_loaded(model, state)

@@ -9,18 +9,21 @@ write, so an exception there (``KeyboardInterrupt`` included) restores the model
 - a tensor with memory is copied into in place (as torch's ``load_state_dict``:
   storage, views and ties by storage are kept), after a copy of its old values;
 - a meta tensor (meta-built, or just built from the checkpoint) is given a tensor
-  with memory, swapped under the same Python object (optimizers keep it).
+  with memory, swapped under the same Python object (optimizers keep it); so is a
+  tensor with memory that a file's tensor can replace as it is (same dtype, device
+  and strides) when no other tensor shares its storage: no copy of the old values.
 
 A dict's tensors are copied, as torch's ``load_state_dict`` does: the caller's
 tensors are never shared, and two keys holding one tensor never become tied
 parameters. ``assign=True`` takes the caller's tensors themselves, with their
 dtype and device, as torch's ``assign=True``, but under the model's parameter
-objects. A file's tensors belong to nobody else, so meta tensors take them
-without a second copy.
+objects. A file's tensors belong to nobody else, so they are taken without a
+second copy (each storage once: ties by storage saved in a torch file are copied).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -87,21 +90,112 @@ def _unreadable(shown: str, kind: str, what: str, fix: str) -> DeferredInitError
     )
 
 
-def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
-    from safetensors import SafetensorError  # noqa: PLC0415 - optional at import time
-    from safetensors.torch import load_file  # noqa: PLC0415
+# safetensors' dtype names (little-endian, as the format is).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, ValueError, OSError, OverflowError) as error:
-        size = path.stat().st_size
-        what = "the file is empty" if size == 0 else f"{type(error).__name__}: {error}"
-        raise _unreadable(
+
+def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
+    """Every tensor of a safetensors file, read straight into memory of its own.
+
+    Not ``safetensors.torch.load_file``: its tensors are backed by a mapping of
+    the file, so the loaded parameters would change if the file were written in
+    place (and fault if it were truncated). Here each tensor is read into its own
+    allocation once: one copy in memory, none of it shared with the file.
+    """
+    size = path.stat().st_size
+
+    def refuse(what: str) -> DeferredInitError:
+        return _unreadable(
             shown,
             "safetensors",
             f"{what} ({size} bytes; it is truncated or corrupt)" if size else what,
             "save it again (safetensors.torch.save_file(model.state_dict(), path)).",
-        ) from error
+        )
+
+    if size == 0:
+        raise refuse("the file is empty")
+    with path.open("rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise refuse("no header length")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, 100 << 20):
+            raise refuse(f"a header of {length} bytes")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise refuse(f"its header is not JSON ({error})") from None
+        if not isinstance(header, dict):
+            raise refuse("its header is not a JSON object")
+        specs = _tensor_specs(header, size - 8 - length, refuse)
+        state: dict[str, Any] = {}
+        for key, (dtype, shape, begin) in sorted(specs.items(), key=lambda kv: kv[1][2]):
+            tensor = torch.empty(shape, dtype=dtype)
+            view = tensor.reshape(-1).view(torch.uint8).numpy()
+            file.seek(8 + length + begin)
+            if file.readinto(view) != view.nbytes:
+                raise refuse(f"the data of {key!r} ends early")
+            state[key] = tensor
+    return {key: state[key] for key in specs}  # the header's order
+
+
+def _tensor_specs(
+    header: dict[str, Any], data_size: int, refuse: Callable[[str], DeferredInitError]
+) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """dtype, shape and data offset of each tensor, checked as safetensors does:
+    known dtypes, sizes that match the offsets, and offsets that tile the data."""
+    specs: dict[str, tuple[torch.dtype, list[int], int]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise refuse(f"the header entry of {key!r} is malformed")
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offsets = info["shape"], info["data_offsets"]
+        if dtype is None:
+            raise refuse(f"{key!r} has an unknown dtype {info['dtype']!r}")
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise refuse(f"the shape or offsets of {key!r} are malformed")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize != offsets[1] - offsets[0]:
+            raise refuse(f"{key!r} has shape {shape} but {offsets[1] - offsets[0]} bytes")
+        specs[key] = (dtype, shape, offsets[0])
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise refuse(f"the data of {key!r} does not follow the tensor before it")
+        end = stop
+    if end != data_size:
+        raise refuse(f"the header describes {end} bytes of data, the file holds {data_size}")
+    return specs
 
 
 def _read_torch(path: Path, shown: str) -> dict[str, Any]:
@@ -400,23 +494,29 @@ def _prepare(
     writes: list[_Write], devices: dict[int, torch.device], *, owned: bool, assign: bool
 ) -> None:
     """Make every new tensor before the model is touched (allocation may fail)."""
+    taken: set[int] = set()  # storages of file tensors already taken
+
+    def own(value: torch.Tensor) -> bool:
+        # A torch file keeps ties by storage: two keys over one storage get two copies.
+        if not owned or value.untyped_storage().data_ptr() in taken:
+            return False
+        taken.add(value.untyped_storage().data_ptr())
+        return True
+
     with torch.no_grad():
         for w in writes:
             target, value = w.target, w.value
             if assign:
                 new = value.detach()
             elif target.device.type != "meta":
-                continue  # copied into at commit
+                if not (_fits(value, target, target.device) and _alone(target) and own(value)):
+                    continue  # copied into at commit, in place
+                new = value.detach()  # the file's tensor replaces a storage no one shares
             else:
                 device = devices.get(id(target), value.device)
                 if device.type == "meta":
                     device = value.device
-                if (
-                    owned
-                    and value.dtype == target.dtype
-                    and value.device == device
-                    and value.stride() == target.stride()
-                ):
+                if _fits(value, target, device) and own(value):
                     new = value.detach()  # the file's own tensor: no second copy
                 else:
                     new = torch.empty_strided(
@@ -430,6 +530,25 @@ def _prepare(
                 if new.is_floating_point() or new.is_complex()
                 else new
             )
+
+
+def _fits(value: torch.Tensor, target: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``value`` can become ``target`` as it is (a file's tensor, unconverted)."""
+    return (
+        value.dtype == target.dtype
+        and value.device == device
+        and value.stride() == target.stride()
+        and value.storage_offset() == 0
+    )
+
+
+def _alone(target: torch.Tensor) -> bool:
+    """Whether ``target`` is the only tensor over its storage (no views, no ties by
+    storage, nothing saved for backward): then a new storage under it is the same
+    as writing into the old one, and the old values need no copy for the undo."""
+    # One reference is the temporary storage object made to ask.
+    count: int = torch._C._storage_Use_Count(target.untyped_storage()._cdata)
+    return count == 2
 
 
 def _commit(writes: list[_Write], extra: list[tuple[nn.Module, Any]]) -> None:
