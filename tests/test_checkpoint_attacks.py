@@ -56,6 +56,12 @@ def _model(kind: str) -> nn.Sequential:
     return model
 
 
+def _weight(model: nn.Module, index: str) -> torch.Tensor:
+    layer = model.get_submodule(index)
+    assert isinstance(layer, nn.Linear)
+    return layer.weight
+
+
 def _saved(seed: int = 1) -> StateDict:
     """A checkpoint no initializer would give: a load that did not happen shows."""
     torch.manual_seed(seed)
@@ -221,7 +227,7 @@ def test_two_keys_holding_one_tensor_never_become_tied_parameters(kind: str) -> 
         "1.bias": torch.ones(6),
     }
     di.load_state_dict(model, state)
-    first, second = model[0].weight, model[1].weight
+    first, second = _weight(model, "0"), _weight(model, "1")
     assert first is not second
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
     with torch.no_grad():
@@ -236,10 +242,10 @@ def test_assign_takes_the_callers_tensors_under_the_models_parameter_objects(kin
     # dtype; requires_grad stays the module's. deferinit keeps its parameter objects.
     state = {k: v.double() for k, v in _saved().items()}
     eager = _eager()
-    eager[0].requires_grad_(False)
+    eager.get_submodule("0").requires_grad_(False)
     eager.load_state_dict(state, assign=True)
     model = _model(kind)
-    model[0].requires_grad_(False)
+    model.get_submodule("0").requires_grad_(False)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     di.load_state_dict(model, state, assign=True)
@@ -253,8 +259,8 @@ def test_assign_takes_the_callers_tensors_under_the_models_parameter_objects(kin
     saved = state["2.weight"].clone()
     model(torch.randn(3, 20, dtype=torch.float64)).sum().backward()
     optimizer.step()  # trains through the objects made before, on the caller's storage
-    assert not torch.equal(model[2].weight, saved)
-    assert torch.equal(state["2.weight"], model[2].weight)
+    assert not torch.equal(_weight(model, "2"), saved)
+    assert torch.equal(state["2.weight"], _weight(model, "2"))
 
 
 # --------------------------------------------------------------------------- identity
@@ -297,7 +303,7 @@ def _unbuilt_state() -> dict[str, Any]:
     return _deferred().state_dict()
 
 
-def _assert_still_deferred(model: nn.Module, placeholders: list[torch.Tensor]) -> None:
+def _assert_still_deferred(model: nn.Module, placeholders: list[nn.Parameter]) -> None:
     assert di.pending(model) == ["0", "2"]
     assert all(p is q for p, q in zip(model.parameters(), placeholders, strict=True))
     assert all(is_lazy(p) for p in model.parameters())
@@ -408,11 +414,14 @@ def test_strict_errors_list_every_offending_key(case: str) -> None:
 # --------------------------------------------------------------------------- interrupts
 
 
+@pytest.mark.parametrize("source", ["dict", "safetensors", "torch"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("at", [1, 2, 4])
 def test_an_interrupt_midway_through_loading_leaves_the_model_unchanged(
-    kind: str, at: int, monkeypatch: pytest.MonkeyPatch
+    kind: str, at: int, source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # Files take the other road: their tensors are swapped in, not copied.
+    loaded: Any = _saved() if source == "dict" else FILES[source](tmp_path, _saved())
     model = _model(kind)
     before = _snapshot(model)
     calls = {"copy": 0, "swap": 0}
@@ -433,7 +442,7 @@ def test_an_interrupt_midway_through_loading_leaves_the_model_unchanged(
     monkeypatch.setattr(torch.Tensor, "copy_", copy)
     monkeypatch.setattr(torch.utils, "swap_tensors", swap)
     with pytest.raises(KeyboardInterrupt):
-        di.load_state_dict(model, _saved())
+        di.load_state_dict(model, loaded)
     monkeypatch.undo()
     _assert_unchanged(model, before)
     state = _saved()
@@ -692,7 +701,7 @@ def test_a_torch_files_ties_by_storage_become_two_tensors(tmp_path: Path) -> Non
     path = _torch_file(tmp_path, state)
     model = nn.Sequential(dnn.Linear(6), dnn.Linear(6))
     di.load_state_dict(model, path)
-    first, second = model[0].weight, model[1].weight
+    first, second = _weight(model, "0"), _weight(model, "1")
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
     with torch.no_grad():
         first.add_(1.0)
@@ -704,10 +713,10 @@ def test_a_built_parameter_viewed_elsewhere_is_loaded_in_place(fmt: str, tmp_pat
     # A file's tensor may replace a parameter's storage only when nothing else uses
     # it; a view (a tie by storage, FSDP1's flat parameter) must see the new values.
     model = _model("built")
-    view = model[0].weight.detach().view(-1)
-    pointer = model[0].weight.data_ptr()
+    view = _weight(model, "0").detach().view(-1)
+    pointer = _weight(model, "0").data_ptr()
     state = _saved()
     di.load_state_dict(model, FILES[fmt](tmp_path, state))
-    assert model[0].weight.data_ptr() == pointer
+    assert _weight(model, "0").data_ptr() == pointer
     assert torch.equal(view, state["0.weight"].view(-1))
     _assert_loaded(model, state)

@@ -150,7 +150,7 @@ def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
             tensor = torch.empty(shape, dtype=dtype)
             view = tensor.reshape(-1).view(torch.uint8).numpy()
             file.seek(8 + length + begin)
-            if file.readinto(view) != view.nbytes:
+            if file.readinto(view) != view.nbytes:  # type: ignore[arg-type] # numpy: a buffer
                 raise refuse(f"the data of {key!r} ends early")
             state[key] = tensor
     return {key: state[key] for key in specs}  # the header's order
@@ -363,7 +363,7 @@ def _plan(
     return writes, extra, missing, unexpected
 
 
-def _where(root: nn.Module, owner: nn.Module, key: str) -> str:
+def _where(owner: nn.Module, key: str) -> str:
     owner_name = key.rpartition(".")[0]
     kind = type(owner).__name__
     return f"{key} ({kind} layer {owner_name!r})" if owner_name else f"{key} ({kind})"
@@ -373,7 +373,7 @@ def _fit(
     root: nn.Module, owner: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor
 ) -> str | None:
     """Why ``value`` cannot go into ``target``, or None."""
-    where = _where(root, owner, key)
+    where = _where(owner, key)
     if is_lazy(target):
         if is_lazy(value):
             return None  # saved before the build into a layer not built: stays deferred
@@ -568,6 +568,8 @@ def _commit(writes: list[_Write], extra: list[tuple[nn.Module, Any]]) -> None:
                     torch.utils.swap_tensors(w.target, w.fresh)
                     swapped.add(id(w.target))
                     undo.append(_swap_back(w.target, w.fresh))
+            # Last: extra state cannot be undone (what set_extra_state did before
+            # it raised stays), the tensors before it can.
             for owner, value in extra:
                 owner.set_extra_state(value)
     except BaseException:
@@ -578,7 +580,10 @@ def _commit(writes: list[_Write], extra: list[tuple[nn.Module, Any]]) -> None:
 
 
 def _restore(target: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
-    return lambda: target.copy_(backup)  # type: ignore[func-returns-value]
+    def undo() -> None:
+        target.copy_(backup)
+
+    return undo
 
 
 def _swap_back(a: torch.Tensor, b: torch.Tensor) -> Callable[[], None]:
