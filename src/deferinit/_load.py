@@ -211,11 +211,7 @@ def _read_torch(path: Path, shown: str) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        lines = [ln.strip() for ln in str(error).splitlines()]
-        # torch's own words on what it refused ("Unsupported global: GLOBAL os.system").
-        refused = [ln for ln in lines if "WeightsUnpickler error" in ln] or lines[:1]
-        first = "".join(refused[:1]).replace("WeightsUnpickler error: ", "")
-        first = first.split(" was not an allowed")[0]
+        first = _what_was_refused(str(error))
         raise DeferredInitError(
             f"di.load_state_dict: {shown} holds something other than tensors, which "
             f"weights-only loading refuses because unpickling it could run code ({first}). "
@@ -233,6 +229,16 @@ def _read_torch(path: Path, shown: str) -> dict[str, Any]:
             f"dict. Nothing was loaded. Fix: save model.state_dict(), not the model."
         )
     return dict(loaded)
+
+
+def _what_was_refused(message: str) -> str:
+    """torch's own words on what it refused ("Unsupported global: GLOBAL getattr"),
+    without its advice to allow it."""
+    for line in message.splitlines():
+        line = line.strip().replace("WeightsUnpickler error: ", "")
+        if line and "file an issue" not in line and ("GLOBAL" in line or "nsupported" in line):
+            return line.split(" was not an allowed")[0].rstrip(".")
+    return "weights-only loading refused it"
 
 
 def _check_crcs(path: Path, shown: str, fix: str) -> None:
