@@ -4,7 +4,7 @@ Prints one Markdown table (figure, value, bar, met?) and writes the figures to o
 JSON file (``--json PATH``). Ratios are ratios of medians, the contenders measured
 side by side in this run (alternating, so that a busy machine slows both alike),
 CPU, one thread unless the figure is about threads. How each figure is measured:
-``benchmarks/README.md`` and the docstrings of the scripts named in ``GROUPS``.
+``benchmarks/README.md`` and the docstrings of the scripts imported below.
 
     .venv/bin/python benchmarks/run.py                 # full run, < 20 min on 2 cores
     .venv/bin/python benchmarks/run.py --quick         # fewer repetitions, < 4 min
