@@ -420,5 +420,5 @@ def test_di_build_runs_the_registered_initializer_of_every_layer_once() -> None:
     di.initialize(net, init)
     di.build(net, (2, 3))
     assert seen == ["3->4", "4->2"]  # registration order, once each
-    assert torch.equal(net[0].weight, torch.full((4, 3), 0.5))
-    assert torch.equal(net[2].bias, torch.zeros(2))
+    assert torch.equal(net.get_parameter("0.weight"), torch.full((4, 3), 0.5))
+    assert torch.equal(net.get_parameter("2.bias"), torch.zeros(2))

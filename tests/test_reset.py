@@ -123,20 +123,20 @@ class Block(nn.Module):
         self.norm = dnn.LayerNorm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.body(x))
+        return self.norm(self.body(x))  # type: ignore[no-any-return]
 
 
 def test_reset_of_a_layer_nested_in_a_sequential_in_a_block_reinfers_only_it() -> None:
     model = nn.Sequential(Block(6), dnn.Linear(2))
     model(torch.randn(2, 4))
-    inner = model[0].body[0]
+    inner = model.get_submodule("0.body.0")
     objects = [inner.weight, inner.bias]
     di.reset(inner)
     assert di.pending(model) == ["0.body.0"]
     assert [inner.weight, inner.bias] == objects
     assert all(a is b for a, b in zip([inner.weight, inner.bias], objects, strict=True))
     assert model(torch.randn(2, 9)).shape == (2, 2)
-    assert inner.in_features == 9 and model[1].in_features == 6
+    assert inner.in_features == 9 and model.get_submodule("1").in_features == 6
     assert inner.weight is objects[0] and inner.weight.shape == (6, 9)
 
 
@@ -157,20 +157,22 @@ LazyStack = di.defer(Stack, in_dim=di.dim(-1))
 
 def test_reset_of_a_deferred_block_holding_twins_reinfers_it_and_keeps_its_objects() -> None:
     model = nn.Sequential(LazyStack(out_dim=5), nn.Tanh())
+    block: Any = model[0]
     x4, x7 = torch.randn(2, 4), torch.randn(2, 7)
     model(x4)
-    proj_weight = model[0].proj.weight
+    proj_weight = block.proj.weight
     di.reset(model)
     assert di.pending(model) == ["0"]
-    assert model[0].proj.weight is proj_weight  # the block's own parameter object
+    assert block.proj.weight is proj_weight  # the block's own parameter object
     torch.manual_seed(0)
     out = model(x7)
     torch.manual_seed(0)
     proj, head = nn.Linear(7, 5), nn.Linear(5, 3)  # drawn in the block's order
-    assert type(model[0]) is Stack and type(model[0].head) is nn.Linear
-    assert model[0].proj.weight is proj_weight
+    head_type: type = type(block.head)
+    assert type(block) is Stack and head_type is nn.Linear
+    assert block.proj.weight is proj_weight
     assert torch.equal(proj_weight, proj.weight)
-    assert torch.equal(model[0].head.weight, head.weight)
+    assert torch.equal(block.head.weight, head.weight)
     assert torch.equal(out, torch.tanh(head(torch.relu(proj(x7)))))
 
 

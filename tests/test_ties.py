@@ -114,6 +114,7 @@ def test_reset_leaves_a_tied_embedding_weight_alone_and_rebuilds_with_it() -> No
     model = deferred_lm()
     model(tokens())
     weight = model[0].weight
+    assert isinstance(weight, nn.Parameter)
     saved = weight.detach().clone()
     di.reset(model)
     assert di.pending(model) == ["1"]

@@ -139,8 +139,8 @@ def _keep_object(module: nn.Module, placeholder: nn.Module, name: str, *, emptie
     owner_name, _, leaf = name.rpartition(".")
     target = placeholder.get_submodule(owner_name) if owner_name else placeholder
     table = target._parameters if leaf in target._parameters else target._buffers
-    if emptied:
-        slot = table[leaf]
+    slot = table[leaf]
+    if emptied and slot is not None:
         old.grad = None  # a gradient of the old sizes would not fit the next build
         old.data = torch.empty(0, dtype=old.dtype, device=old.device)
         old.__class__ = type(slot)

@@ -386,25 +386,26 @@ def _layout(cls: type[Deferred], state: State) -> Layout:
         except KeyError:  # another thread evicted it meanwhile
             pass
         return layout
+    found: Layout | None
     if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
-        layout, error = probe_layout(_provisional(cls, state))
+        found, error = probe_layout(_provisional(cls, state))
     else:  # reset after the default dtype changed: probe as at the declaration
         with declared_defaults(state, "meta"):
-            layout, error = probe_layout(_provisional(cls, state))
-    if layout is None:
+            found, error = probe_layout(_provisional(cls, state))
+    if found is None:
         shown = ", ".join(constructor_args_of(cls, state))
         raise TypeError(
             f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
             f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
         ) from error
     if key is not None:
-        _LAYOUTS[key] = layout
+        _LAYOUTS[key] = found
         while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
             try:
                 _LAYOUTS.popitem(last=False)
             except KeyError:  # emptied by another thread
                 break
-    return layout
+    return found
 
 
 def _provisional(cls: type[Deferred], state: State) -> Callable[[int], nn.Module]:
