@@ -130,6 +130,17 @@ def test_attributes_set_on_a_parameter_stay_on_it() -> None:
     assert model.get_parameter("0.weight").no_decay is True  # type: ignore[attr-defined]
 
 
+def test_gradient_hooks_registered_before_materialize_fire_after() -> None:
+    model = on_meta()
+    fired: list[str] = []
+    weight = model.get_parameter("0.weight")
+    weight.register_hook(lambda grad: fired.append("hook"))
+    weight.register_post_accumulate_grad_hook(lambda p: fired.append("after accumulation"))
+    di.materialize(model)
+    model(torch.randn(2, 3)).sum().backward()
+    assert fired == ["hook", "after accumulation"]
+
+
 def test_an_rnn_declared_on_meta_keeps_its_weights_and_runs_like_eager(
     assert_same_state: AssertSameState,
 ) -> None:

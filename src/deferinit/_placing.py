@@ -103,7 +103,8 @@ def _alone(*tensors: torch.Tensor) -> bool:
 
 def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Swap the C++ tensors under the Python objects ``a`` and ``b``, each object
-    keeping its class, attributes and weak references; or say why that is unsound."""
+    keeping its class, attributes, gradient hooks and weak references; or say why
+    that is unsound."""
     if not _alone(a, b):
         gc.collect()  # a view or graph that is garbage already must not block it
         if not _alone(a, b):
@@ -112,6 +113,13 @@ def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
         torch._C._swap_tensor_impl(a, b)
     except RuntimeError as error:  # a C++ weak reference (torch's own check)
         return f"torch refuses to swap it ({error})"
+    for t in (a, b):
+        # Gradient hooks are kept on the Python object but take effect through the
+        # C++ tensor: without this, hooks registered before would never fire.
+        for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            held = getattr(t, hooks)
+            if held is not None:
+                setattr(t, hooks, held)
     return None
 
 
