@@ -327,7 +327,9 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
     return _build_and_run(module, args, kwargs)
 
 
-def _build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _build_and_run(
+    module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any], *, watch_hooks: bool = True
+) -> Any:
     with BUILD_LOCK:
         if not isinstance(module, Deferred):  # another thread built it meanwhile
             return module.forward(*args, **kwargs)
@@ -356,7 +358,7 @@ def _build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, An
                 f"unbuilt, with the same placeholders. Fix: pass the input the layer "
                 f"expects (e.g. a floating-point tensor of the right rank), then call again."
             ) from error
-        if module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
+        if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             _undo_if_a_hook_fails(module, txn)
         return output
 
@@ -445,10 +447,17 @@ class _HookWatch:
         return run
 
 
+def _build_and_run_for_compile(
+    module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    # Hooks are not watched: the traced Module.__call__ would trace the watch too.
+    return _build_and_run(module, args, kwargs, watch_hooks=False)
+
+
 # Never traced by torch.compile: building changes the module itself, so it runs
 # eagerly (a graph break) and the compiled code is re-specialized to the built layer.
 # Only under compilation: the wrapper costs microseconds on every eager first forward.
-_build_and_run_eagerly = torch.compiler.disable(_build_and_run)
+_build_and_run_eagerly = torch.compiler.disable(_build_and_run_for_compile)
 
 
 def _sizes(values: Mapping[str, Any]) -> str:
