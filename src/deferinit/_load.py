@@ -219,7 +219,7 @@ def _read_torch(path: Path, shown: str) -> dict[str, Any]:
             f"model.state_dict(), not the model or other objects; load files you do not "
             f"trust only this way."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as error:
+    except Exception as error:  # noqa: BLE001 - a corrupt file breaks torch's reader in any way
         raise _unreadable(
             shown, "torch", f"{type(error).__name__}: {error} ({size} bytes)", fix
         ) from error
@@ -245,23 +245,47 @@ def _check_crcs(path: Path, shown: str, fix: str) -> None:
     """Check every record of a torch (zip) file against its CRC-32, which torch's
     reader does not: a flipped bit in the data would otherwise load silently.
 
-    Reads the file once more in 1 MiB pieces; no memory is held.
+    Reads the file once more in 16 MiB pieces into one buffer (about a third of
+    torch.load's own time); no more memory is held.
     """
+    piece = memoryview(bytearray(16 << 20))
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as file:
             infos = archive.infolist()
             if infos and all(i.CRC == 0 for i in infos if i.file_size):
                 return  # saved with torch.serialization.set_crc32_options(False)
             for info in infos:
                 crc = 0
-                with archive.open(info) as record:
-                    while piece := record.read(1 << 20):
-                        crc = zlib.crc32(piece, crc)
+                if info.compress_type == zipfile.ZIP_STORED:  # torch's records: raw bytes
+                    file.seek(info.header_offset)
+                    local = file.read(30)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise zipfile.BadZipFile(f"record {info.filename!r} has a bad header")
+                    name_size, extra_size = struct.unpack("<HH", local[26:30])
+                    file.seek(info.header_offset + 30 + name_size + extra_size)
+                    left = info.compress_size
+                    while left:
+                        got = file.readinto(piece[: min(left, len(piece))])
+                        if not got:
+                            raise EOFError(f"record {info.filename!r} ends early")
+                        crc = zlib.crc32(piece[:got], crc)
+                        left -= got
+                else:
+                    with archive.open(info) as record:
+                        while chunk := record.read(len(piece)):
+                            crc = zlib.crc32(chunk, crc)
                 if crc != info.CRC:
                     raise _unreadable(
                         shown, "torch", f"record {info.filename!r} fails its CRC-32 check", fix
                     )
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error) as error:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        zlib.error,
+        struct.error,
+    ) as error:
         raise _unreadable(shown, "torch", f"{type(error).__name__}: {error}", fix) from error
 
 
