@@ -141,6 +141,25 @@ def test_gradient_hooks_registered_before_materialize_fire_after() -> None:
     assert fired == ["hook", "after accumulation"]
 
 
+def test_a_wrapper_subclass_parameter_is_filled_under_its_own_object() -> None:
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            meta = torch.empty(3, device="meta")
+            self.w = nn.Parameter(two_tensor.TwoTensor(meta, meta.clone()))
+
+        def reset_parameters(self) -> None:
+            nn.init.ones_(self.w)
+
+    holder = Holder()
+    before = holder.w
+    di.materialize(holder)
+    assert holder.w is before and isinstance(before, nn.Parameter)
+    assert torch.equal(before, torch.ones(3))
+
+
 def test_an_rnn_declared_on_meta_keeps_its_weights_and_runs_like_eager(
     assert_same_state: AssertSameState,
 ) -> None:

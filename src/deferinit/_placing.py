@@ -101,6 +101,10 @@ def _alone(*tensors: torch.Tensor) -> bool:
     return all(t._use_count() == 1 for t in tensors)  # type: ignore[attr-defined]
 
 
+def _wraps(t: torch.Tensor) -> bool:
+    return bool(torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python))
+
+
 def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Swap the C++ tensors under the Python objects ``a`` and ``b``, each object
     keeping its class, attributes, gradient hooks and weak references; or say why
@@ -110,8 +114,13 @@ def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
         if not _alone(a, b):
             return _HELD
     try:
-        torch._C._swap_tensor_impl(a, b)
-    except RuntimeError as error:  # a C++ weak reference (torch's own check)
+        if _wraps(a) or _wraps(b):
+            # A subclass that keeps its data in Python attributes (a wrapper, such as
+            # a quantized tensor) is only whole with them: torch's full swap.
+            torch.utils.swap_tensors(a, b)
+        else:
+            torch._C._swap_tensor_impl(a, b)
+    except RuntimeError as error:  # a C++ weak reference; for wrappers, any weak one
         return f"torch refuses to swap it ({error})"
     for t in (a, b):
         # Gradient hooks are kept on the Python object but take effect through the
@@ -142,6 +151,8 @@ def place(
     want = dtype if dtype is not None and new.is_floating_point() else old.dtype
     data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
     data.requires_grad_(old.requires_grad)
+    if _wraps(old) and isinstance(old, nn.Parameter):  # its class goes with the swap
+        data = nn.Parameter(data, requires_grad=old.requires_grad)
     why = _exchange(old, data)
     if why is not None:
         raise DeferredInitError(
