@@ -375,7 +375,7 @@ def test_torchs_load_state_dict_into_a_placeholder_draws_no_random_numbers() -> 
 # --------------------------------------------------------------------------- strict
 
 
-STRICT_CASES: dict[str, Callable[[StateDict], StateDict]] = {
+STRICT_CASES: dict[str, Callable[[StateDict], dict[str, Any]]] = {
     "missing": lambda s: {k: v for k, v in s.items() if not k.startswith("2.")},
     "unexpected": lambda s: {
         **s,
@@ -384,10 +384,12 @@ STRICT_CASES: dict[str, Callable[[StateDict], StateDict]] = {
         "1.w": s["2.bias"],
     },
     "both": lambda s: {("head." + k if k.startswith("0.") else k): v for k, v in s.items()},
+    # A training checkpoint's other entries: torch reports them, whatever they hold.
+    "not-tensors": lambda s: {**s, "epoch": 3, "optimizer": {"lr": 0.1}, "2.note": "x"},
 }
 
 
-@pytest.mark.parametrize("kind", ["meta-built", "built"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(STRICT_CASES))
 def test_not_strict_returns_torchs_incompatible_keys(kind: str, case: str) -> None:
     state = STRICT_CASES[case](_saved())

@@ -356,11 +356,18 @@ def _plan(
     devices: dict[int, torch.device],
 ) -> tuple[list[_Write], list[tuple[nn.Module, Any]], list[str], list[str]]:
     extra_keys = _extra_state_keys(module)
-    found = {k: value_problem(k, v) for k, v in state.items() if k not in extra_keys}
+    # Only the values the model takes: torch skips (strict=False) or reports
+    # (strict=True) the other keys, whatever they hold.
+    takes = set(module.state_dict(keep_vars=True)) - extra_keys
+    found = {k: value_problem(k, v) for k, v in state.items() if k in takes}
     problems = [p for p in found.values() if p is not None]
     bad = {k for k, p in found.items() if p is not None}
     problems += _build_from(module, state, bad, built, devices)
     expected = module.state_dict(keep_vars=True)
+    for key in expected.keys() - takes - extra_keys:  # keys of layers built just now
+        if key in state and (problem := value_problem(key, state[key])) is not None:
+            problems.append(problem)
+            bad.add(key)
     missing = [k for k in expected if k not in state]
     unexpected = _unexpected(module, state)
     writes: list[_Write] = []
