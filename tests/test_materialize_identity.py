@@ -287,3 +287,20 @@ def test_an_interrupt_midway_leaves_every_tensor_on_meta_under_its_own_object(
     assert [id(t) for t in tensors(model)] == [i for _, i, _ in before]
     for got, want in zip(tensors(model), tensors(fresh), strict=True):
         assert torch.equal(got, want)
+
+
+# --- initializers fill tensors; they do not add any ----------------------------------------
+
+
+@pytest.mark.parametrize("seed", [None, 0])
+def test_an_initializer_that_adds_tensors_is_an_error_not_a_silent_loss(seed: int | None) -> None:
+    def reparametrize(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and module.out_features == 2:
+            nn.utils.parametrizations.weight_norm(module)
+
+    model = on_meta()
+    di.initialize(model, reparametrize)
+    before = snapshot(model)
+    with pytest.raises(di.DeferredInitError, match=r"4 \(Linear\).*adds 'parametrizations"):
+        di.materialize(model, seed=seed)
+    assert snapshot(model) == before

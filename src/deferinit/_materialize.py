@@ -242,7 +242,9 @@ def _rebuild(
     def make() -> nn.Module:
         module = construct()
         if registered is not None:
+            declared = set(named(module))
             apply_registered(module, registered, recurse=True)
+            _check_unchanged(layer, prefix, declared, set(named(module)))
         return module
 
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
@@ -281,6 +283,21 @@ def _place_whole(
     for name, tensor in old.items():
         put(layer, name, tensor, new[name], device, dtype, owners, prefix)
     return True
+
+
+def _check_unchanged(layer: nn.Module, prefix: str, declared: set[str], now: set[str]) -> None:
+    """The registered initializer runs on a copy whose values are placed into the
+    layer's own tensors: a tensor it adds (a reparametrization such as weight_norm)
+    would be lost, so it is an error, never silently dropped."""
+    added = sorted(now - declared)
+    if added:
+        raise DeferredInitError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}): its registered "
+            f"initializer adds {', '.join(repr(a) for a in added)}; materialize fills the "
+            f"tensors the layer declares and cannot add new ones. The model is left as it "
+            f"was. Fix: keep the initializer to filling tensors, and apply such changes "
+            f"(e.g. torch.nn.utils.parametrizations.weight_norm) after di.materialize."
+        )
 
 
 def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
@@ -352,7 +369,9 @@ def _reset(
             if callable(stand_reset):
                 stand_reset()
             if registered is not None:
+                declared = {leaf for leaf, _ in direct(stand_in)}
                 apply_registered(stand_in, registered, recurse=False)
+                _check_unchanged(module, name, declared, {leaf for leaf, _ in direct(stand_in)})
         unset = [
             leaf
             for leaf, t in direct(stand_in)
