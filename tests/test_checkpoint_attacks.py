@@ -722,3 +722,28 @@ def test_a_built_parameter_viewed_elsewhere_is_loaded_in_place(fmt: str, tmp_pat
     assert _weight(model, "0").data_ptr() == pointer
     assert torch.equal(view, state["0.weight"].view(-1))
     _assert_loaded(model, state)
+
+
+@pytest.mark.parametrize("source", ["dict", "safetensors"])
+def test_a_torch_lazy_module_beside_deferred_layers_takes_the_checkpoint(
+    source: str, tmp_path: Path
+) -> None:
+    state = _saved()
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), dnn.Linear(4))
+    weight = model.get_submodule("0").weight
+    loaded: Any = state if source == "dict" else _safetensors_file(tmp_path, state)
+    di.load_state_dict(model, loaded)
+    assert model.get_submodule("0").weight is weight
+    _assert_loaded(model, state)
+    eager = _eager()
+    eager.load_state_dict(state)
+    x = torch.randn(3, 20)
+    assert torch.equal(model(x), eager(x))
+
+
+def test_a_torch_lazy_module_is_unchanged_after_a_refused_load() -> None:
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), dnn.Linear(4))
+    before = _snapshot(model)
+    with pytest.raises(di.DeferredInitError, match="missing keys: 2.bias"):
+        di.load_state_dict(model, {k: v for k, v in _saved().items() if k != "2.bias"})
+    _assert_unchanged(model, before)

@@ -419,10 +419,7 @@ def _fit(
                 f"{where} stays unbuilt: the checkpoint does not determine its sizes "
                 f"(see the other problems)"
             )
-        return (
-            f"{where} is a torch Lazy module's uninitialized tensor: "
-            f"call di.adopt(model) first so its sizes come from the checkpoint"
-        )
+        return None  # a torch Lazy module's tensor: it takes the saved shape, as torch's
     if is_lazy(value):
         return (
             f"{where}: the checkpoint holds a placeholder (saved before the layer was "
@@ -545,6 +542,17 @@ def _prepare(
             target, value = w.target, w.value
             if assign:
                 new = value.detach()
+            elif is_lazy(target):  # a torch Lazy module's: the saved shape, its dtype and device
+                if (
+                    (value.dtype, value.device) == (target.dtype, target.device)
+                    and value.is_contiguous()
+                    and value.storage_offset() == 0
+                    and own(value)
+                ):
+                    new = value.detach()
+                else:
+                    new = torch.empty(value.shape, dtype=target.dtype, device=target.device)
+                    new.copy_(value)
             elif target.device.type != "meta":
                 if not (_fits(value, target, target.device) and _alone(target) and own(value)):
                     continue  # copied into at commit, in place
