@@ -7,7 +7,9 @@ initializes ``out_proj`` before ``in_proj_weight``), so the values are bitwise
 the eager model's under the same seed. Other modules declared under
 ``torch.device("meta")`` run their own ``reset_parameters`` and registered
 initializer on a stand-in with fresh tensors, and their meta tensors take its
-values. Registration order throughout; parameter objects keep their identity; at
+values. Registered initializers run on that fresh copy, never on the model's own
+tensors, so that a failure can always be undone. Registration order throughout;
+parameter objects keep their identity (whatever else refers to them); at
 most one layer's worth of extra memory at a time; all or nothing (any error puts
 every tensor back on meta).
 
@@ -390,7 +392,7 @@ def _reset(
         with torch.device(device):
             new = dict(direct(make()))
         for leaf, tensor in old.items():
-            place(module, leaf, tensor, new[leaf], dtype, f"{name}.{leaf}" if name else leaf)
+            place(module, tensor, new[leaf], dtype, f"{name}.{leaf}" if name else leaf)
     elif not _place_whole(module, name, old, make, construct, device, dtype, seeds, owners):
         for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
             put(module, leaf, old[leaf], value, device, dtype, owners, name)

@@ -138,7 +138,6 @@ def _tensor_kind(t: torch.Tensor) -> str:
 
 def place(
     owner: nn.Module,
-    leaf: str,
     old: torch.Tensor,
     new: torch.Tensor,
     dtype: torch.dtype | None,
@@ -162,11 +161,11 @@ def place(
             f"it). The model is left as it was. Fix: drop those references (del them) and "
             f"call di.materialize again."
         )
-    on_undo(functools.partial(_swap_back, owner, leaf, old, data, qualified))
+    on_undo(functools.partial(_swap_back, owner, old, data, qualified))
 
 
 def _swap_back(
-    owner: nn.Module, leaf: str, old: torch.Tensor, data: torch.Tensor, qualified: str
+    owner: nn.Module, old: torch.Tensor, data: torch.Tensor, qualified: str
 ) -> str | None:
     """Undo a :func:`place`. Where something made during materialization still holds
     the new data, the meta tensor goes back into the table under ``data``'s object:
@@ -174,9 +173,11 @@ def _swap_back(
     why = _exchange(old, data)
     if why is None:
         return None
-    table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
-    if table.get(leaf) is old:
-        table[leaf] = data
+    tables: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers)
+    for table in tables:
+        for key, value in table.items():
+            if value is old:  # under every name it has in this module (ties)
+                table[key] = data
     return f"{_tensor_kind(old)} {qualified!r} ({why})"
 
 
@@ -211,7 +212,7 @@ def put(
         if is_meta(old):  # a tied tensor is filled once, under its first name
             _fill_shard(places, old, value, device, dtype)
     else:
-        place(owner, leaf, old, value, dtype, f"{prefix}.{name}" if prefix else name)
+        place(owner, old, value, dtype, f"{prefix}.{name}" if prefix else name)
 
 
 def _fill_shard(
