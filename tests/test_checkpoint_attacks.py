@@ -747,3 +747,58 @@ def test_a_torch_lazy_module_is_unchanged_after_a_refused_load() -> None:
     with pytest.raises(di.DeferredInitError, match="missing keys: 2.bias"):
         di.load_state_dict(model, {k: v for k, v in _saved().items() if k != "2.bias"})
     _assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------- devices, extra state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_checkpoint_goes_to_the_models_device() -> None:
+    # Built layers are copied into where they are; unbuilt layers declared (or moved)
+    # to a device are built there; meta-built layers had no device: the checkpoint's.
+    state = _saved()
+    built = _deferred().cuda()
+    built(torch.randn(2, 20, device="cuda"))
+    unbuilt = _deferred().cuda()
+    meta = _model("meta-built")
+    for model in (built, unbuilt, meta):
+        di.load_state_dict(model, state)
+    assert {p.device.type for p in [*built.parameters(), *unbuilt.parameters()]} == {"cuda"}
+    assert {p.device.type for p in meta.parameters()} == {"cpu"}
+    for model in (built, unbuilt, meta):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value.cpu(), state[key]), key
+
+
+class _Counter(nn.Module):
+    """A layer with extra state (get_extra_state/set_extra_state), beside its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2))
+        self.steps = 0
+
+    def get_extra_state(self) -> Any:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.steps = state["steps"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_extra_state_loads_after_the_tensors_and_is_checked_as_a_key() -> None:
+    source = nn.Sequential(_Counter(), dnn.Linear(3))
+    source(torch.randn(1, 2))
+    source[0].steps = 5  # type: ignore[assignment]
+    state = source.state_dict()
+    assert state["0._extra_state"] == {"steps": 5}
+    model = nn.Sequential(_Counter(), dnn.Linear(3))
+    di.load_state_dict(model, state)
+    assert model[0].steps == 5
+    assert torch.equal(model.state_dict()["1.weight"], state["1.weight"])
+    refused = nn.Sequential(_Counter(), dnn.Linear(3))
+    with pytest.raises(di.DeferredInitError, match="missing keys: 0._extra_state"):
+        di.load_state_dict(refused, {k: v for k, v in state.items() if "extra" not in k})
+    assert refused[0].steps == 0 and di.pending(refused) == ["1"]

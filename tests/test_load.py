@@ -1,11 +1,14 @@
-"""``di.load_state_dict`` (DESIGN §2, §3.7; issue 5 item 4): a checkpoint without a
-random initialization first.
+"""``di.load_state_dict`` (DESIGN §2, §3.7; issue 5 item 4, issue 8 item 3): a checkpoint
+without a random initialization first.
 
 The source is a state dict, a ``.safetensors`` file or a torch file (read with
-``weights_only=True``). On an unbuilt model the sizes come from the checkpoint; on an
-unbuilt or meta-built model the saved tensors themselves are assigned (no random init,
-no second allocation: the parameters share storage with the checkpoint). Mismatches
-raise ``di.DeferredInitError`` listing the offending keys and leave the model as it was.
+``weights_only=True``). On an unbuilt model the sizes come from the checkpoint; unbuilt
+and meta-built layers are built on meta and given the values (no random init). A dict's
+tensors are copied, as torch's ``load_state_dict`` does (``assign=True`` takes them);
+a file's tensors are taken without a second copy. Mismatches raise
+``di.DeferredInitError`` listing the offending keys and leave the model as it was. The
+attacks (bad values, corrupt files, crafted pickles, interrupts) are in
+``test_checkpoint_attacks.py``.
 """
 
 from __future__ import annotations
