@@ -4,8 +4,9 @@ An eager convnet is trained for a step and its state dict saved as ``.safetensor
 The same network written with deferred layers (no input sizes anywhere) is then
 given that file with ``di.load_state_dict``: every size is read off the saved
 tensors, the layers are built on ``meta`` (no memory, no random numbers) and the
-saved tensors are put in place. A checkpoint that does not fit is refused with the
-offending keys, and the model is left as it was.
+saved tensors are put in place. A checkpoint that does not fit, or a file cut
+short, is refused with the offending keys or the file's name, and the model is
+left as it was.
 
 Run: ``python examples/load_checkpoint.py`` — prints one ``name: value`` line per
 check and exits non-zero if any check fails.
@@ -84,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             checks["ill-fitting checkpoint refused"] = True
         else:
             checks["ill-fitting checkpoint refused"] = False
+        # So is a file cut short in transit: an error naming the file, nothing loaded.
+        broken = Path(tmp) / "broken.safetensors"
+        broken.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        try:
+            di.load_state_dict(model, broken)
+        except di.DeferredInitError as error:
+            checks["truncated file refused"] = broken.name in str(error)
+        else:
+            checks["truncated file refused"] = False
         same = all(p is q for p, q in zip(model.parameters(), placeholders, strict=True))
         checks["model unchanged after refusal"] = not di.is_built(model) and same
 

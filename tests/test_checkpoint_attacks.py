@@ -638,7 +638,7 @@ def _corruptions(draw: st.DrawFn) -> tuple[str, str, bytes]:
 
 
 @settings(
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],

@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,9 +48,8 @@ from ._naming import label, root_scope
 
 __all__ = ["load_state_dict"]
 
-M = TypeVar("M", bound=nn.Module)
-
-Source = Mapping[str, torch.Tensor] | str | os.PathLike[str]
+# A state dict (tensors, and whatever a layer's get_extra_state saved) or a file.
+Source = Mapping[str, Any] | str | os.PathLike[str]
 
 _EXTRA_STATE = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
