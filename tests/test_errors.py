@@ -358,7 +358,7 @@ class _Block(nn.Module):
         self.proj = dnn.Linear(8)
         self.act = nn.ReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         return self.act(self.proj(x))
 
 
@@ -379,7 +379,7 @@ class _Model(nn.Module):
         self.encoder = _Encoder()
         self.head = dnn.Linear(2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         return self.head(self.encoder(x))
 
 
@@ -416,7 +416,7 @@ def _nested(x: Any) -> Any:
 
 def _flat(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.is_nested:
-        return (value.values(), value.offsets())
+        return (value.values(), value.offsets())  # type: ignore[attr-defined]
     if isinstance(value, tuple):
         return tuple(_flat(v) for v in value)
     return value

@@ -70,18 +70,21 @@ def test_wrong_arguments_name_forward_of_the_class_that_defines_it() -> None:
         (dnn.MultiheadAttention(num_heads=2), nn.MultiheadAttention(8, 2), torch.randn(5, 2, 8)),
     ]:
         twin(*(x,) * (3 if isinstance(eager, nn.MultiheadAttention) else 1))
-        assert _type_error(lambda t=twin: t()) == _type_error(lambda e=eager: e())
-        assert _type_error(lambda t=twin, x=x: t(x, bogus=1)) == _type_error(
-            lambda e=eager, x=x: e(x, bogus=1)
-        )
+        assert _wrong_call(twin) == _wrong_call(eager)
+        assert _wrong_call(twin, x, bogus=1) == _wrong_call(eager, x, bogus=1)
+
+
+def _wrong_call(layer: nn.Module, *args: Any, **kwargs: Any) -> str:
+    return _type_error(lambda: layer(*args, **kwargs))
 
 
 def test_signature_of_a_built_forward_equals_eagers() -> None:
     layer, eager = _built_linear()
     assert inspect.signature(layer.forward) == inspect.signature(eager.forward)
     assert isinstance(layer.forward, type(eager.forward))
-    assert layer.forward.__func__ is nn.Linear.forward
-    assert layer.forward.__self__ is layer
+    forward: Any = layer.forward
+    assert forward.__func__ is nn.Linear.forward
+    assert forward.__self__ is layer
 
 
 def test_bound_forward_works_after_the_layer_is_dropped(no_gc: None) -> None:

@@ -64,7 +64,7 @@ class Guard:
             module = self._heir
             if module is None:
                 raise DeferredInitError(
-                    f"the {type(self).layer_class.__name__} layer of this forward was freed "
+                    f"the {self.layer_class.__name__} layer of this forward was freed "
                     f"while it was part of a reference cycle, so its state could not be kept. "
                     f"Fix: keep a reference to the layer, not only to its forward."
                 )
@@ -87,7 +87,7 @@ class Guard:
 
     @property
     def __func__(self) -> Any:
-        return type(self).layer_class.forward
+        return self.layer_class.forward
 
     @property
     def __self__(self) -> nn.Module:
@@ -96,7 +96,7 @@ class Guard:
     def __getattr__(self, name: str) -> Any:
         # As a bound method: other attributes are the function's (__globals__, __code__ ...).
         if name.startswith("__") and name.endswith("__") and name in _FUNCTION_ATTRIBUTES:
-            return getattr(type(self).layer_class.forward, name)
+            return getattr(self.layer_class.forward, name)
         raise AttributeError(name)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -107,7 +107,7 @@ class Guard:
     def __repr__(self) -> str:
         module = self._ref()
         shown = module if module is not None else self._heir
-        return f"<deferinit guarded {type(self).layer_class.__qualname__}.forward of {shown!r}>"
+        return f"<deferinit guarded {self.layer_class.__qualname__}.forward of {shown!r}>"
 
 
 _FUNCTION_ATTRIBUTES = frozenset(
@@ -156,7 +156,7 @@ def _rebuild_kept(module: nn.Module) -> Guard:
 
 def guard_for(module: nn.Module, cls: type[nn.Module]) -> Guard:
     """The guard of ``module``, a built ``cls``."""
-    return _kind(cls)(module)
+    return _kind(cls)(module)  # type: ignore[arg-type]  # classes hash; Module's stub confuses mypy
 
 
 @functools.lru_cache(maxsize=256)
@@ -196,12 +196,16 @@ def _outlive(guard_ref: weakref.ref[Guard], _dead: object) -> None:
         return
     probe = object()
     holder = {"forward": probe}  # the layer's __dict__ as the only other holder
-    if sys.getrefcount(guard) <= sys.getrefcount(probe):
-        return
+    if sys.getrefcount(guard) > sys.getrefcount(probe):
+        _keep_state(guard)
     del holder
+
+
+def _keep_state(guard: Guard) -> None:
+    """Give ``guard`` a layer of its own: a shallow copy of the dying layer."""
     for referrer in gc.get_referrers(guard):
         if type(referrer) is dict and referrer.get("forward") is guard and "_di" in referrer:
-            heir = object.__new__(type(guard).layer_class)
+            heir = object.__new__(guard.layer_class)
             state = dict(referrer)
             del state["forward"]  # the class's forward; and no cycle heir -> guard
             object.__setattr__(heir, "__dict__", state)
@@ -241,8 +245,8 @@ def _explain(
         how = f"was built for {was} (inferred from {state.built_from})"
         fix = (
             f"give it inputs that match {was}, or call di.reset(model) to forget the "
-            f"inferred sizes and re-infer them from the next input (parameters are "
-            f"re-created and re-initialized)"
+            f"inferred sizes and re-infer them from the next input (the same parameter "
+            f"objects, re-initialized)"
         )
     else:
         how = f"was constructed with {was} given explicitly"

@@ -35,7 +35,7 @@ _CACHE_SIZE = 256
 
 def forward_signature(cls: type[Deferred]) -> inspect.Signature | None:
     """The real class's forward signature without ``self`` (to find named arguments)."""
-    return _forward_signature(cls._di_cls)
+    return _forward_signature(cls._di_cls)  # type: ignore[arg-type]  # classes hash
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
