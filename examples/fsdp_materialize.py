@@ -12,7 +12,11 @@ full tensor at a time and keeps its slice. A training step follows.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+import traceback
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -42,13 +46,26 @@ def make() -> nn.Sequential:
 def main() -> int:
     dist.init_process_group("gloo")
     try:
-        # The sharded models are freed when run() returns, before the process group
-        # is destroyed (destroying it under live FSDP modules can abort at exit).
         ok = run(dist.get_rank(), dist.get_world_size())
-        dist.barrier()
+        dist.barrier()  # both ranks are past every collective before either tears down
     finally:
         dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """End the process without tearing down the interpreter.
+
+    destroy_process_group cannot stop the gloo group's worker threads here: DTensor's
+    sharding caches keep the device mesh, hence the group, alive. A worker that drops
+    the last reference to a finished collective's tensor must take the GIL; once the
+    interpreter is finalizing, taking it ends the thread inside a noexcept destructor,
+    and the process aborts ("terminate called without an active exception", now and
+    then). Leaving with os._exit never finalizes.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(rank: int, world: int) -> bool:
@@ -111,4 +128,9 @@ def run(rank: int, world: int) -> bool:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_without_finalizing(code)
