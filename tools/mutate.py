@@ -254,11 +254,12 @@ class Result:
     confirmed: bool = True  # the killing test passes on the unmutated copy
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+# "FAILED tests/x.py::test[some id] - message": parametrize ids may hold spaces.
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
 
 
 def _pytest(
-    tree: Path, targets: Sequence[str], timeout: float, *extra: str
+    tree: Path, targets: Sequence[str], timeout: float, *extra: str, first: bool = True
 ) -> tuple[int | None, str]:
     """Run pytest in ``tree`` on ``targets``; (exit code or None on timeout, output)."""
     env = dict(os.environ)
@@ -269,7 +270,8 @@ def _pytest(
     # second as the original would otherwise load the stale bytecode.
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("COVERAGE_PROCESS_START", None)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", *(["-x"] if first else []), "-q"]
+    command += ["-p", "no:cacheprovider"]
     command += ["-p", "no:randomly", *extra, *targets]
     process = subprocess.Popen(
         command,
@@ -339,15 +341,20 @@ def run_mutant(tree: Path, mutant: Mutant, timeout: float) -> Result:
 
 
 def confirm(tree: Path, results: Iterable[Result], timeout: float) -> None:
-    """Run each killing test on the unmutated copy; a kill by a test that fails
-    there too is not a kill (``confirmed=False``)."""
-    for result in results:
-        if result.status != "killed":
-            continue
-        target = result.by
-        extra = () if "::" in target else ("--collect-only",)
-        code, _ = _pytest(tree, [target], timeout, *extra)
-        result.confirmed = code == 0
+    """Run the killing tests on the unmutated copy, all in one run; a kill by a
+    test that fails there too is not a kill (``confirmed=False``)."""
+    killed = [r for r in results if r.status == "killed"]
+    tests = sorted({r.by for r in killed if "::" in r.by})
+    failing: set[str] = set()
+    if tests:
+        code, out = _pytest(tree, tests, timeout, first=False)
+        failing = set(_FAILED.findall(out)) if code == 1 else set(tests)
+    for result in killed:
+        if "::" in result.by:
+            result.confirmed = result.by not in failing
+        else:  # a collection error: the unmutated file must collect
+            code, _ = _pytest(tree, [result.by], timeout, "--collect-only")
+            result.confirmed = code == 0
 
 
 def table(results: Sequence[Result]) -> str:
