@@ -536,6 +536,156 @@ def test_nested_deferred_block_followed_by_a_deferred_layer_equals_eager(
     assert_same_state(net, ref)
 
 
+# --- registered initializers (di.initialize, then di.build) ---------------------------
+
+
+class InitLog:
+    """An initializer that draws random numbers (so its order shows in the values)
+    and records each layer it was called on."""
+
+    def __init__(self) -> None:
+        self.calls: list[nn.Module] = []
+
+    def __call__(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.LayerNorm):
+            self.calls.append(module)
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.uniform_(module.bias, -0.1, 0.1)
+
+    def names(self, root: nn.Module) -> list[str]:
+        """The qualified names below ``root`` of the layers called, in call order."""
+        names = {id(m): n for n, m in root.named_modules()}
+        return [names[id(m)] for m in self.calls]
+
+
+def initialized(layer: nn.Module, init: InitLog) -> nn.Module:
+    """Eager code that initializes a layer on the line that constructs it."""
+    layer.apply(init)
+    return layer
+
+
+def mlp_initialized(init: InitLog) -> nn.Module:
+    first = initialized(nn.Linear(20, 256), init)
+    return nn.Sequential(first, nn.ReLU(), initialized(nn.Linear(256, 10), init))
+
+
+def reversed_initialized(init: InitLog) -> nn.Module:
+    net = Reversed(lazy=False)
+    torch.manual_seed(0)
+    net.b = initialized(nn.Linear(8, 4), init)
+    net.a = initialized(nn.Linear(5, 8), init)
+    return net
+
+
+def nested_initialized(init: InitLog) -> nn.Module:
+    block = initialized(Block(5, 8, lazy=False), init)
+    return nn.Sequential(block, nn.ReLU(), initialized(nn.Linear(8, 4), init))
+
+
+def nested_net() -> nn.Sequential:
+    return nn.Sequential(LazyBlock(out_dim=8), nn.ReLU(), dnn.Linear(4))
+
+
+@pytest.mark.parametrize(
+    ("deferred", "eager", "example"),
+    [
+        (deferred_mlp, mlp_initialized, (2, 20)),
+        (lambda: Reversed(lazy=True), reversed_initialized, (2, 5)),
+        (nested_net, nested_initialized, (2, 5)),
+    ],
+    ids=["mlp", "forward-order-reversed", "nested-block"],
+)
+def test_build_runs_registered_initializers_as_eager_code_initializing_each_layer(
+    deferred: Callable[[], nn.Module],
+    eager: Callable[[InitLog], nn.Module],
+    example: tuple[int, ...],
+    assert_same_state: AssertSameState,
+) -> None:
+    # di.build constructs in registration order and initializes each layer right
+    # after constructing it (a block once the layers inside it are built): an
+    # initializer that draws random numbers gives eager's values bitwise.
+    ref_log = InitLog()
+    torch.manual_seed(0)
+    ref = eager(ref_log)
+    torch.manual_seed(0)
+    net = deferred()
+    log = InitLog()
+    di.initialize(net, log)
+    di.build(net, example)
+    assert_same_state(net, ref)
+    registered = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear | nn.LayerNorm)]
+    assert sorted(log.names(net)) == sorted(registered)  # once per layer
+    assert log.names(net) == ref_log.names(ref)  # in eager's order
+
+
+def test_build_calls_each_registered_initializer_exactly_once_per_layer_in_order() -> None:
+    calls: list[nn.Module] = []
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(8), dnn.LayerNorm(), dnn.Linear(2))
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.LayerNorm):
+            calls.append(module)
+
+    di.initialize(net, init)
+    di.build(net, (3, 5))
+    assert calls == [net[0], net[2], net[3], net[4]]
+    assert all(c is m for c, m in zip(calls, [net[0], net[2], net[3], net[4]], strict=True))
+    net(torch.randn(3, 5))  # the first forward after the build initializes nothing more
+    assert len(calls) == 4
+
+
+def test_build_on_meta_leaves_registered_initializers_to_materialize() -> None:
+    # On meta there is nothing to initialize yet (an initializer that reads a value,
+    # like a norm, would fail there); di.materialize runs it, once, on real tensors.
+    seen: list[str] = []
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            seen.append(module.weight.device.type)
+            with torch.no_grad():
+                module.weight.div_(module.weight.norm().item())
+
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2))
+    di.initialize(net, init)
+    di.build(net, (3, 5), device="meta")
+    assert seen == []
+    di.materialize(net)
+    assert seen == ["cpu", "cpu"]
+    assert torch.allclose(net[0].weight.norm(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_build_is_all_or_nothing_when_an_initializer_is_interrupted(at: int) -> None:
+    # Ctrl-C in the middle of the initializers: every layer is left deferred, with
+    # the same placeholder objects, and the next build succeeds.
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(8), dnn.Linear(2))
+    calls: list[nn.Module] = []
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            if len(calls) == at:
+                calls.append(module)
+                raise KeyboardInterrupt
+            calls.append(module)
+            nn.init.ones_(module.weight)
+
+    di.initialize(net, init)
+    objects = placeholders(net)
+    with pytest.raises(KeyboardInterrupt):
+        di.build(net, (3, 5))
+    assert len(calls) == at + 1
+    assert di.pending(net) == ["0", "2", "3"]
+    assert all(type(m) is not nn.Linear for m in net)
+    assert_untouched(net, objects)
+    assert all(isinstance(p, nn.UninitializedParameter) for p in net.parameters())
+    at = -1  # the next build runs every initializer through
+    di.build(net, (3, 5))
+    assert di.is_built(net) and all(
+        torch.equal(m.weight, torch.ones_like(m.weight)) for m in net[::2]
+    )
+
+
 # --- training after build ---------------------------------------------------------------
 
 

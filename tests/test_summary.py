@@ -265,6 +265,63 @@ def test_layers_built_on_meta_show_state_meta() -> None:
     assert table.totals()["parameters"] == 7946
 
 
+class _Tokens(nn.Module):
+    """Token and position embeddings (positions made on the default device, as
+    models do), a deferred projection, a norm and a deferred head."""
+
+    def __init__(self, eager: Any) -> None:
+        super().__init__()
+        self.tok = eager(lambda: nn.Embedding(100, 16))
+        self.pos = eager(lambda: nn.Embedding(32, 16))
+        self.proj = dnn.Linear(32)
+        self.norm = eager(lambda: nn.LayerNorm(32))
+        self.head = dnn.Linear(8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])  # (T,) on the default device
+        x = self.tok(ids) + self.pos(positions)  # (B, T, 16)
+        return self.head(self.norm(self.proj(x)))  # type: ignore[no-any-return]
+
+
+def _on_meta(make: Any) -> nn.Module:
+    with torch.device("meta"):
+        return make()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("eager", [lambda make: make(), _on_meta], ids=["real", "declared-on-meta"])
+@pytest.mark.parametrize("built", [True, False], ids=["built-on-meta", "unbuilt"])
+def test_a_mixed_model_is_summarized_with_examples(eager: Any, built: bool) -> None:
+    # Eager layers (real, or declared under torch.device("meta")) beside deferred
+    # ones (unbuilt, or built on meta): every row gets its output shape.
+    net = _Tokens(eager)
+    ids = torch.randint(0, 100, (2, 5))
+    if built:
+        di.build(net, ids, device="meta")
+    before = [(n, p) for n, p in net.named_parameters()]
+    table = di.summary(net, ids)
+    rows = _rows(table)
+    assert rows["tok"].output == (2, 5, 16) and rows["pos"].output == (5, 16)
+    assert rows["proj"].output == (2, 5, 32) and rows["norm"].output == (2, 5, 32)
+    assert rows["head"].output == (2, 5, 8) and table.output == (2, 5, 8)
+    assert _args(rows["proj"]) == {"in_features": "16"}
+    assert _shapes(rows["head"]) == {"weight": (8, 32), "bias": (8,)}
+    assert rows["proj"].state == ("meta" if built else "deferred")
+    assert table.totals()["parameters"] == 1600 + 512 + 544 + 64 + 264
+    # Nothing changed: the same parameter objects, on the same devices.
+    assert [(n, p) for n, p in net.named_parameters()] == before
+    assert di.pending(net) == ([] if built else ["proj", "head"])
+
+
+def test_a_mixed_model_with_real_layers_built_on_meta_from_a_real_example() -> None:
+    net = nn.Sequential(nn.Linear(16, 16), dnn.Linear(32), nn.LayerNorm(32), dnn.Linear(8))
+    x = torch.randn(2, 16)
+    di.build(net, x, device="meta")
+    table = di.summary(net, x)
+    assert [r.output for r in table.rows] == [(2, 16), (2, 32), (2, 32), (2, 8)]
+    assert [r.state for r in table.rows] == ["built", "meta", "built", "meta"]
+    assert net[1].weight.is_meta and not net[0].weight.is_meta
+
+
 # -- renderings ------------------------------------------------------------------------
 
 

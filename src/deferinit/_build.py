@@ -12,7 +12,9 @@ runs them in. Either pass failing leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import types
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,10 +25,14 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from ._become import SHAPE_PASS, ShapeRecorder, Transaction, become
 from ._deferred import BUILD_LOCK, Deferred
+from ._dispatch import Drawing
 from ._errors import NotBuiltError
+from ._guard import Guard, guard_for
+from ._initialize import run_registered
 from ._naming import qualified_name, root_scope
+from ._state import declared_defaults
 
-__all__ = ["ShapePass", "build", "shape_pass"]
+__all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -75,84 +81,208 @@ def _home(module: nn.Module) -> torch.device:
     return real[0] if real else torch.device("meta")
 
 
-def shape_pass(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ShapePass:
-    """Run ``module`` on shape-only inputs; record sizes and outputs; change nothing.
+def shape_pass(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    outputs: bool = False,
+) -> ShapePass:
+    """Run ``module`` on shape-only inputs; record sizes (and, with ``outputs``,
+    every layer's output); change nothing.
+
+    The pass runs on a shadow of the module tree (see :func:`shadow`), so another
+    thread may run the model meanwhile: it never sees the fake parameters and
+    stand-in buffers the pass puts in place. Nothing in it draws from the default
+    random generators, which other threads may be drawing from: meta and fake
+    tensors draw nothing, and a real tensor the forward makes (noise drawn on
+    the CPU, say) draws from a private throwaway generator.
 
     A model of placeholders and meta tensors is first run on the meta device, which
     computes shapes fastest; if its forward needs more (it makes tensors on the
     default device, say), or the model holds real weights, it runs under torch's
     FakeTensorMode, in which real weights take part unchanged.
     """
-    with BUILD_LOCK, root_scope(module), torch.random.fork_rng(devices=[]):
+    with BUILD_LOCK:
         home = _home(module)
         if home.type == "meta":
             try:
-                return _run(module, args, kwargs, contextlib.nullcontext(), home)
+                return _run(module, args, kwargs, None, home, outputs)
             except Exception:  # noqa: S110 - retried below, where the error is raised
                 pass
             home = torch.get_default_device()
-        return _run(module, args, kwargs, FakeTensorMode(allow_non_fake_inputs=True), home)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return _run(module, args, kwargs, mode, home, outputs)
+
+
+def shadow(root: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """A copy of the module tree below ``root`` that shares every tensor.
+
+    Each module is copied once (a module reached twice is one copy, so sharing
+    and ties are kept): a new object of the same class whose ``__dict__`` is a
+    copy of the original's, with its own ``_modules``, ``_parameters``,
+    ``_buffers`` and hook tables. Whatever a shape-only pass does to the copy
+    (deferred layers becoming their class with fake parameters, fake stand-ins
+    for buffers, attributes a forward sets) leaves the original alone, so a
+    forward that another thread runs on the original meanwhile is unaffected.
+    Returns the copy of ``root`` and the copies by ``id`` of their original.
+    """
+    copies: dict[int, nn.Module] = {}
+    stack = [root]
+    while stack:
+        original = stack.pop()
+        if id(original) in copies:
+            continue
+        copy = object.__new__(type(original))
+        object.__setattr__(copy, "__dict__", _copied_dict(original.__dict__))
+        copies[id(original)] = copy
+        stack.extend(m for m in original._modules.values() if m is not None)
+    for copy in copies.values():
+        children = copy._modules
+        for name, child in children.items():
+            if child is not None:
+                children[name] = copies[id(child)]
+        _rebind_to_copies(copy, copies)
+    return copies[id(root)], copies
+
+
+_COPIED = (dict, OrderedDict, set)
+
+
+def _copied_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.copy() if type(v) in _COPIED else v for k, v in d.items()}
+
+
+def _rebind_to_copies(copy: nn.Module, copies: Mapping[int, nn.Module]) -> None:
+    """Point the copy's guarded ``forward`` and the hooks bound to modules of the
+    tree at their copies, so that running the copy never runs an original."""
+    d = copy.__dict__
+    for key, value in d.items():
+        if key == "forward" and isinstance(value, Guard):
+            d[key] = guard_for(copy, type(copy))
+        elif key == "forward":
+            d[key] = _rebound(value, copies)
+        elif key.endswith("hooks") and isinstance(value, dict):
+            for k, hook in value.items():
+                value[k] = _rebound(hook, copies)
+
+
+def _rebound(value: Any, copies: Mapping[int, nn.Module]) -> Any:
+    if isinstance(value, types.MethodType) and id(value.__self__) in copies:
+        return types.MethodType(value.__func__, copies[id(value.__self__)])
+    return value
 
 
 def _run(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-    mode: Any,
+    mode: FakeTensorMode | None,
     home: torch.device,
+    outputs: bool,
 ) -> ShapePass:
     result = ShapePass()
     recorder = ShapeRecorder()
     recorded = recorder.records
-    outputs: list[tuple[nn.Module, Any]] = []
-
-    def hook(mod: nn.Module, _args: Any, output: Any) -> None:
-        outputs.append((mod, output))
-
-    saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+    copy, copies = shadow(module)
+    names: dict[int, str] = {}
+    for name, sub in copy.named_modules(remove_duplicate=False):
+        names.setdefault(id(sub), name)  # a shared layer goes by its first name
+    if outputs:
+        _record_outputs(copy, names, result.outputs)
     token = SHAPE_PASS.set(recorder)
-    handle = nn.modules.module.register_module_forward_hook(hook)
     try:
-        if isinstance(mode, FakeTensorMode):
-            _fake_buffers(module, mode, saved)
-        fake_args = _fake(args, mode, home)
-        fake_kwargs = _fake(dict(kwargs), mode, home)
-        with mode, torch.no_grad():
-            module(*fake_args, **fake_kwargs)
-        names: dict[int, str] = {}
-        for name, sub in module.named_modules(remove_duplicate=False):
-            names.setdefault(id(sub), name)  # a shared layer goes by its first name
+        with root_scope(copy):
+            if mode is None:
+                _run_on_meta(copy, args, kwargs)
+            else:
+                _run_on_fakes(copy, copies, args, kwargs, mode, home)
+        for name, sub in copy.named_modules(remove_duplicate=False):
+            names.setdefault(id(sub), name)  # layers the pass constructed inside blocks
+        for original_id, sub in copies.items():
+            if id(sub) in names:  # an original the forward reached by another path
+                names.setdefault(original_id, names[id(sub)])
         for layer, values, built_from, _ in recorded:
             name = names.get(id(layer))
             if name is None:
-                name = qualified_name(layer, module) or ""
+                name = qualified_name(layer, copy) or ""
             result.values[name] = values
             result.built_from[name] = built_from
-        for mod, output in outputs:
-            if id(mod) in names:
-                result.outputs.setdefault(names[id(mod)], output)
     finally:
-        handle.remove()
         SHAPE_PASS.reset(token)
+        # The copies are dropped; an original that the forward reached outside the
+        # module tree (a layer kept in a plain list, say) was built on its own.
         for *_, txn in reversed(recorded):
             if txn is not None:
                 txn.rollback()
-        for owner, name, buffer in saved:
-            owner._buffers[name] = buffer
     return result
 
 
-def _fake_buffers(
-    module: nn.Module, mode: FakeTensorMode, saved: list[tuple[nn.Module, str, torch.Tensor]]
+def _record_outputs(copy: nn.Module, names: Mapping[int, str], into: dict[str, Any]) -> None:
+    for sub in copy.modules():
+        name = names[id(sub)]
+
+        def hook(mod: nn.Module, _args: Any, output: Any, name: str = name) -> None:
+            into.setdefault(name, output)
+
+        sub.register_forward_hook(hook)
+
+
+def _run_on_meta(copy: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    meta = torch.device("meta")
+    # A forward may still make real tensors (noise drawn on the CPU): their random
+    # numbers come from a private generator, never from the default ones.
+    with Drawing(0), torch.no_grad():
+        copy(
+            *_fake(args, contextlib.nullcontext(), meta),
+            **_fake(dict(kwargs), contextlib.nullcontext(), meta),
+        )
+
+
+def _run_on_fakes(
+    copy: nn.Module,
+    copies: Mapping[int, nn.Module],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    mode: FakeTensorMode,
+    home: torch.device,
 ) -> None:
-    """Put fake stand-ins in place of the real buffers for the pass (a training-mode
-    forward updates BatchNorm statistics in place); ``saved`` is what to put back."""
-    for sub in module.modules():
-        for name, b in sub._buffers.items():
-            if b is None or isinstance(b, UninitializedTensorMixin) or b.device.type == "meta":
-                continue
-            saved.append((sub, name, b))
-            sub._buffers[name] = mode.from_tensor(b)
+    _stand_ins(copies.values(), mode, home)
+    fake_args = _fake(args, mode, home)
+    fake_kwargs = _fake(dict(kwargs), mode, home)
+    with mode, torch.no_grad():
+        copy(*fake_args, **fake_kwargs)
+
+
+def _stand_ins(modules: Iterable[nn.Module], mode: FakeTensorMode, home: torch.device) -> None:
+    """Put fake stand-ins in the copies for real buffers (a training-mode forward
+    updates BatchNorm statistics in place) and for meta tensors, which stand for
+    tensors on ``home`` beside the real ones (an eager layer declared on meta)."""
+    made: dict[int, torch.Tensor] = {}
+    for sub in modules:
+        for table, is_buffer in ((sub._parameters, False), (sub._buffers, True)):
+            for name, t in table.items():
+                if t is None or isinstance(t, UninitializedTensorMixin):
+                    continue
+                on_meta = t.device.type == "meta"
+                if not (on_meta or is_buffer):
+                    continue  # real parameters take part unchanged
+                fake = made.get(id(t))
+                if fake is None:
+                    fake = _fake_of(t, mode, home if on_meta else t.device)
+                    made[id(t)] = fake
+                table[name] = fake  # type: ignore[assignment]
+
+
+def _fake_of(t: torch.Tensor, mode: FakeTensorMode, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        fake = mode.from_tensor(t)
+    else:
+        with mode:
+            fake = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=device)
+    if isinstance(t, nn.Parameter):
+        fake = nn.Parameter(fake, requires_grad=t.requires_grad)
+    return fake
 
 
 def build(
@@ -202,20 +332,58 @@ def build(
 def _construct_in_registration_order(
     module: nn.Module, seen: ShapePass, device: torch.device | str | None
 ) -> None:
-    from ._initialize import run_registered  # noqa: PLC0415 - cyclic by nature
-
+    """Construct every layer the pass sized, in registration order, each followed
+    by its registered initializer, as if the eager code initialized each layer
+    where it constructs it; the first forward and ``di.materialize`` initialize
+    in the same order, so all three give the same values. A block is initialized
+    once the deferred layers it constructs are built too. Any failure (Ctrl-C
+    included) undoes every layer."""
     done: list[Transaction] = []
+    waiting: list[tuple[str, nn.Module]] = []  # built, their deferred children not yet
     try:
         # A live walk: named_modules reads a layer's children after yielding it, so
         # the deferred children that a just-built block constructs come next, in
         # eager's registration order.
         for name, sub in module.named_modules():
+            _initialize_finished(waiting, name)
             if isinstance(sub, Deferred) and name in seen.values:
                 done.append(
                     become(sub, seen.values[name], built_from=seen.built_from[name], device=device)
                 )
-                run_registered(sub)
+                waiting.append((name, sub))
+        _initialize_finished(waiting, None)
     except BaseException:
         for txn in reversed(done):
             txn.rollback()
         raise
+
+
+def _initialize_finished(waiting: list[tuple[str, nn.Module]], reached: str | None) -> None:
+    """Initialize the layers whose part of the tree the walk has left on reaching
+    ``reached`` (every one, for ``None``): ``waiting`` runs from outer to inner."""
+    while waiting:
+        prefix, layer = waiting[-1]
+        if reached is not None and (prefix == "" or reached.startswith(prefix + ".")):
+            return
+        waiting.pop()
+        _initialize(layer)
+
+
+def _initialize(layer: nn.Module) -> None:
+    """Run the initializer registered on ``layer``, unless it was built on meta: it
+    has no values yet (an initializer that reads one would fail), and
+    di.materialize runs the initializer when it gives the layer memory."""
+    state = layer.__dict__["_di"]
+    if state.init is None or _on_meta(layer):
+        return
+    with declared_defaults(state):
+        run_registered(layer)
+
+
+def _on_meta(layer: nn.Module) -> bool:
+    with torch._C.DisableTorchFunctionSubclass():  # plain .device reads on Parameters
+        return any(
+            t is not None and t.device.type == "meta"
+            for sub in layer.modules()
+            for t in (*sub._parameters.values(), *sub._buffers.values())
+        )

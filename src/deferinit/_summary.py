@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from ._build import shape_pass
 from ._deferred import Deferred, constructor_call, placeholder_tensors
 from ._layout import freeze
 from ._summary_render import (
@@ -178,9 +179,7 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
     values: Mapping[str, Mapping[str, Any]] = {}
     outputs: Mapping[str, Any] = {}
     if examples:
-        from ._build import shape_pass  # noqa: PLC0415 - cyclic by nature
-
-        seen = shape_pass(module, example_args, example_kwargs)
+        seen = shape_pass(module, example_args, example_kwargs, outputs=True)
         values, outputs = seen.values, seen.outputs
     rows = [
         _row(name, sub, values.get(name, {}), _shapes(outputs[name]) if name in outputs else None)
