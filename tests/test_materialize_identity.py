@@ -304,3 +304,15 @@ def test_an_initializer_that_adds_tensors_is_an_error_not_a_silent_loss(seed: in
     with pytest.raises(di.DeferredInitError, match=r"4 \(Linear\).*adds 'parametrizations"):
         di.materialize(model, seed=seed)
     assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("seed", [None, 0])
+def test_tensors_added_to_a_built_layer_on_meta_are_an_error_not_left_on_meta(
+    seed: int | None,
+) -> None:
+    model = on_meta()
+    nn.utils.parametrizations.weight_norm(model[2])
+    before = snapshot(model)
+    with pytest.raises(di.NotBuiltError, match=r"2 \(ParametrizedLinear\) holds 'parametrizations"):
+        di.materialize(model, seed=seed)
+    assert snapshot(model) == before

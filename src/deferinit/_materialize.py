@@ -252,13 +252,20 @@ def _rebuild(
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
         with torch.device(device):
             new = named(make())
+        _check_known(layer, prefix, old, new)
         for name, tensor in old.items():
-            if name in new:
-                put(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
-        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
-            put(layer, name, old[name], value, device, dtype, owners, prefix)
-            del value
+            put(layer, name, tensor, new[name], device, dtype, owners, prefix)
+    else:
+        generators = Generators(device)
+        try:  # a dry run: the values come later, tensor by tensor or seeded
+            with torch.device("meta"):
+                _check_known(layer, prefix, old, named(construct()))
+        finally:
+            generators.restore()
+        if not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
+            for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
+                put(layer, name, old[name], value, device, dtype, owners, prefix)
+                del value
     if registered is not None:
         mark_initialized(layer)
 
@@ -285,6 +292,22 @@ def _place_whole(
     for name, tensor in old.items():
         put(layer, name, tensor, new[name], device, dtype, owners, prefix)
     return True
+
+
+def _check_known(
+    layer: nn.Module, prefix: str, old: dict[str, torch.Tensor], made: dict[str, torch.Tensor]
+) -> None:
+    """Every meta tensor of a rebuilt layer must be one its constructor makes: one
+    added after the build (a reparametrization applied on meta) has no known value."""
+    unknown = [name for name in old if name not in made]
+    if unknown:
+        raise NotBuiltError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}) holds "
+            f"{', '.join(repr(u) for u in unknown)} on meta, which its constructor does not "
+            f"make (added after it was built), so their values are unknown. The model is "
+            f"left as it was. Fix: apply such changes (e.g. weight_norm) after "
+            f"di.materialize, or load their values (load_state_dict)."
+        )
 
 
 def _check_unchanged(layer: nn.Module, prefix: str, declared: set[str], now: set[str]) -> None:
