@@ -6,6 +6,7 @@ scriptable by ``torch.jit.script``, and bounded caches in a long-running process
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import pickle
@@ -100,6 +101,38 @@ def test_bound_forward_works_after_the_layer_is_dropped(no_gc: None) -> None:
         assert torch.equal(pickle.loads(pickle.dumps(forward))(x), want)
     del forward
     assert weight() is None  # the kept state is freed with the forward, no cycle
+
+
+@pytest.mark.parametrize(
+    "copy_of",
+    [copy.deepcopy, lambda f: pickle.loads(pickle.dumps(f))],
+    ids=["deepcopy", "pickle"],
+)
+def test_a_copied_bound_forward_works_as_eagers_does(
+    copy_of: Callable[[Any], Any], no_gc: None
+) -> None:
+    layer, _ = _built_linear()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        copied = copy_of(layer.forward)
+        assert torch.equal(copied(x), layer(x))
+        assert copied.__self__ is not layer
+    with pytest.raises(di.ShapeMismatchError, match=r"^Linear layer was built for in_features=4"):
+        copied(torch.randn(5, 6))
+
+
+def test_bound_forward_of_a_layer_freed_in_a_cycle_says_what_happened() -> None:
+    layer, _ = _built_linear()
+    layer.cycle = [layer]  # only the garbage collector frees it
+    forward = layer.forward
+    del layer
+    gc.collect()
+    with pytest.raises(
+        di.DeferredInitError,
+        match=r"^the Linear layer of this forward no longer exists: the garbage collector "
+        r"freed it as part of a reference cycle.* Fix: keep a reference to the layer",
+    ):
+        forward(torch.randn(5, 4))
 
 
 def test_bound_forward_kept_after_the_layer_still_reports_a_mismatch() -> None:

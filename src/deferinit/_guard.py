@@ -64,9 +64,10 @@ class Guard:
             module = self._heir
             if module is None:
                 raise DeferredInitError(
-                    f"the {self.layer_class.__name__} layer of this forward was freed "
-                    f"while it was part of a reference cycle, so its state could not be kept. "
-                    f"Fix: keep a reference to the layer, not only to its forward."
+                    f"the {self.layer_class.__name__} layer of this forward no longer exists: "
+                    f"the garbage collector freed it as part of a reference cycle, where its "
+                    f"state cannot be kept for the forward. Fix: keep a reference to the "
+                    f"layer, not only to its forward."
                 )
         return module
 
@@ -95,7 +96,7 @@ class Guard:
 
     def __getattr__(self, name: str) -> Any:
         # As a bound method: other attributes are the function's (__globals__, __code__ ...).
-        if name.startswith("__") and name.endswith("__") and name in _FUNCTION_ATTRIBUTES:
+        if name in _FUNCTION_ATTRIBUTES:
             return getattr(self.layer_class.forward, name)
         raise AttributeError(name)
 
@@ -144,6 +145,11 @@ class InputGuard(Guard):
 
 
 def _rebuild(module: nn.Module) -> Guard:
+    # A copied forward alone: its layer was copied whole first, guard included.
+    # A copied layer: its state (and guard) is not set yet, so a guard is made.
+    existing = module.__dict__.get("forward")
+    if isinstance(existing, Guard):
+        return existing
     return guard_for(module, type(module))
 
 
