@@ -123,7 +123,7 @@ def test_a_copied_bound_forward_works_as_eagers_does(
 
 def test_bound_forward_of_a_layer_freed_in_a_cycle_says_what_happened() -> None:
     layer, _ = _built_linear()
-    layer.cycle = [layer]  # only the garbage collector frees it
+    layer.__dict__["cycle"] = [layer]  # only the garbage collector frees it
     forward = layer.forward
     del layer
     gc.collect()
