@@ -10,8 +10,9 @@ interleaving gives.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -35,7 +36,7 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def run_together(jobs: list[Callable[[], Any]]) -> list[Any]:
+def run_together(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run every job in its own thread, all released at once; return each one's
     result or the exception it raised."""
     start = threading.Barrier(len(jobs))
@@ -75,7 +76,8 @@ def assert_real(output: Any) -> torch.Tensor:
     assert not isinstance(output, FakeTensor)
     assert type(output) is torch.Tensor
     assert output.device.type == "cpu"
-    return output
+    tensor: torch.Tensor = output
+    return tensor
 
 
 # --- concurrent first calls -----------------------------------------------------------
@@ -102,7 +104,7 @@ def test_concurrent_first_calls_on_one_model_build_each_layer_once() -> None:
         torch.manual_seed(round_)
         net = nn.Sequential(LazyCounting(16), nn.ReLU(), LazyCounting(4))
         CountingLinear.made = 0  # declaring may construct on meta to learn the layout
-        outputs = run_together([lambda net=net: net(x)] * THREADS)  # type: ignore[misc]
+        outputs = run_together([functools.partial(net, x)] * THREADS)
         assert CountingLinear.made == 2
         assert di.is_built(net)
         # Each layer was built once, from the first call that reached it, and its
@@ -120,7 +122,7 @@ def test_concurrent_first_calls_on_separate_models_each_equal_their_eager_model(
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     for _ in range(25):
         nets = [deferred_net() for _ in range(THREADS)]
-        outputs = run_together([lambda net=net: net(x) for net in nets])  # type: ignore[misc]
+        outputs = run_together([functools.partial(net, x) for net in nets])
         for net, out in zip(nets, outputs, strict=True):
             assert di.is_built(net)
             assert torch.equal(assert_real(out), net(x))
@@ -185,10 +187,11 @@ def test_di_build_racing_forwards_leaves_the_eager_layers_state_alone() -> None:
         bn = nn.BatchNorm1d(8)
         net = nn.Sequential(bn, dnn.Linear(4))
         calls = 4
-        results = run_together([lambda net=net: di.build(net, x)] + [lambda bn=bn: bn(x)] * calls)  # type: ignore[misc]
+        results = run_together([lambda net=net: di.build(net, x)] + [lambda bn=bn: bn(x)] * calls)
         assert results[0] is net
         for out in results[1:]:
             assert_real(out)
+        assert bn.num_batches_tracked is not None
         assert int(bn.num_batches_tracked) == calls
         assert type(bn.running_mean) is torch.Tensor
 
@@ -236,7 +239,7 @@ def test_di_reset_racing_forwards_leaves_a_consistent_model() -> None:
                     out.append(error)
             return out
 
-        results = run_together([lambda net=net: di.reset(net)] + [forward] * 3)  # type: ignore[misc]
+        results = run_together([lambda net=net: di.reset(net)] + [forward] * 3)
         assert results[0] is net
         for outputs in results[1:]:
             assert isinstance(outputs, list), outputs
@@ -265,7 +268,8 @@ class NoisyBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape[-1]).to(x.device)  # (C,) drawn on CPU
-        return self.drop(self.proj(x) + noise)
+        out: torch.Tensor = self.drop(self.proj(x) + noise)
+        return out
 
 
 LazyNoisy = di.defer(NoisyBlock, dim=di.dim(-1))

@@ -1,12 +1,14 @@
 """``di.build``: build every deferred layer from a shape-only pass.
 
-Two passes. The first runs the model under torch's FakeTensorMode: deferred
-layers infer their sizes and are constructed with fake parameters, so nothing
-is computed and neither activations nor parameters take memory; then every one
-of them is rolled back. The second constructs the layers for real (or on
-``meta``) in *registration* order, as eager construction would, so the result
-is bitwise the eager model's under the same seed, whatever order the forward
-runs them in. Either pass failing leaves the model exactly as it was.
+Two passes. The first runs a shadow of the model (a copy of the module tree that
+shares its tensors) under torch's FakeTensorMode or on meta: deferred layers
+infer their sizes and the shadow's are constructed with fake parameters, so
+nothing is computed, neither activations nor parameters take memory, and the
+model itself is untouched, even for a thread that runs it meanwhile. The second
+constructs the layers for real (or on ``meta``) in *registration* order, as
+eager construction would, so the result is bitwise the eager model's under the
+same seed, whatever order the forward runs them in. Either pass failing leaves
+the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -275,6 +277,7 @@ def _stand_ins(modules: Iterable[nn.Module], mode: FakeTensorMode, home: torch.d
 
 
 def _fake_of(t: torch.Tensor, mode: FakeTensorMode, device: torch.device) -> torch.Tensor:
+    fake: torch.Tensor
     if t.device == device:
         fake = mode.from_tensor(t)
     else:
