@@ -215,3 +215,22 @@ def test_an_initializers_error_is_the_same_inference_error_on_every_path(path: s
         assert di.pending(net) == ["0", "2"]
     else:
         assert all(p.is_meta for p in net.parameters())
+
+
+def test_interrupt_while_the_layer_takes_over_the_built_state_rolls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import deferinit._become as become_module  # noqa: PLC0415 - patched for this test only
+
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    layer = dnn.Linear(4)
+    objects = placeholders(layer)
+    # The guard is made after the placeholders took the real tensors in place.
+    monkeypatch.setattr(become_module, "guard_for", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer(torch.randn(2, 3))
+    assert_untouched(layer, objects)
+    monkeypatch.undo()
+    assert layer(torch.randn(2, 3)).shape == (2, 4)
