@@ -84,6 +84,8 @@ def test_signature_of_a_built_forward_equals_eagers() -> None:
     assert inspect.signature(layer.forward) == inspect.signature(eager.forward)
     assert isinstance(layer.forward, type(eager.forward))
     forward: Any = layer.forward
+    for name in ("__doc__", "__name__", "__qualname__"):
+        assert getattr(forward, name) == getattr(eager.forward, name), name
     assert forward.__func__ is nn.Linear.forward
     assert forward.__self__ is layer
 

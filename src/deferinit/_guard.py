@@ -117,10 +117,8 @@ _FUNCTION_ATTRIBUTES = frozenset(
         "__closure__",
         "__code__",
         "__defaults__",
-        "__doc__",
         "__globals__",
         "__kwdefaults__",
-        "__module__",
         "__name__",
         "__qualname__",
     }
@@ -184,7 +182,12 @@ def _kind(cls: type[nn.Module]) -> type[Guard]:
     )
     renamed.__kwdefaults__ = call.__kwdefaults__
     renamed.__qualname__ = getattr(cls.forward, "__qualname__", f"{cls.__qualname__}.forward")
-    namespace = {"__slots__": (), "__call__": renamed, "layer_class": cls}
+    namespace = {
+        "__slots__": (),
+        "__call__": renamed,
+        "layer_class": cls,
+        "__doc__": cls.forward.__doc__,  # read through the guard, as through a bound method
+    }
     return type(f"{base.__name__}[{cls.__qualname__}]", (base,), namespace)
 
 
