@@ -255,17 +255,16 @@ def _rebuild(
         _check_known(layer, prefix, old, new)
         for name, tensor in old.items():
             put(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    else:
+    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
         generators = Generators(device)
-        try:  # a dry run: the values come later, tensor by tensor or seeded
+        try:  # a dry run: each_tensor needs every name to be one the layer makes
             with torch.device("meta"):
                 _check_known(layer, prefix, old, named(construct()))
         finally:
             generators.restore()
-        if not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
-            for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
-                put(layer, name, old[name], value, device, dtype, owners, prefix)
-                del value
+        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
+            put(layer, name, old[name], value, device, dtype, owners, prefix)
+            del value
     if registered is not None:
         mark_initialized(layer)
 
@@ -289,6 +288,7 @@ def _place_whole(
     if whole is None:
         return False
     new = named(whole)
+    _check_known(layer, prefix, old, new)
     for name, tensor in old.items():
         put(layer, name, tensor, new[name], device, dtype, owners, prefix)
     return True
