@@ -84,7 +84,7 @@ def test_signature_of_a_built_forward_equals_eagers() -> None:
     assert inspect.signature(layer.forward) == inspect.signature(eager.forward)
     assert isinstance(layer.forward, type(eager.forward))
     forward: Any = layer.forward
-    for name in ("__doc__", "__name__", "__qualname__"):
+    for name in ("__doc__", "__module__", "__name__", "__qualname__"):
         assert getattr(forward, name) == getattr(eager.forward, name), name
     assert forward.__func__ is nn.Linear.forward
     assert forward.__self__ is layer
@@ -239,3 +239,12 @@ def test_an_evicted_guard_class_still_guards() -> None:
         layer(torch.randn(2, 5))
     with pytest.raises(di.ShapeMismatchError, match="in_features=4"):
         again(torch.randn(2, 5))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_jit_script_of_a_built_lstm_compiles_the_same_overloads_as_eagers() -> None:
+    layer, eager = dnn.LSTM(4), nn.LSTM(3, 4)
+    layer(torch.randn(5, 2, 3))
+    scripted, scripted_eager = torch.jit.script(layer), torch.jit.script(eager)
+    assert sorted(scripted._c._method_names()) == sorted(scripted_eager._c._method_names())
+    assert scripted.forward__0.code == scripted_eager.forward__0.code

@@ -186,7 +186,10 @@ def _kind(cls: type[nn.Module]) -> type[Guard]:
         "__slots__": (),
         "__call__": renamed,
         "layer_class": cls,
-        "__doc__": cls.forward.__doc__,  # read through the guard, as through a bound method
+        # Read through the guard as through a bound method (torch.jit finds a method's
+        # overloads by the function's module and qualified name).
+        "__doc__": cls.forward.__doc__,
+        "__module__": cls.forward.__module__,
     }
     return type(f"{base.__name__}[{cls.__qualname__}]", (base,), namespace)
 
