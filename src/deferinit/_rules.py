@@ -103,16 +103,24 @@ def describe(value: Any) -> str:
     type and a bounded repr (fast for a list of a million items, and safe for an
     object whose ``repr`` raises)."""
     if isinstance(value, PackedSequence):
-        return f"a PackedSequence with data of shape {_shape(value.data)}"
+        return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
         article = "an" if dtype.startswith("int") else "a"
         nested = "nested " if value.is_nested else ""
-        return f"{article} {dtype} {nested}tensor of shape {_shape(value)}"
+        return f"{article} {dtype} {nested}tensor of shape {tuple(value.shape)}"
     kind = type(value).__name__
     if isinstance(value, list | tuple | dict | set | frozenset | str | bytes):
-        kind = f"{kind} of {len(value)} item{'' if len(value) == 1 else 's'}"
-    return f"a {kind} ({_REPR.repr(value)})"
+        unit = (
+            "character"
+            if isinstance(value, str)
+            else "byte"
+            if isinstance(value, bytes)
+            else "item"
+        )
+        kind = f"{kind} of {len(value)} {unit}{'' if len(value) == 1 else 's'}"
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"{article} {kind} ({_REPR.repr(value)})"
 
 
 class _BoundedRepr(reprlib.Repr):
@@ -136,13 +144,6 @@ class _BoundedRepr(reprlib.Repr):
 
 
 _REPR = _BoundedRepr()
-
-
-def _shape(x: torch.Tensor) -> tuple[Any, ...]:
-    try:
-        return tuple(x.shape)
-    except RuntimeError:  # a tensor kind without sizes (sparse CSR batches, ...)
-        return ("?",)
 
 
 def size_at(x: torch.Tensor, axis: int) -> int:
