@@ -45,6 +45,7 @@ __all__ = [
     "become",
     "build_and_run",
     "hook_tables",
+    "release",
     "tensor_at",
 ]
 
@@ -149,12 +150,15 @@ def become(
     built_from: str | None,
     device: torch.device | str | None = None,
     adopt: bool = True,
+    hold: bool = False,
 ) -> Transaction:
     """Construct the real layer with ``values`` and turn ``module`` into it.
 
     ``device`` constructs under ``torch.device(device)`` (``"meta"`` allocates
     nothing); ``adopt=False`` leaves the placeholders alone (the shape-only pass,
-    whose parameters are fake and about to be rolled back).
+    whose parameters are fake and about to be rolled back). ``hold=True`` makes
+    calls from other threads wait for the build lock until :func:`release`, so none
+    sees the layer before its initializer ran.
     """
     state = module._di
     cls = type(module)
@@ -175,7 +179,7 @@ def become(
         real.train(False)
     txn = Transaction(module)
     try:
-        _take_over(module, real, state, values, built_from, txn, adopt, device)
+        _take_over(module, real, state, values, built_from, txn, adopt, device, hold)
     except BaseException:  # Ctrl-C between two steps included: never half-built
         txn.rollback()
         raise
@@ -191,6 +195,7 @@ def _take_over(
     txn: Transaction,
     adopt: bool,
     device: torch.device | str | None,
+    hold: bool,
 ) -> None:
     ties: list[str] = []
     if adopt:
@@ -214,10 +219,34 @@ def _take_over(
     built.values, built.built_from, built.own_hooks = dict(values), built_from, own
     built.ties = tuple(ties)
     new["_di"] = built
-    new["forward"] = guard_for(module, type(real))
+    guard = guard_for(module, type(real))
+    new["forward"] = _Held(guard) if hold else guard
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)
     object.__setattr__(module, "__class__", type(real))
+
+
+class _Held:
+    """``module.forward`` between a build and the end of its initializer: a call
+    from another thread waits for the build lock (the builder holds it), then puts
+    the guard in place and runs it."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with BUILD_LOCK:
+            release(self.guard.module)
+        return self.guard(*args, **kwargs)
+
+
+def release(module: nn.Module) -> None:
+    """End :func:`become`'s ``hold``: calls run the guard directly again."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, _Held):
+        module.__dict__["forward"] = forward.guard
 
 
 def _check_ties(
@@ -339,13 +368,14 @@ def _build_and_run(
         if recorder is not None:
             return _record_shapes(module, values, built_from, recorder, args, kwargs)
         state = module._di
-        txn = become(module, values, built_from=built_from)
+        txn = become(module, values, built_from=built_from, hold=True)
         try:
             with declared_defaults(state):
                 run_registered(module)
         except BaseException:  # the initializer's own error (or Ctrl-C), unchanged
             txn.rollback()
             raise
+        release(module)
         try:
             output = type(module).forward(module, *args, **kwargs)
         except BaseException as error:
