@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from ._state import State
 
 __all__ = [
+    "ClassSignature",
     "bind",
     "constructor_args_of",
     "constructor_call",
     "fast_signature",
     "forward_signature",
+    "public_signature",
     "quoted",
     "qualname",
 ]
@@ -64,6 +66,28 @@ def fast_signature(
         frozenset(p.name for p in params),
         frozenset(p.name for p in params if p.default is p.empty),
     )
+
+
+class ClassSignature:
+    """``__signature__`` of a deferred class for ``inspect.signature(dnn.Linear)``,
+    and nothing on its instances (whose signature is their ``__call__``'s)."""
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+
+    def __get__(self, instance: object, owner: type | None = None) -> inspect.Signature:
+        if instance is not None:
+            raise AttributeError("__signature__")
+        return self.signature
+
+
+def public_signature(cls: type[Deferred]) -> inspect.Signature:
+    """The real class's arguments minus the inferred ones, then the rules' options
+    (LayerNorm's ``ndim``) by keyword."""
+    params = list(cls._di_public_signature.parameters.values())
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter(k, keyword, default=v) for k, v in cls._di_options.items()]
+    return inspect.Signature(params)
 
 
 def bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import nn as _nn
 from ._deferred import Deferred, make_deferred
 from ._nn_rules import PerChannel, SizeIfDiffers, Trailing
 from ._rules import Rule, dim
-from ._signature import forward_signature
+from ._signature import ClassSignature, forward_signature, public_signature
 
 __all__ = [
     "TWINS",
@@ -134,27 +134,6 @@ _SIGNATURES = {
 }
 
 
-class _ClassSignature:
-    """``__signature__`` of a twin class for ``inspect.signature(dnn.Linear)``, and
-    nothing on its instances (whose signature is their forward's)."""
-
-    def __init__(self, signature: inspect.Signature) -> None:
-        self.signature = signature
-
-    def __get__(self, instance: object, owner: type | None = None) -> inspect.Signature:
-        if instance is not None:
-            raise AttributeError("__signature__")
-        return self.signature
-
-
-def _public_signature(twin: type[Deferred]) -> inspect.Signature:
-    """torch's arguments minus the inferred ones, then deferinit's options by keyword."""
-    params = list(twin._di_public_signature.parameters.values())
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    params += [inspect.Parameter(k, keyword, default=v) for k, v in twin._di_options.items()]
-    return inspect.Signature(params)
-
-
 def _docstring(cls: type[_nn.Module], twin: type[Deferred]) -> str:
     forward = forward_signature(twin)
     inferred = "\n".join(
@@ -167,7 +146,7 @@ def _docstring(cls: type[_nn.Module], twin: type[Deferred]) -> str:
         f"Inferred at the first forward (give one by keyword to fix it and build at "
         f"once):\n\n{inferred}\n\n"
         f"Every other argument is torch's, with torch's names and defaults: "
-        f"``{cls.__name__}{_public_signature(twin)}``.\n"
+        f"``{cls.__name__}{public_signature(twin)}``.\n"
     )
 
 
@@ -175,7 +154,7 @@ def _twin(cls: type[_nn.Module]) -> Any:
     twin = make_deferred(cls, TWINS[cls], _SIGNATURES.get(cls))
     twin.__module__ = __name__
     twin.__doc__ = _docstring(cls, twin)
-    twin.__signature__ = _ClassSignature(_public_signature(twin))  # type: ignore[attr-defined]
+    twin.__signature__ = ClassSignature(public_signature(twin))  # type: ignore[attr-defined]
     return twin
 
 
