@@ -101,6 +101,8 @@ def test_run_mutant_kills_survives_and_puts_the_file_back(tmp_path: Path) -> Non
     stale = mutate.run_mutant(tree, _mutant("a ** b", "a", "tests/test_toy.py"), 60)
     assert stale.status == "stale"
     assert (tree / "src" / "deferinit" / "_toy.py").read_text() == TOY
+    mutate.confirm(tree, [killed, survived, stale], 60)  # the killing test passes unmutated
+    assert killed.confirmed
     assert "kill ratio: 1/3 (33%)" in mutate.table([killed, survived, stale])
 
 

@@ -348,7 +348,12 @@ def confirm(tree: Path, results: Iterable[Result], timeout: float) -> None:
     failing: set[str] = set()
     if tests:
         code, out = _pytest(tree, tests, timeout, first=False)
-        failing = set(_FAILED.findall(out)) if code == 1 else set(tests)
+        if code == 0:
+            failing = set()
+        elif code == 1:
+            failing = set(_FAILED.findall(out))
+        else:  # no verdict (collection error, timeout): nothing is confirmed
+            failing = set(tests)
     for result in killed:
         if "::" in result.by:
             result.confirmed = result.by not in failing
