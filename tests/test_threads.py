@@ -405,11 +405,6 @@ def racing_a_slow_initializer(build: Callable[[nn.Module], Any]) -> tuple[Any, t
     return got[0], net[0](x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="become publishes the built class before the registered initializer runs; "
-    "needs _become.become to keep a racing forward waiting until it ran (see the report)",
-)
 @pytest.mark.parametrize(
     "build",
     [lambda net: di.build(net, (3, 5)), lambda net: net(torch.randn(3, 5))],

@@ -25,7 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from ._become import SHAPE_PASS, ShapeRecorder, Transaction, become
+from ._become import SHAPE_PASS, ShapeRecorder, Transaction, become, release
 from ._deferred import BUILD_LOCK, Deferred
 from ._dispatch import Drawing
 from ._errors import NotBuiltError
@@ -136,9 +136,10 @@ def shadow(root: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
         if id(original) in copies:
             continue
         copy = object.__new__(type(original))
-        object.__setattr__(copy, "__dict__", _copied_dict(original.__dict__))
+        d = _copied_dict(original.__dict__)
+        object.__setattr__(copy, "__dict__", d)
         copies[id(original)] = copy
-        stack.extend(m for m in original._modules.values() if m is not None)
+        stack.extend(m for m in d["_modules"].values() if m is not None)
     for copy in copies.values():
         children = copy._modules
         for name, child in children.items():
@@ -151,8 +152,14 @@ def shadow(root: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
 _COPIED = (dict, OrderedDict, set)
 
 
-def _copied_dict(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v.copy() if type(v) in _COPIED else v for k, v in d.items()}
+def _copied_dict(d: dict[str, Any]) -> dict[str, Any]:
+    # Copied in C first: a forward running meanwhile may set attributes, and a
+    # Python loop over the original could then see it change size.
+    copied = d.copy()
+    for k, v in copied.items():
+        if type(v) in _COPIED:
+            copied[k] = v.copy()
+    return copied
 
 
 def _rebind_to_copies(copy: nn.Module, copies: Mapping[int, nn.Module]) -> None:
@@ -350,9 +357,9 @@ def _construct_in_registration_order(
         for name, sub in module.named_modules():
             _initialize_finished(waiting, name)
             if isinstance(sub, Deferred) and name in seen.values:
-                done.append(
-                    become(sub, seen.values[name], built_from=seen.built_from[name], device=device)
-                )
+                values, built_from = seen.values[name], seen.built_from[name]
+                # Held: a forward from another thread waits until it is initialized.
+                done.append(become(sub, values, built_from=built_from, device=device, hold=True))
                 waiting.append((name, sub))
         _initialize_finished(waiting, None)
     except BaseException:
@@ -370,6 +377,7 @@ def _initialize_finished(waiting: list[tuple[str, nn.Module]], reached: str | No
             return
         waiting.pop()
         _initialize(layer)
+        release(layer)
 
 
 def _initialize(layer: nn.Module) -> None:
