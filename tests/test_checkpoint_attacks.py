@@ -427,7 +427,7 @@ def test_an_interrupt_midway_through_loading_leaves_the_model_unchanged(
     model = _model(kind)
     before = _snapshot(model)
     calls = {"copy": 0, "swap": 0}
-    real_copy, real_swap = torch.Tensor.copy_, torch.utils.swap_tensors
+    real_copy, real_swap = torch.Tensor.copy_, torch._C._swap_tensor_impl
 
     def copy(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls["copy"] += 1
@@ -442,7 +442,7 @@ def test_an_interrupt_midway_through_loading_leaves_the_model_unchanged(
         real_swap(a, b)
 
     monkeypatch.setattr(torch.Tensor, "copy_", copy)
-    monkeypatch.setattr(torch.utils, "swap_tensors", swap)
+    monkeypatch.setattr(torch._C, "_swap_tensor_impl", swap)  # what deferinit swaps with
     with pytest.raises(KeyboardInterrupt):
         di.load_state_dict(model, loaded)
     monkeypatch.undo()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,35 @@ def test_optimizer_created_before_loading_holds_the_loaded_parameters() -> None:
     model(torch.randn(4, 20)).sum().backward()
     optimizer.step()
     assert not torch.equal(linear.weight, before), "the optimizer trains the loaded weight"
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["unbuilt", "meta-built"])
+def test_a_weakly_referenced_parameter_keeps_its_object_and_takes_the_values(meta: bool) -> None:
+    want = _clone(_trained(CASES[0]).state_dict())
+    model = _meta_built(CASES[0]) if meta else _indexable(CASES[0].deferred())
+    weight = next(iter(model.parameters()))
+    seen = weakref.ref(weight)
+    weight.note = "mine"  # type: ignore[attr-defined]
+
+    di.load_state_dict(model, _clone(want))
+
+    assert seen() is weight is next(iter(model.parameters()))
+    assert weight.note == "mine"  # type: ignore[attr-defined]
+    _assert_holds(model, want)
+
+
+def test_a_gradient_hook_registered_on_a_meta_built_model_fires_after_loading() -> None:
+    # (A placeholder refuses register_hook, as torch's Lazy modules do.)
+    want = _clone(_trained(CASES[0]).state_dict())
+    model = _meta_built(CASES[0])
+    weight = next(iter(model.parameters()))
+    fired: list[torch.Size] = []
+    weight.register_hook(lambda g: fired.append(g.shape))
+
+    di.load_state_dict(model, _clone(want))
+    model(torch.randn(4, 20)).sum().backward()
+
+    assert fired == [weight.shape]
 
 
 def test_requires_grad_set_before_loading_carries_over() -> None:

@@ -316,3 +316,20 @@ def test_tensors_added_to_a_built_layer_on_meta_are_an_error_not_left_on_meta(
     with pytest.raises(di.NotBuiltError, match=r"2 \(ParametrizedLinear\) holds 'parametrizations"):
         di.materialize(model, seed=seed)
     assert snapshot(model) == before
+
+
+def test_a_weakly_referenced_placeholder_is_the_parameter_of_a_meta_build() -> None:
+    # Declared on cpu, built on meta: the placeholder's tensor is exchanged, not
+    # assigned (.data cannot turn cpu into meta), and a weak reference must not stop it.
+    model = deferred_mlp()
+    weight = model[0].weight
+    seen = weakref.ref(weight)
+    weight.note = "mine"  # type: ignore[attr-defined]
+
+    di.build(model, (2, 3), device="meta")
+
+    assert seen() is weight is model[0].weight
+    assert type(weight) is nn.Parameter and weight.device.type == "meta"
+    assert weight.note == "mine"  # type: ignore[attr-defined]
+    di.materialize(model)
+    assert model[0].weight is weight and weight.device.type == "cpu"

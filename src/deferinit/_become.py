@@ -37,6 +37,7 @@ from ._layout import freeze
 from ._naming import label
 from ._rules import describe
 from ._state import State, declared_defaults
+from ._swap import exchange_or_raise
 
 __all__ = [
     "SHAPE_PASS",
@@ -126,7 +127,7 @@ class Transaction:
         d = module.__dict__
         self.hooks = {k: list(d[k].items()) for k in _HOOK_TABLES if d.get(k)}
         self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
-        self.swaps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.swaps: list[tuple[torch.Tensor, type, torch.Tensor]] = []
 
     def rollback(self) -> None:
         # Class first: a thread that looks now waits on the build lock.
@@ -139,8 +140,16 @@ class Transaction:
         for tensor, cls, data in self.tensors:
             tensor.data = data
             tensor.__class__ = cls
-        for a, b in reversed(self.swaps):
-            torch.utils.swap_tensors(a, b)
+        for a, cls, b in reversed(self.swaps):
+            # Refused only while a failed forward's graph is still alive: raising then
+            # beats going on with a half rolled-back model.
+            exchange_or_raise(
+                a,
+                b,
+                f"undoing the build of {label(self.module)}: a placeholder",
+                "drop those references; the layer cannot be used until then.",
+            )
+            a.__class__ = cls
 
 
 def become(
@@ -287,6 +296,10 @@ def _rebind(value: Any, old: object, new: object) -> Any:
     return value
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
+
+
 def _adopt_placeholders(
     module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
 ) -> list[str]:
@@ -338,13 +351,17 @@ def _adopt_placeholders(
             else:
                 built = data
             built.requires_grad_(placeholder.requires_grad)
-            try:
-                torch.utils.swap_tensors(placeholder, built)
-            except RuntimeError:
-                # Weak references block the swap (RNNs keep them to their weights):
-                # the layer keeps its own tensor; the placeholder is left unused.
-                continue
-            txn.swaps.append((placeholder, built))
+            # Python weak references (RNNs keep them to their weights, users to
+            # anything) do not block this swap: the object keeps its identity.
+            exchange_or_raise(
+                placeholder,
+                built,
+                f"building {label(module)}: {_kind(placeholder)} {name!r}",
+                "drop those references (del them) and build the layer again. The layer "
+                "is left unbuilt.",
+            )
+            txn.swaps.append((placeholder, type(placeholder), built))
+            placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
         table[leaf] = placeholder  # type: ignore[assignment]
     return ties
 

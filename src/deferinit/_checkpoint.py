@@ -25,6 +25,7 @@ from torch.nn.parameter import is_lazy
 from ._deferred import Deferred, constructor_call
 from ._layout import probe_shapes
 from ._naming import label
+from ._swap import exchange_or_raise
 
 __all__ = [
     "infer_from_shapes",
@@ -148,12 +149,10 @@ def _solve(
 
 @contextmanager
 def swappable(modules: list[nn.Module]) -> Iterator[None]:
-    """Let ``torch.utils.swap_tensors`` work on the tensors of ``modules``.
-
-    Recurrent layers hold their weights by weak reference, which blocks a swap;
-    torch's own ``Module._apply`` drops those references around its swaps and
-    rebuilds them after, and so does this.
-    """
+    """Rebuild the flat weights of recurrent layers among ``modules`` after their
+    tensors were swapped, as torch's own ``Module._apply`` does around its swaps
+    (their weak references do not block :func:`deferinit._swap.exchange`, but the
+    flat-weight list must be made again from the new tensors)."""
     rnns = [m for m in modules if isinstance(m, nn.RNNBase)]
     for rnn in rnns:
         rnn._flat_weight_refs = []
@@ -164,12 +163,16 @@ def swappable(modules: list[nn.Module]) -> Iterator[None]:
             rnn._init_flat_weights()
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
+
+
 def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
     """Give every meta tensor of ``module`` (not its children) uninitialized memory
     on its device in ``devices`` (by tensor id), keeping the tensor objects."""
     with swappable([module]), torch.no_grad():
         for table in (module._parameters, module._buffers):
-            for tensor in table.values():
+            for leaf, tensor in table.items():
                 if tensor is None or tensor.device.type != "meta":
                     continue
                 device = devices.get(id(tensor), torch.device("cpu"))
@@ -181,7 +184,12 @@ def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
                     if isinstance(tensor, nn.Parameter)
                     else empty.requires_grad_(tensor.requires_grad)
                 )
-                torch.utils.swap_tensors(tensor, fresh)
+                exchange_or_raise(
+                    tensor,
+                    fresh,
+                    f"di.load_state_dict: {_kind(tensor)} {leaf!r} of {label(module)}",
+                    "drop those references (del them) and load again.",
+                )
 
 
 def load_into_placeholder(

@@ -45,6 +45,7 @@ from ._checkpoint import infer_from_shapes, swappable, value_problem
 from ._deferred import BUILD_LOCK, Deferred, placeholder_tensors
 from ._errors import DeferredInitError
 from ._naming import label, root_scope
+from ._swap import exchange_or_raise
 
 __all__ = ["load_state_dict"]
 
@@ -609,9 +610,8 @@ def _commit(writes: list[_Write], extra: list[tuple[nn.Module, Any]]) -> None:
                     undo.append(_restore(w.target, backup))
                     w.target.copy_(w.value)
                 elif last[id(w.target)] is w and id(w.target) not in swapped:
-                    torch.utils.swap_tensors(w.target, w.fresh)
+                    undo.append(_swap_in(w))
                     swapped.add(id(w.target))
-                    undo.append(_swap_back(w.target, w.fresh))
             # Last: extra state cannot be undone (what set_extra_state did before
             # it raised stays), the tensors before it can.
             for owner, value in extra:
@@ -630,5 +630,29 @@ def _restore(target: torch.Tensor, backup: torch.Tensor) -> Callable[[], None]:
     return undo
 
 
-def _swap_back(a: torch.Tensor, b: torch.Tensor) -> Callable[[], None]:
-    return lambda: torch.utils.swap_tensors(a, b)
+def _swap_in(w: _Write) -> Callable[[], None]:
+    """``w.fresh``'s data under ``w.target``'s object (which keeps its identity, class,
+    attributes, hooks and weak references); returns the undo."""
+    assert w.fresh is not None
+    target, fresh = w.target, w.fresh
+    exchange_or_raise(
+        target,
+        fresh,
+        f"di.load_state_dict: {_kind(target)} {w.key!r} of {label(w.owner)}",
+        "drop those references (del them) and load again. The model is left as it was.",
+    )
+    cls = type(target)
+    if is_lazy(target):  # a torch Lazy module's placeholder becomes what it stands for
+        target.__class__ = target.cls_to_become  # type: ignore[attr-defined]
+
+    def undo() -> None:
+        # Nothing made since holds the loaded data (no forward ran in between), so
+        # this cannot be refused; if it were, raising beats a half-undone model.
+        exchange_or_raise(target, fresh, "undoing di.load_state_dict: a tensor", "reload it.")
+        target.__class__ = cls
+
+    return undo
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "parameter" if isinstance(t, nn.Parameter) else "buffer"

@@ -4,28 +4,13 @@ shards, as this rank's slice under every name the sharded tensor has. Every step
 logged while :data:`UNDO` holds a list, so that a failing ``di.materialize`` can
 put the model back as it was.
 
-Why the tensor under a Python object is exchanged rather than written: a meta
-tensor cannot take real data in place (``param.data = cpu_tensor`` raises
-"incompatible tensor type", ``param.set_(cpu_tensor)`` refuses a storage on
-another device), so the object's C++ tensor is swapped for a real one
-(``torch._C._swap_tensor_impl``, the core of ``torch.utils.swap_tensors``). The
-swap is done here rather than through ``torch.utils.swap_tensors`` for two
-reasons. That function refuses any tensor with a Python weak reference (a user's
-``weakref.ref``, ``weakref.finalize``, a ``WeakKeyDictionary`` key, an RNN's
-``_flat_weight_refs``), because a weak reference sees new contents behind the same
-object; here that is the point: whoever refers to the parameter, strongly or
-weakly, must see it filled. And it also swaps the Python class and attributes,
-which would move attributes a user set on the parameter to the discarded object.
-What must hold for the swap to be sound is kept: no other C++ reference to either
-tensor (a view, an autograd graph), since torch keeps a Python object alive from
-the C++ side by counting those references, and no C++ weak reference (checked by
-torch itself).
+The tensor under a Python object is exchanged rather than written (see
+:mod:`deferinit._swap`), so the object keeps its identity.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -36,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ._errors import DeferredInitError
+from ._swap import exchange, wraps
 
 __all__ = [
     "UNDO",
@@ -90,48 +76,6 @@ def named(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict([*module.named_parameters(), *module.named_buffers()])
 
 
-_HELD = (
-    "another tensor holds its data: a view of it (such as p[0] or p.view(-1)) or an "
-    "autograd graph that used it (the output of a forward run on meta) is still alive"
-)
-
-
-def _alone(*tensors: torch.Tensor) -> bool:
-    # The C++ reference count, the one torch.utils.swap_tensors checks too.
-    return all(t._use_count() == 1 for t in tensors)  # type: ignore[attr-defined]
-
-
-def _wraps(t: torch.Tensor) -> bool:
-    return bool(torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python))
-
-
-def _exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Swap the C++ tensors under the Python objects ``a`` and ``b``, each object
-    keeping its class, attributes, gradient hooks and weak references; or say why
-    that is unsound."""
-    if not _alone(a, b):
-        gc.collect()  # a view or graph that is garbage already must not block it
-        if not _alone(a, b):
-            return _HELD
-    try:
-        if _wraps(a) or _wraps(b):
-            # A subclass that keeps its data in Python attributes (a wrapper, such as
-            # a quantized tensor) is only whole with them: torch's full swap.
-            torch.utils.swap_tensors(a, b)
-        else:
-            torch._C._swap_tensor_impl(a, b)
-    except RuntimeError as error:  # a C++ weak reference; for wrappers, any weak one
-        return f"torch refuses to swap it ({error})"
-    for t in (a, b):
-        # Gradient hooks are kept on the Python object but take effect through the
-        # C++ tensor: without this, hooks registered before would never fire.
-        for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-            held = getattr(t, hooks)
-            if held is not None:
-                setattr(t, hooks, held)
-    return None
-
-
 def _tensor_kind(t: torch.Tensor) -> str:
     return "parameter" if isinstance(t, nn.Parameter) else "buffer"
 
@@ -150,9 +94,9 @@ def place(
     want = dtype if dtype is not None and new.is_floating_point() else old.dtype
     data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
     data.requires_grad_(old.requires_grad)
-    if _wraps(old) and isinstance(old, nn.Parameter):  # its class goes with the swap
+    if wraps(old) and isinstance(old, nn.Parameter):  # its class goes with the swap
         data = nn.Parameter(data, requires_grad=old.requires_grad)
-    why = _exchange(old, data)
+    why = exchange(old, data)
     if why is not None:
         raise DeferredInitError(
             f"di.materialize: {_tensor_kind(old)} {qualified!r} of {type(owner).__name__} "
@@ -170,7 +114,7 @@ def _swap_back(
     """Undo a :func:`place`. Where something made during materialization still holds
     the new data, the meta tensor goes back into the table under ``data``'s object:
     the state is restored, the identity is not, and the caller reports it."""
-    why = _exchange(old, data)
+    why = exchange(old, data)
     if why is None:
         return None
     tables: tuple[dict[str, Any], ...] = (owner._parameters, owner._buffers)
