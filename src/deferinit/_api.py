@@ -113,8 +113,11 @@ def unbecome(module: nn.Module) -> bool:
     nn.Module.__init__(placeholder)
     object.__setattr__(placeholder, "_di", fresh)
     _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
-    for name, _ in placeholder_tensors(placeholder):
-        _keep_object(module, placeholder, name, emptied=name not in state.ties)
+    to_empty = [
+        kept
+        for name, _ in placeholder_tensors(placeholder)
+        if (kept := _keep_object(module, placeholder, name, emptied=name not in state.ties))
+    ]
     current = module.__dict__
     new = placeholder.__dict__
     for key in hook_tables(current):
@@ -123,25 +126,34 @@ def unbecome(module: nn.Module) -> bool:
             table.pop(k, None)
         new[key] = table
     new["training"] = current.get("training", True)
+    # The placeholder first, then the emptying: a call racing the reset now goes to
+    # the placeholder's forward (which waits on the build lock), never to the built
+    # class's forward over emptied tensors.
     object.__setattr__(module, "__class__", cls)
     object.__setattr__(module, "__dict__", new)
     for sub in placeholder.modules():
         sub.training = new["training"]
+    for old, kind in to_empty:
+        old.grad = None  # a gradient of the old sizes would not fit the next build
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        old.__class__ = kind
     return True
 
 
-def _keep_object(module: nn.Module, placeholder: nn.Module, name: str, *, emptied: bool) -> None:
-    """Put the built layer's tensor object ``name`` into the new placeholder's slot,
-    turned back into a placeholder in place unless it is a tie."""
+def _keep_object(
+    module: nn.Module, placeholder: nn.Module, name: str, *, emptied: bool
+) -> tuple[torch.Tensor, type] | None:
+    """Put the built layer's tensor object ``name`` into the new placeholder's slot.
+    Returns it with the placeholder class it is to be turned into (in place, once
+    the layer is a placeholder again), or None for a tie or an empty slot."""
     old = tensor_at(module, name)
     if old is None:
-        return
+        return None
     owner_name, _, leaf = name.rpartition(".")
     target = placeholder.get_submodule(owner_name) if owner_name else placeholder
     table = target._parameters if leaf in target._parameters else target._buffers
     slot = table[leaf]
-    if emptied and slot is not None:
-        old.grad = None  # a gradient of the old sizes would not fit the next build
-        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
-        old.__class__ = type(slot)
     table[leaf] = old  # type: ignore[assignment]
+    if emptied and slot is not None:
+        return old, type(slot)
+    return None
