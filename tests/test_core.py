@@ -652,3 +652,21 @@ def test_same_rule_function_gives_the_same_deferred_class() -> None:
         return int(x.shape[-1])
 
     assert di.defer(PairBlock, in_dim=rule) is di.defer(PairBlock, in_dim=rule)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the initializer runs on a stand-in outside the model, which qualified_name "
+    "cannot find: _initialize.apply_registered must take the layer's qualified name",
+)
+def test_materialize_names_a_failing_layer_by_its_full_qualified_name() -> None:
+    model = nn.Sequential(nn.Sequential(nn.ReLU(), dnn.Linear(4)))
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
+            raise ValueError("no")
+
+    di.initialize(model[0][1], init)
+    di.build(model, (2, 3), device="meta")
+    with pytest.raises(di.InferenceError, match=r"^Linear layer '0\.1': the initializer"):
+        di.materialize(model)

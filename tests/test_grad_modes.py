@@ -95,11 +95,6 @@ def test_layer_is_built_in_the_default_dtype_of_its_declaration(
 
 
 @pytest.mark.usefixtures("restore_defaults")
-@pytest.mark.xfail(
-    strict=True,
-    reason="di.materialize constructs under the current default dtype; _materialize._rebuild "
-    "must construct under deferinit._state.declared_defaults(state, device)",
-)
 def test_meta_build_then_materialize_uses_the_declared_dtype(
     assert_same_state: AssertSameState,
 ) -> None:

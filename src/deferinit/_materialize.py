@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from ._errors import DeferredInitError, NotBuiltError
 from ._initialize import apply_registered, mark_initialized
 from ._naming import root_scope
 from ._placing import UNDO, Owners, Undo, direct, is_meta, named, place, put, sharded_owners
+from ._state import declared_defaults
 from ._streams import seeded_whole
 
 __all__ = ["materialize"]
@@ -235,18 +236,25 @@ def _rebuild(
     registered = state.init
     old = {n: t for n, t in named(layer).items() if is_meta(t)}
 
+    def declared() -> contextlib.AbstractContextManager[Any]:
+        # The default dtype (and grad mode) of the declaration, as the build on meta
+        # had (DESIGN §3.10); the device is whichever the caller is filling on.
+        return declared_defaults(state, torch.get_default_device())
+
     def construct() -> nn.Module:
-        if explicit_device:
-            kwargs["device"] = torch.get_default_device()
-        module: nn.Module = cls(*args, **kwargs)
+        with declared():
+            if explicit_device:
+                kwargs["device"] = torch.get_default_device()
+            module: nn.Module = cls(*args, **kwargs)
         return module
 
     def make() -> nn.Module:
-        module = construct()
-        if registered is not None:
-            declared = set(named(module))
-            apply_registered(module, registered, recurse=True)
-            _check_unchanged(layer, prefix, declared, set(named(module)))
+        with declared():
+            module = construct()
+            if registered is not None:
+                names = set(named(module))
+                apply_registered(module, registered, recurse=True)
+                _check_unchanged(layer, prefix, names, set(named(module)))
         return module
 
     if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
