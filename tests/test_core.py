@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import gc
+import inspect
 import pickle
 import re
 import threading
@@ -670,3 +671,20 @@ def test_materialize_names_a_failing_layer_by_its_full_qualified_name() -> None:
     di.build(model, (2, 3), device="meta")
     with pytest.raises(di.InferenceError, match=r"^Linear layer '0\.1': the initializer"):
         di.materialize(model)
+
+
+def test_a_deferred_class_shows_the_signature_of_the_real_one_minus_the_inferred_arguments() -> (
+    None
+):
+    lazy = di.defer(PairBlock, in_dim=lambda x: x.shape[-1])
+    real = inspect.signature(PairBlock)
+    kept = [p for p in real.parameters.values() if p.name != "in_dim"]
+    want = real.replace(parameters=kept, return_annotation=inspect.Signature.empty)
+    assert inspect.signature(lazy) == want
+
+
+def test_an_inference_error_says_which_argument_the_size_is_read_from() -> None:
+    with pytest.raises(
+        di.InferenceError, match=r"cannot infer in_features \(``input\.shape\[-1\]``"
+    ):
+        dnn.Linear(4)(torch.tensor(1.0))

@@ -23,10 +23,12 @@ from ._naming import label
 from ._placeholder import PlaceholderBuffer, PlaceholderParameter
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
+    ClassSignature,
     bind,
     constructor_args_of,
     constructor_call,
     forward_signature,
+    public_signature,
     qualname,
     quoted,
 )
@@ -223,7 +225,8 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
     def infer(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Every constructor argument the rules supply, read off a forward call."""
         values = dict(self._di.explicit)
-        call = Call(args, kwargs, forward_signature(type(self)))
+        forward = forward_signature(type(self))
+        call = Call(args, kwargs, forward)
         for name, rule in type(self)._di_rules.items():
             if name in values:
                 continue
@@ -231,7 +234,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                 values[name] = rule.infer(call, self._di.options)
             except RuleError as error:
                 raise InferenceError(
-                    f"{label(self)} cannot infer {name} ({rule.describe()}): expected "
+                    f"{label(self)} cannot infer {name} ({rule.origin(forward)}): expected "
                     f"{error.expected}, got {error.got}. Fix: pass such an input, or give "
                     f"{name}=... explicitly to build without inference."
                 ) from None
@@ -360,6 +363,8 @@ def make_deferred(
         "_di_public_signature": public,
     }
     deferred = _DeferredMeta(cls.__name__, (Deferred,), namespace)
+    # inspect.signature(LazyBlock): Block's arguments minus the inferred ones, as the twins.
+    deferred.__signature__ = ClassSignature(public_signature(deferred))  # type: ignore[attr-defined]
     if key is not None:
         _CLASSES[key] = deferred  # type: ignore[assignment]
     return deferred  # type: ignore[return-value]
