@@ -667,7 +667,7 @@ def test_materialize_names_a_failing_layer_by_its_full_qualified_name() -> None:
         if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
             raise ValueError("no")
 
-    di.initialize(model[0][1], init)
+    di.initialize(model.get_submodule("0.1"), init)
     di.build(model, (2, 3), device="meta")
     with pytest.raises(di.InferenceError, match=r"^Linear layer '0\.1': the initializer"):
         di.materialize(model)

@@ -323,6 +323,7 @@ def test_a_weakly_referenced_placeholder_is_the_parameter_of_a_meta_build() -> N
     # assigned (.data cannot turn cpu into meta), and a weak reference must not stop it.
     model = deferred_mlp()
     weight = model[0].weight
+    assert isinstance(weight, torch.Tensor)
     seen = weakref.ref(weight)
     weight.note = "mine"  # type: ignore[attr-defined]
 

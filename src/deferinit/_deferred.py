@@ -364,7 +364,7 @@ def make_deferred(
     }
     deferred = _DeferredMeta(cls.__name__, (Deferred,), namespace)
     # inspect.signature(LazyBlock): Block's arguments minus the inferred ones, as the twins.
-    deferred.__signature__ = ClassSignature(public_signature(deferred))  # type: ignore[attr-defined]
+    deferred.__signature__ = ClassSignature(public_signature(deferred))  # type: ignore[attr-defined, arg-type]
     if key is not None:
         _CLASSES[key] = deferred  # type: ignore[assignment]
     return deferred  # type: ignore[return-value]

@@ -643,7 +643,7 @@ def _swap_in(w: _Write) -> Callable[[], None]:
     )
     cls = type(target)
     if is_lazy(target):  # a torch Lazy module's placeholder becomes what it stands for
-        target.__class__ = target.cls_to_become  # type: ignore[attr-defined]
+        target.__class__ = target.cls_to_become  # type: ignore[union-attr]
 
     def undo() -> None:
         # Nothing made since holds the loaded data (no forward ran in between), so
