@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,34 @@ def two_ranks() -> TwoRanks:
     """``two_ranks(script)``: run it on two CPU processes (``torchrun --standalone``,
     which finds its own free port), assert both exit 0, return their stdout."""
     return _two_ranks
+
+
+# -- interrupts raised by the code under test ---------------------------------------------
+# Tests raise KeyboardInterrupt inside initializers on purpose. One that escapes its test
+# (a regression) must fail that test, not end the session: pytest takes any
+# KeyboardInterrupt for the user's Ctrl-C and stops, silently skipping the rest of the
+# suite. A real Ctrl-C is told apart by the SIGINT handler below and still stops the run.
+
+_SIGINT = {"received": False}
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _SIGINT["received"] = True
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    except KeyboardInterrupt as error:
+        if _SIGINT["received"]:
+            raise
+        raise AssertionError(
+            f"a KeyboardInterrupt escaped {item.nodeid} (raised by the code under test, not Ctrl-C)"
+        ) from error
