@@ -233,8 +233,9 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             try:
                 values[name] = rule.infer(call, self._di.options)
             except RuleError as error:
+                origin = rule.origin(forward).replace("``", "")  # docstring markup
                 raise InferenceError(
-                    f"{label(self)} cannot infer {name} ({rule.origin(forward)}): expected "
+                    f"{label(self)} cannot infer {name} (from {origin}): expected "
                     f"{error.expected}, got {error.got}. Fix: pass such an input, or give "
                     f"{name}=... explicitly to build without inference."
                 ) from None

@@ -125,19 +125,23 @@ def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool
 
 
 @contextlib.contextmanager
-def _reported(module: nn.Module, init: Initializer, prefix: str) -> Iterator[None]:
+def _reported(
+    module: nn.Module, init: Initializer, prefix: str, name: str | None = None
+) -> Iterator[None]:
     """An initializer's error, the same ``InferenceError`` on every path that runs
     it (the first forward, ``di.build``, ``di.materialize``, ``di.initialize``),
     naming the layer and chained to the original. Errors that are already ours,
     and ``BaseException`` (Ctrl-C, ``SystemExit``), pass unchanged; each caller
-    undoes its own step."""
+    undoes its own step. ``name`` is the layer's qualified name where the module
+    is a stand-in outside the model (di.materialize)."""
     try:
         yield
     except DeferredInitError:
         raise
     except Exception as error:
-        name = qualified_name(module)
-        if name is None and prefix:  # a stand-in outside the model (di.materialize)
+        if name is None:
+            name = qualified_name(module)
+        if name is None and prefix:
             name = prefix[:-1]
         layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
         raise InferenceError(
@@ -176,10 +180,13 @@ def _apply_mapping(
     return applied
 
 
-def apply_registered(module: nn.Module, registered: Registered, *, recurse: bool) -> None:
-    """Run one registered initializer on ``module`` (and below, with ``recurse``)."""
+def apply_registered(
+    module: nn.Module, registered: Registered, *, recurse: bool, name: str | None = None
+) -> None:
+    """Run one registered initializer on ``module`` (and below, with ``recurse``);
+    ``name``: the layer's qualified name, where ``module`` is a stand-in for it."""
     init = registered.init
-    with _reported(module, init, registered.prefix):
+    with _reported(module, init, registered.prefix, name):
         if isinstance(init, Mapping):
             params = module.named_parameters() if recurse else module._parameters.items()
             _apply_mapping(init, params, registered.prefix)

@@ -253,7 +253,7 @@ def _rebuild(
             module = construct()
             if registered is not None:
                 names = set(named(module))
-                apply_registered(module, registered, recurse=True)
+                apply_registered(module, registered, recurse=True, name=prefix)
                 _check_unchanged(layer, prefix, names, set(named(module)))
         return module
 
@@ -403,7 +403,7 @@ def _reset(
                 stand_reset()
             if registered is not None:
                 declared = {leaf for leaf, _ in direct(stand_in)}
-                apply_registered(stand_in, registered, recurse=False)
+                apply_registered(stand_in, registered, recurse=False, name=name)
                 _check_unchanged(module, name, declared, {leaf for leaf, _ in direct(stand_in)})
         unset = [
             leaf
