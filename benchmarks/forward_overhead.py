@@ -5,7 +5,7 @@ Four models with equal weights run side by side in one process:
 
 - ``eager``: ``torch.nn`` layers with the sizes written out (the reference);
 - ``deferinit``: ``deferinit.nn`` twins built by one forward; each built layer's
-  ``forward`` is the mismatch guard (``deferinit._guard.Guard``);
+  ``forward`` is the mismatch guard (``deferinit._become._guard.Guard``);
 - ``eager+pre-hook``: the eager model with a forward pre-hook on each Linear that
   checks the input size: the obvious way to get the same check, and why deferinit
   does not use it;

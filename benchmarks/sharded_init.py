@@ -41,8 +41,8 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
-from deferinit._dispatch import named_tensors
-from deferinit._each import each_tensor
+from deferinit._fill._dispatch import named_tensors
+from deferinit._fill._each import each_tensor
 
 MiB = 1 << 20
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deferinit import cli
-from deferinit._demo import run_demo
+from deferinit._present._demo import run_demo
 
 FORWARD_HEADING = "=== 3. The first forward"
 MISMATCH = "ShapeMismatchError: Linear layer '0' was built for in_features=20"

@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import deferinit as di
-from deferinit import _deferred
 from deferinit import nn as dnn
+from deferinit._declare import _deferred
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
 

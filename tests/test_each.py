@@ -1,4 +1,4 @@
-"""One tensor at a time (``deferinit._each``), what sharded and seeded
+"""One tensor at a time (``deferinit._fill._each``), what sharded and seeded
 materialization stand on: each tensor gets bitwise the value one whole
 initialization of its layer gives it, the generator ends where that
 initialization leaves it, and with seeds a tensor's value depends only on its
@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 import deferinit as di
-from deferinit import _each
 from deferinit import nn as dnn
-from deferinit._dispatch import Fallback, draw, named_tensors
-from deferinit._each import each_tensor
-from deferinit._streams import seeded_whole
+from deferinit._fill import _each
+from deferinit._fill._dispatch import Fallback, draw, named_tensors
+from deferinit._fill._each import each_tensor
+from deferinit._fill._streams import seeded_whole
 
 Make = Callable[[], nn.Module]
 CPU = torch.device("cpu")

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import deferinit as di
 import test_layers as layers
-from deferinit._deferred import Deferred
+from deferinit._declare._deferred import Deferred
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 LAYOUTS = ["contiguous", "transposed", "strided", "channels_last"]

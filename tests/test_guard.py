@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 import deferinit as di
-from deferinit import _guard, _signature
 from deferinit import nn as dnn
+from deferinit._become import _guard
+from deferinit._declare import _signature
 
 
 @pytest.fixture

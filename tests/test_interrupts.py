@@ -220,7 +220,7 @@ def test_an_initializers_error_is_the_same_inference_error_on_every_path(path: s
 def test_interrupt_while_the_layer_takes_over_the_built_state_rolls_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import deferinit._become as become_module  # noqa: PLC0415 - patched for this test only
+    import deferinit._become._become as become_module  # noqa: PLC0415 - patched for this test only
 
     def interrupted(*args: Any) -> Any:
         raise KeyboardInterrupt

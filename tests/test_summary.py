@@ -12,7 +12,7 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
-from deferinit._summary import Row, Summary
+from deferinit._present._summary import Row, Summary
 
 
 def _mlp() -> nn.Sequential:

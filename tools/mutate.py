@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "guard-compare",
         "guard: a changed inferred size is reported",
-        "_guard.py",
+        "_become/_guard.py",
         "if now != state.values[name]:",
         "if now == state.values[name]:",
         ("tests/test_core.py", "tests/test_errors.py", "tests/test_guard.py"),
@@ -70,7 +70,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "guard-input-fast-path",
         "guard: the one-input fast path explains mismatches too",
-        "_guard.py",
+        "_become/_guard.py",
         "_explain(module, (input,), {}, error)",
         "None",
         ("tests/test_core.py", "tests/test_errors.py"),
@@ -86,7 +86,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "build-execution-order",
         "build order: di.build constructs in registration order, not forward order",
-        "_build.py",
+        "_shape/_build.py",
         "for name, sub in module.named_modules():",
         "for name, sub in [(n, module.get_submodule(n)) for n in seen.values]:",
         ("tests/test_build.py",),
@@ -94,7 +94,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "build-skips-initializers",
         "initializers: di.build runs the registered initializers",
-        "_build.py",
+        "_shape/_build.py",
         "run_registered(layer)",
         "None",
         ("tests/test_build.py", "tests/test_initialize.py"),
@@ -102,7 +102,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "initializer-first-pattern-wins",
         "initializers: each parameter takes the last glob it matches",
-        "_initialize.py",
+        "_become/_initialize.py",
         "chosen = fn",
         "chosen = chosen or fn",
         ("tests/test_initialize.py",),
@@ -110,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "reset-new-parameter-objects",
         "reset: di.reset keeps the parameter objects",
-        "_api.py",
+        "_become/_reset.py",
         "table[leaf] = old",
         "table[leaf] = table[leaf]",
         ("tests/test_reset.py", "tests/test_core.py"),
@@ -118,7 +118,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "reset-keeps-layer-hooks",
         "reset: the layer's own hooks go with its build (no duplicates after a rebuild)",
-        "_api.py",
+        "_become/_reset.py",
         "table.pop(k, None)",
         "None",
         ("tests/test_reset.py", "tests/test_core.py", "tests/test_defer_any_class.py"),
@@ -126,7 +126,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dtype-conversion-lost",
         "dtype: .double() before the build is applied to the built layer",
-        "_become.py",
+        "_become/_become.py",
         "data = data.to(device=device, dtype=placeholder.dtype)",
         "data = data.to(device=device)",
         ("tests/test_core.py",),
@@ -134,7 +134,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dtype-declared-default-ignored",
         "dtype: a layer is built in the default dtype in effect at its declaration",
-        "_state.py",
+        "_declare/_state.py",
         "if state.dtype is not torch.get_default_dtype():",
         "if False:",
         ("tests/test_grad_modes.py", "tests/test_core.py"),
@@ -142,7 +142,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "first-call-interrupt-half-built",
         "rollback: Ctrl-C inside an initializer at the first call leaves the layer deferred",
-        "_become.py",
+        "_become/_become.py",
         "except BaseException:  # the initializer's own error (or Ctrl-C), unchanged",
         "except Exception:  # the initializer's own error (or Ctrl-C), unchanged",
         ("tests/test_interrupts.py",),
@@ -150,7 +150,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "rollback-keeps-class",
         "rollback: a failed build gives back the placeholders' class",
-        "_become.py",
+        "_become/_become.py",
         "tensor.__class__ = cls",
         "None",
         ("tests/test_core.py", "tests/test_build.py", "tests/test_errors.py"),
@@ -158,7 +158,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "build-not-all-or-nothing",
         "rollback: di.build undoes every layer it built when a later one fails",
-        "_build.py",
+        "_shape/_build.py",
         "for txn in reversed(done):\n            txn.rollback()",
         "for txn in reversed([]):\n            txn.rollback()",
         ("tests/test_build.py",),
@@ -166,7 +166,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "checkpoint-shape-unchecked",
         "checkpoint checks: a mis-shaped key is refused before anything is written",
-        "_load.py",
+        "_checkpoint/_load.py",
         "if tuple(value.shape) != tuple(target.shape):",
         "if False:",
         ("tests/test_load.py",),
@@ -174,7 +174,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "checkpoint-unexpected-ignored",
         "checkpoint checks: strict loading reports unexpected keys",
-        "_load.py",
+        "_checkpoint/_load.py",
         "unexpected = _unexpected(module, state)",
         "unexpected: list[str] = []",
         ("tests/test_load.py",),
@@ -182,7 +182,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "seed-same-stream",
         "seeds: seed= gives every tensor its own stream (from its qualified name)",
-        "_materialize.py",
+        "_fill/_materialize.py",
         'digest = hashlib.sha256(f"{seed}:{qualified}".encode()).digest()',
         'digest = hashlib.sha256(f"{seed}".encode()).digest()',
         ("tests/test_materialize.py", "tests/test_each.py"),
@@ -190,7 +190,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "seed-stream-per-layer",
         "seeds: in one run, each tensor of a layer draws from its own generator",
-        "_streams.py",
+        "_fill/_streams.py",
         "generator.manual_seed(self.seeds(self.names[position]))",
         "generator.manual_seed(self.seeds(min(self.names.values())))",
         ("tests/test_materialize.py", "tests/test_each.py"),
@@ -198,7 +198,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "seed-draws-default-generator",
         "seeds: seed= never draws from the default generator",
-        "_dispatch.py",
+        "_fill/_dispatch.py",
         'return overload(*args, **{**kwargs, "generator": generator})',
         "return func(*args, **kwargs)",
         ("tests/test_materialize.py", "tests/test_each.py"),
@@ -206,7 +206,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "pending-top-level-only",
         "pending: nested deferred layers are listed by their qualified names",
-        "_api.py",
+        "_become/_reset.py",
         "and not _inside_placeholder(module, name)",
         'and "." not in name',
         ("tests/test_core.py", "tests/test_build.py", "tests/test_adversarial_copies.py"),
@@ -214,7 +214,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "summary-trainable-counts-frozen",
         "summary: frozen parameters are not counted as trainable",
-        "_summary.py",
+        "_present/_summary.py",
         '"trainable": sum(p.numel or 0 for p in known if p.requires_grad),',
         '"trainable": sum(p.numel or 0 for p in known),',
         ("tests/test_summary.py",),
@@ -222,7 +222,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "summary-tie-counted-twice",
         "summary: a tied parameter is counted once",
-        "_summary.py",
+        "_present/_summary.py",
         "seen.setdefault(info.key, info)",
         "seen.setdefault((id(info), info.name), info)",
         ("tests/test_summary.py",),

@@ -21,17 +21,17 @@ import torch as _torch
 from torch.nn import parameter as _parameter
 
 from . import nn
-from ._api import is_built, pending, reset
-from ._build import build
-from ._deferred import Deferred, defer
+from ._become._initialize import initialize
+from ._become._reset import is_built, pending, reset
+from ._checkpoint._load import load_state_dict
+from ._declare._deferred import Deferred, defer
+from ._declare._placeholder import PlaceholderBuffer as _PlaceholderBuffer
+from ._declare._placeholder import PlaceholderParameter as _PlaceholderParameter
+from ._declare._rules import Rule, dim
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
-from ._initialize import initialize
-from ._load import load_state_dict
-from ._materialize import materialize
-from ._placeholder import PlaceholderBuffer as _PlaceholderBuffer
-from ._placeholder import PlaceholderParameter as _PlaceholderParameter
-from ._rules import Rule, dim
-from ._summary import summary
+from ._fill._materialize import materialize
+from ._present._summary import summary
+from ._shape._build import build
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._rules import MISSING, Call, Rule, RuleError, _argument_name, _tensor, describe, size_at
+from ._declare._rules import (
+    MISSING,
+    Call,
+    Rule,
+    RuleError,
+    _argument_name,
+    _tensor,
+    describe,
+    size_at,
+)
 
 __all__ = ["PerChannel", "SizeIfDiffers", "Trailing"]
 

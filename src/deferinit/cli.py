@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._demo import run_demo
-from ._summary import summary
+from ._present._demo import run_demo
+from ._present._summary import summary
 
 __all__ = ["main"]
 

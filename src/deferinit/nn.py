@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import nn as _nn
 
-from ._deferred import Deferred, make_deferred
+from ._declare._deferred import Deferred, make_deferred
+from ._declare._rules import Rule, dim
+from ._declare._signature import ClassSignature, forward_signature, public_signature
 from ._nn_rules import PerChannel, SizeIfDiffers, Trailing
-from ._rules import Rule, dim
-from ._signature import ClassSignature, forward_signature, public_signature
 
 __all__ = [
     "TWINS",

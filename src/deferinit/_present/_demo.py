@@ -17,10 +17,10 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from . import nn as dnn
-from ._api import is_built, pending
-from ._errors import ShapeMismatchError
-from ._initialize import initialize
+from .. import nn as dnn
+from .._become._initialize import initialize
+from .._become._reset import is_built, pending
+from .._errors import ShapeMismatchError
 
 __all__ = ["run_demo"]
 

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ._errors import DeferredInitError, ShapeMismatchError
-from ._naming import label
-from ._rules import Call, RuleError, describe
-from ._signature import forward_signature
+from .._declare._rules import Call, RuleError, describe
+from .._declare._signature import forward_signature
+from .._errors import DeferredInitError, ShapeMismatchError
+from .._naming import label
 
 __all__ = ["Guard", "InputGuard", "guard_for"]
 

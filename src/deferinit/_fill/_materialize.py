@@ -14,7 +14,7 @@ most one layer's worth of extra memory at a time; all or nothing (any error puts
 every tensor back on meta).
 
 Sharded (FSDP2) tensors and ``seed=`` go one tensor at a time instead
-(:func:`deferinit._each.each_tensor`): a rank keeps only its slice of each value,
+(:func:`deferinit._fill._each.each_tensor`): a rank keeps only its slice of each value,
 and a seeded tensor's value depends only on the seed and its qualified name.
 """
 
@@ -30,14 +30,14 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ._deferred import BUILD_LOCK, Deferred, constructor_call
+from .._become._initialize import apply_registered, mark_initialized
+from .._declare._deferred import BUILD_LOCK, Deferred, constructor_call
+from .._declare._state import declared_defaults
+from .._errors import DeferredInitError, NotBuiltError
+from .._naming import root_scope
 from ._dispatch import Generators, storage_key, written_storages
 from ._each import each_tensor
-from ._errors import DeferredInitError, NotBuiltError
-from ._initialize import apply_registered, mark_initialized
-from ._naming import root_scope
 from ._placing import UNDO, Owners, Undo, direct, is_meta, named, place, put, sharded_owners
-from ._state import declared_defaults
 from ._streams import seeded_whole
 
 __all__ = ["materialize"]

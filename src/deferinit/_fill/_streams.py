@@ -1,6 +1,6 @@
 """``seed=`` in one run: every registered tensor of a layer draws from its own
 generator, seeded from the seed and its qualified name, as if it were initialized
-alone (:func:`deferinit._each.each_tensor` with seeds gives the same values, tensor
+alone (:func:`deferinit._fill._each.each_tensor` with seeds gives the same values, tensor
 by tensor).
 """
 
@@ -73,7 +73,7 @@ def seeded_whole(
 
     >>> import torch
     >>> from torch import nn
-    >>> from deferinit._each import each_tensor
+    >>> from deferinit._fill._each import each_tensor
     >>> seeds = {"weight": 1, "bias": 2}.__getitem__
     >>> whole = seeded_whole(lambda: nn.Linear(3, 2), torch.device("cpu"), seeds)
     >>> alone = dict(each_tensor(lambda: nn.Linear(3, 2), ["bias"], torch.device("cpu"), seeds))

@@ -11,9 +11,9 @@ from typing import Any, TypeVar, Union
 import torch
 from torch import nn
 
-from ._deferred import BUILD_LOCK, Deferred
-from ._errors import DeferredInitError, InferenceError
-from ._naming import qualified_name
+from .._declare._deferred import BUILD_LOCK, Deferred
+from .._errors import DeferredInitError, InferenceError
+from .._naming import qualified_name
 
 __all__ = ["Initializer", "initialize", "run_registered"]
 

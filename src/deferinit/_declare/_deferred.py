@@ -17,9 +17,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from ._errors import InferenceError, NotBuiltError
+from .._errors import InferenceError, NotBuiltError
+from .._naming import label
 from ._layout import Layout, freeze, probe_layout
-from ._naming import label
 from ._placeholder import PlaceholderBuffer, PlaceholderParameter
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
@@ -208,7 +208,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         state.dtype, state.device = torch.get_default_dtype(), default_device()
         self.__dict__["_di"] = state  # no Module.__setattr__
         if len(explicit) == len(cls._di_rules):
-            from ._become import become  # noqa: PLC0415 - cyclic by nature
+            from .._become._become import become  # noqa: PLC0415 - cyclic by nature
 
             become(self, explicit, built_from=None)
             return
@@ -218,7 +218,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Infer sizes from this call, build, initialize, and run the built layer."""
-        from ._become import build_and_run  # noqa: PLC0415 - cyclic by nature
+        from .._become._become import build_and_run  # noqa: PLC0415 - cyclic by nature
 
         return build_and_run(self, args, kwargs)
 
@@ -273,7 +273,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         _save_placeholders(self, destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        from ._checkpoint import load_into_placeholder  # noqa: PLC0415 - cyclic by nature
+        from .._checkpoint._sizes import load_into_placeholder  # noqa: PLC0415 - cyclic by nature
 
         load_into_placeholder(self, state_dict, prefix, *args)
 

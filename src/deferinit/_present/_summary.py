@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from ._build import shape_pass
-from ._deferred import Deferred, constructor_call, placeholder_tensors
-from ._layout import freeze
-from ._summary_render import (
+from .._declare._deferred import Deferred, constructor_call, placeholder_tensors
+from .._declare._layout import freeze
+from .._shape._build import shape_pass
+from ._render import (
     dtype_name,
     footer_lines,
     html_table,

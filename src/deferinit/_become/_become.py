@@ -24,20 +24,20 @@ from torch.nn.modules.module import _global_forward_hooks
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._deferred import (
+from .._declare._deferred import (
     BUILD_LOCK,
     Deferred,
     constructor_call,
     placeholder_tensors,
 )
-from ._errors import InferenceError, ShapeMismatchError
+from .._declare._layout import freeze
+from .._declare._rules import describe
+from .._declare._state import State, declared_defaults
+from .._errors import InferenceError, ShapeMismatchError
+from .._naming import label
+from .._swap import exchange_or_raise
 from ._guard import guard_for
 from ._initialize import run_registered
-from ._layout import freeze
-from ._naming import label
-from ._rules import describe
-from ._state import State, declared_defaults
-from ._swap import exchange_or_raise
 
 __all__ = [
     "SHAPE_PASS",

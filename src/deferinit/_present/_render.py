@@ -1,4 +1,4 @@
-"""How a :class:`~deferinit._summary.Summary` looks: a plain-text table, HTML for
+"""How a :class:`~deferinit._present._summary.Summary` looks: a plain-text table, HTML for
 Jupyter and a ``rich`` renderable, all from the same cells and footer lines, and
 the JSON-able rows of ``to_dict``.
 
@@ -153,7 +153,7 @@ def plain(value: Any) -> Any:
 
 
 def row_dict(row: Row) -> dict[str, Any]:
-    """A row of :meth:`Summary.to_dict <deferinit._summary.Summary.to_dict>`."""
+    """A row of :meth:`Summary.to_dict <deferinit._present._summary.Summary.to_dict>`."""
     return {
         "name": row.name,
         "layer": row.layer,

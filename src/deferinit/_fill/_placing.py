@@ -20,8 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ._errors import DeferredInitError
-from ._swap import exchange, wraps
+from .._errors import DeferredInitError
+from .._swap import exchange, wraps
 
 __all__ = [
     "UNDO",

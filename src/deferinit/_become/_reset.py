@@ -7,8 +7,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ._become import hook_tables, tensor_at
-from ._deferred import (
+from .._declare._deferred import (
     BUILD_LOCK,
     Deferred,
     _install_placeholders,
@@ -16,7 +15,8 @@ from ._deferred import (
     _Slot,
     placeholder_tensors,
 )
-from ._state import State, replace
+from .._declare._state import State, replace
+from ._become import hook_tables, tensor_at
 
 __all__ = ["is_built", "pending", "reset"]
 

@@ -25,14 +25,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from ._become import SHAPE_PASS, ShapeRecorder, Transaction, become, release
-from ._deferred import BUILD_LOCK, Deferred
-from ._dispatch import Drawing
-from ._errors import NotBuiltError
-from ._guard import Guard, guard_for
-from ._initialize import run_registered
-from ._naming import qualified_name, root_scope
-from ._state import declared_defaults
+from .._become._become import SHAPE_PASS, ShapeRecorder, Transaction, become, release
+from .._become._guard import Guard, guard_for
+from .._become._initialize import run_registered
+from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._state import declared_defaults
+from .._errors import NotBuiltError
+from .._fill._dispatch import Drawing
+from .._naming import qualified_name, root_scope
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 

@@ -40,12 +40,12 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.parameter import is_lazy
 
-from ._become import Transaction, become
-from ._checkpoint import infer_from_shapes, swappable, value_problem
-from ._deferred import BUILD_LOCK, Deferred, placeholder_tensors
-from ._errors import DeferredInitError
-from ._naming import label, root_scope
-from ._swap import exchange_or_raise
+from .._become._become import Transaction, become
+from .._declare._deferred import BUILD_LOCK, Deferred, placeholder_tensors
+from .._errors import DeferredInitError
+from .._naming import label, root_scope
+from .._swap import exchange_or_raise
+from ._sizes import infer_from_shapes, swappable, value_problem
 
 __all__ = ["load_state_dict"]
 

@@ -1,0 +1,1 @@
+"""Becoming: the build at the first forward, the mismatch guard, initializers, reset."""

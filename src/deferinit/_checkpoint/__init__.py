@@ -1,0 +1,1 @@
+"""Checkpoints: sizes from saved tensors, ``di.load_state_dict``."""

@@ -1,0 +1,1 @@
+"""Declaring and inferring: placeholders, rules, the deferred class (``di.defer``)."""

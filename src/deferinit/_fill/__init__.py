@@ -1,0 +1,1 @@
+"""Filling tensors: ``di.materialize``, shard slices, seeded streams, dispatch machinery."""

@@ -1,0 +1,1 @@
+"""Presentation: ``di.summary``, its rendering, the demo."""

@@ -1,0 +1,1 @@
+"""The shape-only pass: ``di.build``."""
