@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint check bench mutate clean
+.PHONY: setup demo test lint check bench bench-quick mutate clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,12 @@ lint: setup
 
 check: lint test
 
+# Every figure of the performance table, side by side in one run (--quick: under 4 minutes).
 bench: setup
-	$(PY) benchmarks/forward_overhead.py
-	$(PY) benchmarks/construct_first_forward.py
-	$(PY) benchmarks/build_scaling.py
-	$(PY) benchmarks/sharded_init.py
-	$(PY) benchmarks/materialize_throughput.py
+	$(PY) benchmarks/run.py --json benchmarks/results.json
+
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick
 
 # Applies scripted bugs to the core promises, one at a time in a scratch copy, and
 # reports which the tests catch (the kill ratio); fails unless every one is caught.
