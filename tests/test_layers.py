@@ -9,6 +9,8 @@ layer draws its initialization at its first forward.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
 import re
 from collections.abc import Callable
@@ -807,3 +809,24 @@ def _forward_signature(cls: type[nn.Module]) -> inspect.Signature:
 def test_linear_docstring_says_in_features_comes_from_the_last_axis_of_input() -> None:
     assert "in_features: inferred from ``input.shape[-1]``" in (dnn.Linear.__doc__ or "")
     assert "embed_dim: inferred from ``query.shape[-1]``" in (dnn.MultiheadAttention.__doc__ or "")
+
+
+def _twin_rules() -> list[di.Rule]:
+    return [rule for rules in TWINS.values() for rule in rules.values()]
+
+
+@pytest.mark.parametrize("rule", _twin_rules(), ids=repr)
+def test_twin_rules_are_frozen_values_equal_to_a_fresh_copy(rule: di.Rule) -> None:
+    assert dataclasses.is_dataclass(rule)
+    fields = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
+    twin = type(rule)(**fields)
+    assert twin == rule and hash(twin) == hash(rule) and repr(twin) == repr(rule)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.extra = 1  # type: ignore[attr-defined]
+
+
+def test_twin_rules_are_defined_beside_the_twins_in_nn() -> None:
+    own = {type(r) for r in _twin_rules()} - {di.dim}
+    assert own and {cls.__module__ for cls in own} == {"deferinit.nn"}
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("deferinit._nn_rules")
