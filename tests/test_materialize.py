@@ -570,7 +570,7 @@ def test_seed_runs_a_registered_initializer_only_where_its_values_are_used(
     want = di.materialize(model(), seed=0)
     assert calls == ["cpu"] * 3  # once per layer, never on a dry run
     if alone:  # each tensor initialized alone: once per tensor (weight, bias)
-        monkeypatch.setattr("deferinit._fill._materialize.seeded_whole", lambda *a, **k: None)
+        monkeypatch.setattr("deferinit._fill._layers.seeded_whole", lambda *a, **k: None)
         monkeypatch.setattr("deferinit._fill._each.seeded_whole", lambda *a, **k: None)
         calls.clear()
         got = di.materialize(model(), seed=0)

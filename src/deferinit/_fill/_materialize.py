@@ -16,6 +16,9 @@ every tensor back on meta).
 Sharded (FSDP2) tensors and ``seed=`` go one tensor at a time instead
 (:func:`deferinit._fill._each.each_tensor`): a rank keeps only its slice of each value,
 and a seeded tensor's value depends only on the seed and its qualified name.
+
+This module plans the steps and holds the undo log; filling one layer is
+:mod:`deferinit._fill._layers`.
 """
 
 from __future__ import annotations
@@ -24,21 +27,18 @@ import contextlib
 import hashlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from .._become._initialize import apply_registered, mark_initialized
-from .._declare._deferred import BUILD_LOCK, Deferred, constructor_call
-from .._declare._state import declared_defaults
+from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, NotBuiltError
 from .._naming import root_scope
-from ._dispatch import Generators, storage_key, written_storages
-from ._each import each_tensor
-from ._placing import UNDO, Owners, Undo, direct, is_meta, named, place, put, sharded_owners
-from ._streams import seeded_whole
+from .._tensors import has_meta_tensors, is_meta
+from ._dispatch import Generators
+from ._layers import rebuild, reset_on_stand_in
+from ._placing import UNDO, Undo, sharded_owners
 
 __all__ = ["materialize"]
 
@@ -67,7 +67,7 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
-        if any(is_meta(t) for _, t in direct(sub)):
+        if has_meta_tensors(sub):
             has_init = sub.__dict__.get("_di_meta_init") is not None
             if has_init or callable(getattr(sub, "reset_parameters", None)):
                 steps.append(("reset", name, sub))
@@ -111,6 +111,20 @@ def materialize(
     >>> di.materialize(net)[0].weight.device.type
     'cpu'
     """
+    target = _target(module, device, dtype)
+    with BUILD_LOCK, root_scope(module):
+        steps = _fillable_steps(module)
+        total = sum(_bytes(sub) for _, _, sub in steps)
+        show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
+        with _progress(show, total) as advance:
+            _fill_all_or_nothing(module, steps, target, dtype, seed, advance)
+    return module
+
+
+def _target(
+    module: nn.Module, device: torch.device | str | None, dtype: torch.dtype | None
+) -> torch.device:
+    """The device to fill on; ``TypeError``/``ValueError`` for arguments that cannot be."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.materialize expects an nn.Module, got {type(module).__name__}")
     if dtype is not None and not dtype.is_floating_point:
@@ -118,48 +132,57 @@ def materialize(
     target = torch.device(device) if device is not None else torch.get_default_device()
     if target.type == "meta":
         raise ValueError("di.materialize: device='meta' allocates nothing; pass a real device")
-    with BUILD_LOCK, root_scope(module):
-        steps, deferred, unfit = _plan(module)
-        if deferred:
-            raise NotBuiltError(
-                f"di.materialize: layer(s) {', '.join(repr(d) for d in deferred)} are still "
-                f"deferred, so their sizes are unknown. Nothing was allocated. Fix: build "
-                f"first, e.g. di.build(model, example, device='meta')."
-            )
-        if unfit:
-            raise NotBuiltError(
-                f"di.materialize: {', '.join(unfit)} hold meta tensors but have no "
-                f"reset_parameters and no initializer registered with di.initialize, so "
-                f"there is no way to fill them. Nothing was allocated. Fix: register one "
-                f"(di.initialize(module, init)) or load their values (load_state_dict)."
-            )
-        total = sum(_bytes(sub) for _, _, sub in steps)
-        show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
-        owners = sharded_owners(module)
-        undo: list[Undo] = []
-        generators = Generators(target)
-        token = UNDO.set(undo)
-        try:
-            with _progress(show, total) as advance:
-                for kind, name, sub in steps:
-                    seeds = _seeds(seed, name)
-                    if kind == "rebuild":
-                        _rebuild(sub, name, target, dtype, seeds, owners)
-                    else:
-                        _reset(sub, name, target, dtype, seeds, owners)
-                    advance(_bytes(sub))
-        except BaseException as error:
-            # All or nothing: every tensor back on meta under its own object, and the
-            # random generators where they were, so that a corrected call gives
-            # eager's values.
-            lost = [why for action in reversed(undo) if (why := action()) is not None]
-            generators.restore()
-            if lost:
-                _report_lost(error, lost)
-            raise
-        finally:
-            UNDO.reset(token)
-    return module
+    return target
+
+
+def _fillable_steps(root: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """:func:`_plan`'s steps, or an error, before anything is allocated, where some
+    meta tensor has no way to be filled."""
+    steps, deferred, unfit = _plan(root)
+    if deferred:
+        raise NotBuiltError(
+            f"di.materialize: layer(s) {', '.join(repr(d) for d in deferred)} are still "
+            f"deferred, so their sizes are unknown. Nothing was allocated. Fix: build "
+            f"first, e.g. di.build(model, example, device='meta')."
+        )
+    if unfit:
+        raise NotBuiltError(
+            f"di.materialize: {', '.join(unfit)} hold meta tensors but have no "
+            f"reset_parameters and no initializer registered with di.initialize, so "
+            f"there is no way to fill them. Nothing was allocated. Fix: register one "
+            f"(di.initialize(module, init)) or load their values (load_state_dict)."
+        )
+    return steps
+
+
+def _fill_all_or_nothing(
+    root: nn.Module,
+    steps: list[tuple[str, str, nn.Module]],
+    target: torch.device,
+    dtype: torch.dtype | None,
+    seed: int | None,
+    advance: Callable[[int], None],
+) -> None:
+    """Each step in order, logging how to undo it; on any error every tensor goes
+    back on meta under its own object, and the random generators where they were,
+    so that a corrected call gives eager's values."""
+    owners = sharded_owners(root)
+    undo: list[Undo] = []
+    generators = Generators(target)
+    token = UNDO.set(undo)
+    try:
+        for kind, name, sub in steps:
+            fill = rebuild if kind == "rebuild" else reset_on_stand_in
+            fill(sub, name, target, dtype, _seeds(seed, name), owners)
+            advance(_bytes(sub))
+    except BaseException as error:
+        lost = [why for action in reversed(undo) if (why := action()) is not None]
+        generators.restore()
+        if lost:
+            _report_lost(error, lost)
+        raise
+    finally:
+        UNDO.reset(token)
 
 
 def _report_lost(error: BaseException, lost: list[str]) -> None:
@@ -202,231 +225,14 @@ def _seeds(seed: int | None, prefix: str) -> Callable[[str], int] | None:
 
 @contextlib.contextmanager
 def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar's ``update`` (bytes filled), or a no-op when not shown."""
     if not show:
         yield lambda n: None
         return
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        yield lambda n: None
-        return
+    from tqdm.auto import tqdm  # noqa: PLC0415 - ~0.1 s (asyncio); most calls show no bar
+
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="materialize")
     try:
         yield bar.update
     finally:
         bar.close()
-
-
-def _rebuild(
-    layer: nn.Module,
-    prefix: str,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Callable[[str], int] | None,
-    owners: Owners,
-) -> None:
-    """A layer deferinit built on meta: constructed again for real with the arguments
-    it was built with, its registered initializer applied to that copy (user code
-    never holds the model's own tensors mid-way, so a failure can always be undone),
-    and the values placed under the layer's tensors."""
-    state = layer.__dict__["_di"]
-    args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
-    explicit_device = "device" in kwargs
-    cls = state.deferred._di_cls
-    registered = state.init
-    old = {n: t for n, t in named(layer).items() if is_meta(t)}
-
-    def declared() -> contextlib.AbstractContextManager[Any]:
-        # The default dtype (and grad mode) of the declaration, as the build on meta
-        # had (DESIGN §3.10); the device is whichever the caller is filling on.
-        return declared_defaults(state, torch.get_default_device())
-
-    def construct() -> nn.Module:
-        with declared():
-            if explicit_device:
-                kwargs["device"] = torch.get_default_device()
-            module: nn.Module = cls(*args, **kwargs)
-        return module
-
-    def make() -> nn.Module:
-        with declared():
-            module = construct()
-            if registered is not None:
-                names = set(named(module))
-                apply_registered(module, registered, recurse=True, name=prefix)
-                _check_unchanged(layer, prefix, names, set(named(module)))
-        return module
-
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
-        with torch.device(device):
-            new = named(make())
-        _check_known(layer, prefix, old, new)
-        for name, tensor in old.items():
-            put(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
-        generators = Generators(device)
-        try:  # a dry run: each_tensor needs every name to be one the layer makes
-            with torch.device("meta"):
-                _check_known(layer, prefix, old, named(construct()))
-        finally:
-            generators.restore()
-        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
-            put(layer, name, old[name], value, device, dtype, owners, prefix)
-            del value
-    if registered is not None:
-        mark_initialized(layer)
-
-
-def _place_whole(
-    layer: nn.Module,
-    prefix: str,
-    old: dict[str, torch.Tensor],
-    make: Callable[[], nn.Module],
-    construct: Callable[[], nn.Module],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Callable[[str], int] | None,
-    owners: Owners,
-) -> bool:
-    """``seed=`` on tensors that are not sharded: one run with a generator per tensor
-    (the values each_tensor gives, at the cost of one initialization)."""
-    if seeds is None or any(isinstance(t, DTensor) for t in old.values()):
-        return False
-    whole = seeded_whole(make, device, seeds, construct=construct)
-    if whole is None:
-        return False
-    new = named(whole)
-    _check_known(layer, prefix, old, new)
-    for name, tensor in old.items():
-        put(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    return True
-
-
-def _check_known(
-    layer: nn.Module, prefix: str, old: dict[str, torch.Tensor], made: dict[str, torch.Tensor]
-) -> None:
-    """Every meta tensor of a rebuilt layer must be one its constructor makes: one
-    added after the build (a reparametrization applied on meta) has no known value."""
-    unknown = [name for name in old if name not in made]
-    if unknown:
-        raise NotBuiltError(
-            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}) holds "
-            f"{', '.join(repr(u) for u in unknown)} on meta, which its constructor does not "
-            f"make (added after it was built), so their values are unknown. The model is "
-            f"left as it was. Fix: apply such changes (e.g. weight_norm) after "
-            f"di.materialize, or load their values (load_state_dict)."
-        )
-
-
-def _check_unchanged(layer: nn.Module, prefix: str, declared: set[str], now: set[str]) -> None:
-    """The registered initializer runs on a copy whose values are placed into the
-    layer's own tensors: a tensor it adds (a reparametrization such as weight_norm)
-    would be lost, so it is an error, never silently dropped."""
-    added = sorted(now - declared)
-    if added:
-        raise DeferredInitError(
-            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}): its registered "
-            f"initializer adds {', '.join(repr(a) for a in added)}; materialize fills the "
-            f"tensors the layer declares and cannot add new ones. The model is left as it "
-            f"was. Fix: keep the initializer to filling tensors, and apply such changes "
-            f"(e.g. torch.nn.utils.parametrizations.weight_norm) after di.materialize."
-        )
-
-
-def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
-    by = "reset_parameters or the registered initializer" if registered else "reset_parameters"
-    return NotBuiltError(
-        f"di.materialize: {name or '<root>'} ({type(module).__name__}) was declared on meta, "
-        f"and its {by} does not set {', '.join(repr(u) for u in unset)}: such a tensor is "
-        f"computed in __init__, which never ran for real, so its values are unknown. The "
-        f"model is left as it was. Fix: construct this module for real, set the tensor in "
-        f"an initializer registered with di.initialize(module, init), or load its values."
-    )
-
-
-def _reset(
-    module: nn.Module,
-    name: str,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Callable[[str], int] | None,
-    owners: Owners,
-) -> None:
-    """A module declared on meta: its own initialization (``reset_parameters``, then
-    a registered initializer) runs on a stand-in whose direct tensors are fresh, in
-    their declared dtype and strides, and only the meta tensors take its values:
-    tensors that are real already (loaded, or tied to a filled one) keep theirs.
-    A meta tensor that this initialization does not set (a buffer computed in
-    ``__init__``, which never ran for real) is an error, not garbage."""
-    registered = module.__dict__.get("_di_meta_init")
-    declared = [
-        (table, leaf, t)
-        for table in ("_parameters", "_buffers")
-        for leaf, t in getattr(module, table).items()
-    ]
-    old: dict[str, torch.Tensor] = {}  # meta tensors, each under its first name (ties)
-    for _, leaf, t in declared:
-        if t is not None and is_meta(t) and all(t is not o for o in old.values()):
-            old[leaf] = t
-
-    def construct() -> nn.Module:
-        stand_in = object.__new__(type(module))  # no __init__ (FSDP's classes run it)
-        stand_in.__dict__.update(module.__dict__)
-        stand_in._parameters = {}
-        stand_in._buffers = {}
-        blanks: dict[int, torch.Tensor] = {}  # declared tensor -> its blank (ties kept)
-        for table, leaf, tensor in declared:
-            if tensor is None:  # e.g. bias=False: kept as None
-                getattr(stand_in, table)[leaf] = None
-                continue
-            blank = blanks.get(id(tensor))
-            if blank is None:
-                empty = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
-                blank = empty
-                if table == "_parameters":
-                    blank = nn.Parameter(empty, tensor.requires_grad)
-                blanks[id(tensor)] = blank
-            if table == "_parameters":
-                stand_in.register_parameter(leaf, blank)  # type: ignore[arg-type]
-            else:
-                persistent = leaf not in module._non_persistent_buffers_set
-                stand_in.register_buffer(leaf, blank, persistent=persistent)
-        return stand_in
-
-    def make() -> nn.Module:
-        stand_in = construct()
-        # Kept alive with their storages, so no new tensor can reuse their addresses.
-        fresh = {leaf: (t, t.untyped_storage()) for leaf, t in direct(stand_in) if leaf in old}
-        stand_reset = getattr(stand_in, "reset_parameters", None)
-        with written_storages() as written:
-            if callable(stand_reset):
-                stand_reset()
-            if registered is not None:
-                declared = {leaf for leaf, _ in direct(stand_in)}
-                apply_registered(stand_in, registered, recurse=False, name=name)
-                _check_unchanged(module, name, declared, {leaf for leaf, _ in direct(stand_in)})
-        unset = [
-            leaf
-            for leaf, t in direct(stand_in)
-            if leaf in fresh
-            and t is fresh[leaf][0]
-            and not t.is_meta
-            and t.numel() > 0  # torch.nn.init leaves empty tensors alone
-            and t.untyped_storage()._cdata == fresh[leaf][1]._cdata  # no .data = ...
-            and storage_key(t) not in written
-        ]
-        if unset:
-            raise _unset_error(module, name, unset, registered is not None)
-        return stand_in
-
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
-        with torch.device(device):
-            new = dict(direct(make()))
-        for leaf, tensor in old.items():
-            place(module, tensor, new[leaf], dtype, f"{name}.{leaf}" if name else leaf)
-    elif not _place_whole(module, name, old, make, construct, device, dtype, seeds, owners):
-        for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
-            put(module, leaf, old[leaf], value, device, dtype, owners, name)
-            del value
-    if registered is not None:
-        mark_initialized(module, recurse=False)

@@ -22,16 +22,14 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .._errors import DeferredInitError
 from .._swap import exchange, wraps
+from .._tensors import is_meta, own_tensors, table_of
 
 __all__ = [
     "UNDO",
     "Owners",
     "Undo",
-    "direct",
-    "is_meta",
-    "named",
-    "place",
-    "put",
+    "place_by_name",
+    "place_under_object",
     "sharded_owners",
 ]
 
@@ -49,15 +47,6 @@ def on_undo(action: Undo) -> None:
         log.append(action)
 
 
-def direct(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out = [(n, p) for n, p in module._parameters.items() if p is not None]
-    return out + [(n, b) for n, b in module._buffers.items() if b is not None]
-
-
-def is_meta(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
-
-
 # Every (module, leaf) holding a sharded tensor, by the tensor's id: a tied sharded
 # tensor is replaced (not swapped) when filled, under each of its names at once.
 Owners = dict[int, list[tuple[nn.Module, str]]]
@@ -66,21 +55,17 @@ Owners = dict[int, list[tuple[nn.Module, str]]]
 def sharded_owners(root: nn.Module) -> Owners:
     owners: Owners = {}
     for sub in root.modules():
-        for leaf, t in direct(sub):
+        for leaf, t in own_tensors(sub).items():
             if isinstance(t, DTensor) and is_meta(t):
                 owners.setdefault(id(t), []).append((sub, leaf))
     return owners
-
-
-def named(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict([*module.named_parameters(), *module.named_buffers()])
 
 
 def _tensor_kind(t: torch.Tensor) -> str:
     return "parameter" if isinstance(t, nn.Parameter) else "buffer"
 
 
-def place(
+def place_under_object(
     owner: nn.Module,
     old: torch.Tensor,
     new: torch.Tensor,
@@ -111,9 +96,10 @@ def place(
 def _swap_back(
     owner: nn.Module, old: torch.Tensor, data: torch.Tensor, qualified: str
 ) -> str | None:
-    """Undo a :func:`place`. Where something made during materialization still holds
-    the new data, the meta tensor goes back into the table under ``data``'s object:
-    the state is restored, the identity is not, and the caller reports it."""
+    """Undo a :func:`place_under_object`. Where something made during
+    materialization still holds the new data, the meta tensor goes back into the
+    table under ``data``'s object: the state is restored, the identity is not, and
+    the caller reports it."""
     why = exchange(old, data)
     if why is None:
         return None
@@ -125,10 +111,10 @@ def _swap_back(
     return f"{_tensor_kind(old)} {qualified!r} ({why})"
 
 
-def _replace(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
+def _replace_under_names(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
     """``fresh`` under each (module, name), undoably."""
     for owner, leaf in places:
-        table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
+        table = table_of(owner, leaf)
         before = table[leaf]
         table[leaf] = fresh
         on_undo(functools.partial(_put_back, table, leaf, before))
@@ -138,7 +124,7 @@ def _put_back(table: dict[str, Any], leaf: str, before: torch.Tensor) -> None:
     table[leaf] = before
 
 
-def put(
+def place_by_name(
     layer: nn.Module,
     name: str,
     old: torch.Tensor,
@@ -148,18 +134,20 @@ def put(
     owners: Owners,
     prefix: str,
 ) -> None:
-    """``value`` into the tensor ``name`` of ``layer`` (which sits at ``prefix``)."""
+    """``value`` into the tensor ``name`` of ``layer`` (which sits at ``prefix``):
+    under its own object (:func:`place_under_object`), or, for a sharded tensor,
+    this rank's slice under every name it has (:func:`_place_shard_slice`)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name)
     if isinstance(old, DTensor):
         places = owners.get(id(old), [(owner, leaf)])
         if is_meta(old):  # a tied tensor is filled once, under its first name
-            _fill_shard(places, old, value, device, dtype)
+            _place_shard_slice(places, old, value, device, dtype)
     else:
-        place(owner, old, value, dtype, f"{prefix}.{name}" if prefix else name)
+        place_under_object(owner, old, value, dtype, f"{prefix}.{name}" if prefix else name)
 
 
-def _fill_shard(
+def _place_shard_slice(
     places: list[tuple[nn.Module, str]],
     sharded: DTensor,
     full: torch.Tensor,
@@ -189,4 +177,4 @@ def _fill_shard(
     fresh: torch.Tensor = value
     if isinstance(sharded, nn.Parameter):
         fresh = nn.Parameter(value, requires_grad=sharded.requires_grad)
-    _replace(places, fresh)
+    _replace_under_names(places, fresh)

@@ -1,0 +1,297 @@
+"""Filling one layer's meta tensors, the two ways ``di.materialize`` knows.
+
+* :func:`rebuild`: a layer deferinit built on meta is constructed again for real
+  with the arguments it was built with, so its own ``__init__`` draws the random
+  numbers in eager order.
+* :func:`reset_on_stand_in`: a module declared under ``torch.device("meta")`` runs
+  its ``reset_parameters`` and registered initializer on a stand-in with fresh
+  tensors.
+
+Either way user code runs on a copy, never on the model's own tensors, so that a
+failure can always be undone, and the values are placed under the model's own
+objects (:mod:`deferinit._fill._placing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .._become._initialize import apply_registered, mark_initialized
+from .._declare._deferred import constructor_call
+from .._declare._state import declared_defaults
+from .._errors import DeferredInitError, NotBuiltError
+from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
+from ._dispatch import Generators, storage_key, written_storages
+from ._each import each_tensor
+from ._placing import Owners, place_by_name, place_under_object
+from ._streams import seeded_whole
+
+__all__ = ["rebuild", "reset_on_stand_in"]
+
+Seeds = Callable[[str], int] | None  # a tensor's generator seed by its name (seed=)
+
+
+def rebuild(
+    layer: nn.Module,
+    prefix: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Seeds,
+    owners: Owners,
+) -> None:
+    """A layer deferinit built on meta: constructed again for real with the arguments
+    it was built with, its registered initializer applied to that copy (user code
+    never holds the model's own tensors mid-way, so a failure can always be undone),
+    and the values placed under the layer's tensors."""
+    again = _ConstructAgain(layer, prefix)
+    construct, make = again.construct, again.make
+    old = {n: t for n, t in tensors_by_name(layer).items() if is_meta(t)}
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        with torch.device(device):
+            new = tensors_by_name(make())
+        _check_known(layer, prefix, old, new)
+        for name, tensor in old.items():
+            place_by_name(layer, name, tensor, new[name], device, dtype, owners, prefix)
+    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
+        generators = Generators(device)
+        try:  # a dry run: each_tensor needs every name to be one the layer makes
+            _check_known(layer, prefix, old, tensors_by_name(construct_on_meta(construct)))
+        finally:
+            generators.restore()
+        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
+            place_by_name(layer, name, old[name], value, device, dtype, owners, prefix)
+            del value
+    if again.registered is not None:
+        mark_initialized(layer)
+
+
+class _ConstructAgain:
+    """A built layer's real class, constructed with the arguments it was built
+    with, in the default dtype (and grad mode) of its declaration as the build on
+    meta had (DESIGN §3.10), on whichever device the caller is filling on."""
+
+    def __init__(self, layer: nn.Module, prefix: str) -> None:
+        self.layer = layer
+        self.prefix = prefix
+        self.state = layer.__dict__["_di"]
+        self.registered = self.state.init
+        self.args, self.kwargs = constructor_call(
+            self.state.deferred, self.state.arguments, self.state.values
+        )
+        self.explicit_device = "device" in self.kwargs
+
+    def _declared(self) -> contextlib.AbstractContextManager[Any]:
+        return declared_defaults(self.state, torch.get_default_device())
+
+    def construct(self) -> nn.Module:
+        """The layer as its constructor leaves it."""
+        with self._declared():
+            if self.explicit_device:
+                self.kwargs["device"] = torch.get_default_device()
+            module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
+        return module
+
+    def make(self) -> nn.Module:
+        """:meth:`construct`, then the layer's registered initializer on it."""
+        with self._declared():
+            module = self.construct()
+            if self.registered is not None:
+                names = set(tensors_by_name(module))
+                apply_registered(module, self.registered, recurse=True, name=self.prefix)
+                _check_unchanged(self.layer, self.prefix, names, set(tensors_by_name(module)))
+        return module
+
+
+def _place_whole(
+    layer: nn.Module,
+    prefix: str,
+    old: dict[str, torch.Tensor],
+    make: Callable[[], nn.Module],
+    construct: Callable[[], nn.Module],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Seeds,
+    owners: Owners,
+) -> bool:
+    """``seed=`` on tensors that are not sharded: one run with a generator per tensor
+    (the values each_tensor gives, at the cost of one initialization)."""
+    if seeds is None or any(isinstance(t, DTensor) for t in old.values()):
+        return False
+    whole = seeded_whole(make, device, seeds, construct=construct)
+    if whole is None:
+        return False
+    new = tensors_by_name(whole)
+    _check_known(layer, prefix, old, new)
+    for name, tensor in old.items():
+        place_by_name(layer, name, tensor, new[name], device, dtype, owners, prefix)
+    return True
+
+
+def _check_known(
+    layer: nn.Module, prefix: str, old: dict[str, torch.Tensor], made: dict[str, torch.Tensor]
+) -> None:
+    """Every meta tensor of a rebuilt layer must be one its constructor makes: one
+    added after the build (a reparametrization applied on meta) has no known value."""
+    unknown = [name for name in old if name not in made]
+    if unknown:
+        raise NotBuiltError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}) holds "
+            f"{', '.join(repr(u) for u in unknown)} on meta, which its constructor does not "
+            f"make (added after it was built), so their values are unknown. The model is "
+            f"left as it was. Fix: apply such changes (e.g. weight_norm) after "
+            f"di.materialize, or load their values (load_state_dict)."
+        )
+
+
+def _check_unchanged(layer: nn.Module, prefix: str, declared: set[str], now: set[str]) -> None:
+    """The registered initializer runs on a copy whose values are placed into the
+    layer's own tensors: a tensor it adds (a reparametrization such as weight_norm)
+    would be lost, so it is an error, never silently dropped."""
+    added = sorted(now - declared)
+    if added:
+        raise DeferredInitError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}): its registered "
+            f"initializer adds {', '.join(repr(a) for a in added)}; materialize fills the "
+            f"tensors the layer declares and cannot add new ones. The model is left as it "
+            f"was. Fix: keep the initializer to filling tensors, and apply such changes "
+            f"(e.g. torch.nn.utils.parametrizations.weight_norm) after di.materialize."
+        )
+
+
+def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
+    by = "reset_parameters or the registered initializer" if registered else "reset_parameters"
+    return NotBuiltError(
+        f"di.materialize: {name or '<root>'} ({type(module).__name__}) was declared on meta, "
+        f"and its {by} does not set {', '.join(repr(u) for u in unset)}: such a tensor is "
+        f"computed in __init__, which never ran for real, so its values are unknown. The "
+        f"model is left as it was. Fix: construct this module for real, set the tensor in "
+        f"an initializer registered with di.initialize(module, init), or load its values."
+    )
+
+
+# A module's own tensors as declared: (is a parameter, leaf name, tensor or None),
+# parameters first, in table order.
+Declared = list[tuple[bool, str, torch.Tensor | None]]
+
+
+def reset_on_stand_in(
+    module: nn.Module,
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seeds: Seeds,
+    owners: Owners,
+) -> None:
+    """A module declared on meta: its own initialization (``reset_parameters``, then
+    a registered initializer) runs on a stand-in whose own tensors are fresh, in
+    their declared dtype and strides, and only the meta tensors take its values:
+    tensors that are real already (loaded, or tied to a filled one) keep theirs.
+    A meta tensor that this initialization does not set (a buffer computed in
+    ``__init__``, which never ran for real) is an error, not garbage."""
+    declared: Declared = [(True, leaf, t) for leaf, t in module._parameters.items()]
+    declared += [(False, leaf, t) for leaf, t in module._buffers.items()]
+    old = _meta_under_first_name(declared)
+    construct = functools.partial(_stand_in, module, declared)
+    registered = module.__dict__.get("_di_meta_init")
+    make = functools.partial(_initialized_stand_in, module, name, declared, set(old), registered)
+    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+        with torch.device(device):
+            new = own_tensors(make())
+        for leaf, tensor in old.items():
+            qualified = f"{name}.{leaf}" if name else leaf
+            place_under_object(module, tensor, new[leaf], dtype, qualified)
+    elif not _place_whole(module, name, old, make, construct, device, dtype, seeds, owners):
+        for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
+            place_by_name(module, leaf, old[leaf], value, device, dtype, owners, name)
+            del value
+    if registered is not None:
+        mark_initialized(module, recurse=False)
+
+
+def _meta_under_first_name(declared: Declared) -> dict[str, torch.Tensor]:
+    """The declared meta tensors by leaf name, a tied one under its first name only."""
+    old: dict[str, torch.Tensor] = {}
+    for _, leaf, t in declared:
+        if t is not None and is_meta(t) and all(t is not o for o in old.values()):
+            old[leaf] = t
+    return old
+
+
+def _stand_in(module: nn.Module, declared: Declared) -> nn.Module:
+    """A copy of ``module`` (same class and attributes, its ``__init__`` not run:
+    FSDP's classes run it) whose own tensors are fresh, uninitialized ones of the
+    declared shapes, strides and dtypes on the default device; ties kept."""
+    stand_in = object.__new__(type(module))
+    stand_in.__dict__.update(module.__dict__)
+    stand_in._parameters = {}
+    stand_in._buffers = {}
+    blanks: dict[int, torch.Tensor] = {}  # declared tensor -> its blank (ties kept)
+    for is_parameter, leaf, tensor in declared:
+        if tensor is None:  # e.g. bias=False: kept as None
+            (stand_in._parameters if is_parameter else stand_in._buffers)[leaf] = None
+            continue
+        blank = blanks.get(id(tensor))
+        if blank is None:
+            blank = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+            if is_parameter:
+                blank = nn.Parameter(blank, tensor.requires_grad)
+            blanks[id(tensor)] = blank
+        if is_parameter:
+            stand_in.register_parameter(leaf, blank)  # type: ignore[arg-type]
+        else:
+            persistent = leaf not in module._non_persistent_buffers_set
+            stand_in.register_buffer(leaf, blank, persistent=persistent)
+    return stand_in
+
+
+class _Blank:
+    """A stand-in's fresh tensor as it was before initialization, kept alive with
+    its storage so that no tensor made meanwhile can reuse their addresses."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.storage = tensor.untyped_storage()
+
+    def left_unset(self, now: torch.Tensor, written: set[int]) -> bool:
+        """Whether initialization left ``now`` (the stand-in's tensor under this
+        name afterwards) holding garbage: the same object, still viewing its blank
+        storage (no ``.data = ...``), which no operation wrote to."""
+        return (
+            now is self.tensor
+            and not now.is_meta
+            and now.numel() > 0  # torch.nn.init leaves empty tensors alone
+            and storage_key(now) == self.storage._cdata
+            and storage_key(now) not in written
+        )
+
+
+def _initialized_stand_in(
+    module: nn.Module, name: str, declared: Declared, wanted: set[str], registered: Any
+) -> nn.Module:
+    """A :func:`_stand_in` after ``reset_parameters`` and the registered
+    initializer; an error where they leave a ``wanted`` tensor unset."""
+    stand_in = _stand_in(module, declared)
+    blanks = {leaf: _Blank(t) for leaf, t in own_tensors(stand_in).items() if leaf in wanted}
+    reset = getattr(stand_in, "reset_parameters", None)
+    with written_storages() as written:
+        if callable(reset):
+            reset()
+        if registered is not None:
+            before = set(own_tensors(stand_in))
+            apply_registered(stand_in, registered, recurse=False, name=name)
+            _check_unchanged(module, name, before, set(own_tensors(stand_in)))
+    unset = [
+        leaf
+        for leaf, t in own_tensors(stand_in).items()
+        if leaf in blanks and blanks[leaf].left_unset(t, written)
+    ]
+    if unset:
+        raise _unset_error(module, name, unset, registered is not None)
+    return stand_in
