@@ -382,3 +382,23 @@ def test_a_random_operator_without_a_generator_argument_still_draws_from_the_pri
     assert torch.equal(first, want)
     assert not torch.equal(second, first)  # the private generator advanced
     assert torch.equal(torch.get_rng_state(), before)  # the default one is untouched
+
+
+class _FailsForReal(nn.Linear):
+    """Initialization code that raises ``KeyError`` on real tensors only (the dry
+    runs on meta succeed), counting its real runs."""
+
+    runs = 0
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if not self.weight.is_meta:
+            type(self).runs += 1
+            raise KeyError("missing from the user's table")
+
+
+def test_an_error_from_initialization_code_is_raised_at_once_not_retried_whole() -> None:
+    _FailsForReal.runs = 0
+    with pytest.raises(KeyError, match="missing from the user's table"):
+        dict(each_tensor(lambda: _FailsForReal(3, 2), ["weight", "bias"], CPU))
+    assert _FailsForReal.runs == 1

@@ -24,7 +24,7 @@ __all__ = [
     "Drawing",
     "Generators",
     "Mode",
-    "Registered",
+    "RegisteredStorageMode",
     "named_tensors",
     "registration_order",
     "registrations",
@@ -264,7 +264,7 @@ class Drawing(Mode):
         return draw(generator, func, args, kwargs)
 
 
-class Registered(Mode):
+class RegisteredStorageMode(Mode):
     """A dispatch mode that knows which registered tensor a tensor's storage is."""
 
     def __init__(self, seen: list[torch.Tensor]) -> None:

@@ -39,7 +39,7 @@ from ._dispatch import (
     Drawing,
     Fallback,
     Generators,
-    Registered,
+    RegisteredStorageMode,
     named_tensors,
     registration_order,
     registrations,
@@ -67,7 +67,7 @@ _METADATA = {
 }
 
 
-class _Mirror(Registered):
+class _Mirror(RegisteredStorageMode):
     """Runs an initialization for real, except on the layer's tensors other than the
     wanted one: their random fills go to a throw-away tensor, their other writes
     are skipped, and reading their values gives up (:class:`Fallback`)."""
@@ -140,9 +140,11 @@ def _groups(names: Sequence[str], sizes: dict[str, int]) -> list[list[str]]:
     return groups
 
 
-def _sizes(
+def _byte_counts(
     make: Callable[[], nn.Module], names: Sequence[str], generators: Generators
 ) -> dict[str, int] | None:
+    """Bytes of each named tensor, from a dry run on meta; ``None`` where that run
+    fails (then one tensor per group)."""
     try:
         with torch.device("meta"):
             shapes = named_tensors(make())
@@ -151,6 +153,22 @@ def _sizes(
     finally:
         generators.restore()
     return {n: shapes[n].numel() * shapes[n].element_size() for n in names if n in shapes}
+
+
+def _plan_groups(
+    dry: Callable[[], nn.Module],
+    names: Sequence[str],
+    order: dict[str, int] | None,
+    seeds: Callable[[str], int] | None,
+    generators: Generators,
+) -> list[list[str]]:
+    """The names in the groups that are initialized together."""
+    sizes = None if seeds is not None or order is None else _byte_counts(dry, names, generators)
+    if sizes is not None and len(sizes) == len(names):
+        return _groups(names, sizes)
+    if seeds is None and order is None:
+        return [list(names)]  # one whole layer gives them all
+    return [[name] for name in names]
 
 
 def each_tensor(
@@ -190,57 +208,83 @@ def each_tensor(
     generators = Generators(device)
     dry = make if construct is None else construct
     order = registration_order(dry, generators)
-    sizes = None if seeds is not None or order is None else _sizes(dry, names, generators)
-    if sizes is not None and len(sizes) == len(names):
-        groups = _groups(names, sizes)
-    elif seeds is None and order is None:
-        groups = [list(names)]  # one whole layer gives them all
-    else:
-        groups = [[name] for name in names]
-    # seed=: where the mirror cannot follow a tensor, the layer runs once, with a
-    # stream per tensor if it can (seeded_whole), else with the layer's own stream
-    # (seeds("")): its tensors keep whatever relations their initialization makes.
-    layer: list[nn.Module] = []
-
-    def drawing(name: str) -> contextlib.AbstractContextManager[Any]:
-        """Where the draws for ``name`` come from: the caller's generators rewound,
-        or (``seeds``) a private generator, which other threads cannot disturb."""
-        if seeds is None:
-            generators.restore()
-            return contextlib.nullcontext()
-        return Drawing(seeds(name))
-
-    def whole(group: list[str]) -> list[torch.Tensor]:
-        if seeds is None:
-            with drawing(group[0]), torch.device(device):
-                tensors = named_tensors(make())
-            return [tensors[name] for name in group]
-        if not layer:
-            module = seeded_whole(make, device, seeds, construct=construct)
-            if module is None:
-                with drawing(""), torch.device(device):
-                    module = make()
-            layer.append(module)
-        tensors = named_tensors(layer[0])
-        return [tensors[name] for name in group]
-
+    groups = _plan_groups(dry, names, order, seeds, generators)
+    source = _Source(make, device, seeds, construct, generators)
     try:
         for group in groups:
-            try:
-                if order is None:
-                    raise Fallback("no dry run")
-                wanted = {order[name] for name in group}
-                with drawing(group[0]):
-                    values = _mirrored(make, group, wanted, device, replay=seeds is None)
-            except (Fallback, KeyError):
-                values = whole(group)
+            values = source.group(group, order)
             for name in group:
-                yield name, values.pop(0)
+                yield name, values.pop(0)  # popped: the caller may free each one
             del values
         if not names and seeds is None:
-            with drawing(""), torch.device(device):
+            with source.drawing(""), torch.device(device):
                 make()  # the generators advance as one initialization would
     finally:
-        layer.clear()
-        if seeds is not None:
-            generators.restore()
+        source.close()
+
+
+class _Source:
+    """Where :func:`each_tensor`'s values come from: the mirror where it can follow
+    the initialization, else a whole layer. With ``seeds``, that layer runs once,
+    with a stream per tensor if it can (:func:`seeded_whole`), else with the layer's
+    own stream (``seeds("")``): its tensors keep whatever relations their
+    initialization makes."""
+
+    def __init__(
+        self,
+        make: Callable[[], nn.Module],
+        device: torch.device,
+        seeds: Callable[[str], int] | None,
+        construct: Callable[[], nn.Module] | None,
+        generators: Generators,
+    ) -> None:
+        self.make = make
+        self.device = device
+        self.seeds = seeds
+        self.construct = construct
+        self.generators = generators
+        self.seeded_layer: nn.Module | None = None  # with seeds: the one whole run
+
+    def drawing(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """Where the draws for ``name`` come from: the caller's generators rewound,
+        or (``seeds``) a private generator, which other threads cannot disturb."""
+        if self.seeds is None:
+            self.generators.restore()
+            return contextlib.nullcontext()
+        return Drawing(self.seeds(name))
+
+    def group(self, group: list[str], order: dict[str, int] | None) -> list[torch.Tensor]:
+        """The values of ``group``'s tensors, in its order."""
+        if order is None or any(name not in order for name in group):
+            return self.whole(group)  # no dry run, or a name it did not register
+        wanted = {order[name] for name in group}
+        try:
+            with self.drawing(group[0]):
+                replay = self.seeds is None
+                return _mirrored(self.make, group, wanted, self.device, replay=replay)
+        except Fallback:
+            return self.whole(group)
+
+    def whole(self, group: list[str]) -> list[torch.Tensor]:
+        """``group``'s values from a whole layer."""
+        if self.seeds is None:
+            with self.drawing(group[0]), torch.device(self.device):
+                tensors = named_tensors(self.make())
+            return [tensors[name] for name in group]
+        if self.seeded_layer is None:
+            self.seeded_layer = self._seeded_layer(self.seeds)
+        tensors = named_tensors(self.seeded_layer)
+        return [tensors[name] for name in group]
+
+    def _seeded_layer(self, seeds: Callable[[str], int]) -> nn.Module:
+        module = seeded_whole(self.make, self.device, seeds, construct=self.construct)
+        if module is None:
+            with self.drawing(""), torch.device(self.device):
+                module = self.make()
+        return module
+
+    def close(self) -> None:
+        """Drop the whole layer; with ``seeds``, the caller's generators as they were."""
+        self.seeded_layer = None
+        if self.seeds is not None:
+            self.generators.restore()

@@ -16,7 +16,7 @@ from ._dispatch import (
     RANDOM,
     Fallback,
     Generators,
-    Registered,
+    RegisteredStorageMode,
     draw,
     registration_order,
     registrations,
@@ -26,7 +26,7 @@ from ._dispatch import (
 __all__ = ["seeded_whole"]
 
 
-class _Streams(Registered):
+class _Streams(RegisteredStorageMode):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
     alone, never from the default one (other threads' draws cannot shift it); any
