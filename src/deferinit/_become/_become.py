@@ -12,6 +12,7 @@ step is recorded so that a failure leaves the layer exactly as it was.
 
 from __future__ import annotations
 
+import sys
 import threading
 import types
 from collections.abc import Mapping
@@ -20,7 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -274,7 +280,7 @@ def _check_ties(
         raise ShapeMismatchError(
             f"{label(module)}: {name} was assigned a tensor of shape {tuple(tensor.shape)} "
             f"before the build (a tie, such as head.weight = emb.weight), but the sizes "
-            f"{_sizes(values)}{got} give it shape {tuple(fresh.shape)}. The layer is left "
+            f"{_sizes_text(values)}{got} give it shape {tuple(fresh.shape)}. The layer is left "
             f"unbuilt. Fix: pass an input whose sizes agree with the assigned tensor, or "
             f"assign a tensor that fits."
         )
@@ -366,15 +372,66 @@ def _adopt_placeholders(
     return ties
 
 
+# ``Module._call_impl`` and its nested ``inner``: the frames a placeholder's
+# forward is called from when called as ``module(x)``.
+_CALL_IMPL = nn.Module._call_impl.__code__
+_CALL_IMPL_INNER = next(
+    c for c in _CALL_IMPL.co_consts if isinstance(c, types.CodeType) and c.co_name == "inner"
+)
+_SLOW_FORWARD = nn.Module._slow_forward.__code__
+# What Module._call_impl's fast path checks.
+_CALL_IMPL_TABLES = (
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+)
+_GLOBAL_CALL_IMPL_TABLES = (
+    _global_backward_pre_hooks,
+    _global_backward_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
+
+
+def _own_hooks_to_run(caller: types.FrameType | None, module: nn.Module) -> str:
+    """Which of the hooks the layer registers in its own ``__init__`` this build
+    must run itself, given the frame that called the placeholder's forward.
+
+    ``Module._call_impl`` chose its hooks before the layer existed. With none on
+    the placeholder it took its fast path and runs no hook at all: ``"all"``.
+    Otherwise (its ``inner``) it already ran its pre-hooks but reads the forward
+    hooks after the forward, the layer's own included: ``"pre"``. Called
+    directly (``module.forward(x)``), eager torch runs no hook either: ``"none"``.
+    """
+    if caller is not None and caller.f_code is _SLOW_FORWARD:  # under torch.jit.trace
+        caller = caller.f_back
+    if caller is None or caller.f_locals.get("self") is not module:
+        return "none"
+    if caller.f_code is _CALL_IMPL:
+        return "all"
+    if caller.f_code is _CALL_IMPL_INNER:
+        return "pre"
+    return "none"
+
+
 def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The first forward: build from this call, initialize, run; undo on failure."""
     if torch.compiler.is_compiling():
         return _build_and_run_eagerly(module, args, kwargs)
-    return _build_and_run(module, args, kwargs)
+    # Frame 2: whoever called the placeholder's forward.
+    return _build_and_run(
+        module, args, kwargs, own_hooks=_own_hooks_to_run(sys._getframe(2), module)
+    )
 
 
 def _build_and_run(
-    module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any], *, watch_hooks: bool = True
+    module: Deferred,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    watch_hooks: bool = True,
+    own_hooks: str = "none",
 ) -> Any:
     with BUILD_LOCK:
         if not isinstance(module, Deferred):  # another thread built it meanwhile
@@ -383,13 +440,15 @@ def _build_and_run(
         built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
         recorder = SHAPE_PASS.get()
         if recorder is not None:
-            return _record_shapes(module, values, built_from, recorder, args, kwargs)
+            return _record_shapes(module, values, built_from, recorder, args, kwargs, own_hooks)
         state = module._di
         txn = become(module, values, built_from=built_from, hold=True)
         try:
             with declared_defaults(state):
                 run_registered(module)
-        except BaseException:  # the initializer's own error (or Ctrl-C), unchanged
+            # The initializer's, or an own hook's, error (or Ctrl-C) goes on unchanged.
+            args, kwargs = _run_own_pre_hooks(module, args, kwargs, own_hooks)
+        except BaseException:
             txn.rollback()
             raise
         release(module)
@@ -399,15 +458,73 @@ def _build_and_run(
             txn.rollback()
             if not isinstance(error, Exception):
                 raise
-            raise InferenceError(
-                f"{label(module)}: built with {_sizes(values)} from {built_from}, but its "
-                f"forward then failed: {type(error).__name__}: {error}. The layer is left "
-                f"unbuilt, with the same placeholders. Fix: pass the input the layer "
-                f"expects (e.g. a floating-point tensor of the right rank), then call again."
-            ) from error
+            raise _forward_failed(module, values, built_from, error) from error
+        if own_hooks == "all":
+            try:
+                return _run_forward_hooks(module, args, kwargs, output)
+            except BaseException:
+                txn.rollback()
+                raise
         if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             _undo_if_a_hook_fails(module, txn)
         return output
+
+
+def _forward_failed(
+    module: nn.Module, values: Mapping[str, Any], built_from: str, error: Exception
+) -> InferenceError:
+    return InferenceError(
+        f"{label(module)}: built with {_sizes_text(values)} from {built_from}, but its "
+        f"forward then failed: {type(error).__name__}: {error}. The layer is left "
+        f"unbuilt, with the same placeholders. Fix: pass the input the layer "
+        f"expects (e.g. a floating-point tensor of the right rank), then call again."
+    )
+
+
+def _run_own_pre_hooks(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], own_hooks: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Run the forward pre-hooks the layer's own ``__init__`` registered, as
+    ``Module._call_impl`` would have (see :func:`_own_hooks_to_run`)."""
+    if own_hooks == "none":
+        return args, kwargs
+    d = module.__dict__
+    table, with_kwargs = d["_forward_pre_hooks"], d["_forward_pre_hooks_with_kwargs"]
+    for hook_id in module._di.own_hooks.get("_forward_pre_hooks", []):
+        hook = table.get(hook_id)
+        if hook is None:  # removed by the initializer
+            continue
+        if hook_id in with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        "forward pre-hook must return None or a tuple "
+                        f"of (new_args, new_kwargs), but got {result}."
+                    )
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
+
+
+def _run_forward_hooks(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
+    """Run the forward hooks (only the layer's own: ``Module._call_impl`` took its
+    fast path, so the placeholder had none) as ``Module._call_impl`` would have."""
+    d = module.__dict__
+    with_kwargs = d["_forward_hooks_with_kwargs"]
+    for hook_id, hook in list(d["_forward_hooks"].items()):
+        if hook_id in with_kwargs:
+            result = hook(module, args, kwargs, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            output = result
+    return output
 
 
 def _record_shapes(
@@ -417,9 +534,11 @@ def _record_shapes(
     recorder: ShapeRecorder,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    own_hooks: str,
 ) -> Any:
     """di.build's shape-only pass: construct with fake tensors on the device the
-    (fake) input is on, record the sizes, run; no initializer. Rolled back later."""
+    (fake) input is on, record the sizes, run; no initializer. Rolled back later.
+    The layer's own hooks run as they would on any call of the pass."""
     key = _memo_key(module, values, args, kwargs)
     if key is not None and key in recorder.memo:
         recorder.records.append((module, values, built_from, None))
@@ -428,17 +547,15 @@ def _record_shapes(
     device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
     txn = become(module, values, built_from=built_from, device=device, adopt=False)
     recorder.records.append((module, values, built_from, txn))
+    args, kwargs = _run_own_pre_hooks(module, args, kwargs, own_hooks)
     try:
         output = type(module).forward(module, *args, **kwargs)
     except BaseException as error:
         if not isinstance(error, Exception):
             raise  # di.build rolls back every record
-        raise InferenceError(
-            f"{label(module)}: built with {_sizes(values)} from {built_from}, but its "
-            f"forward then failed: {type(error).__name__}: {error}. The layer is left "
-            f"unbuilt, with the same placeholders. Fix: pass the input the layer "
-            f"expects (e.g. a floating-point tensor of the right rank), then call again."
-        ) from error
+        raise _forward_failed(module, values, built_from, error) from error
+    if own_hooks == "all":
+        output = _run_forward_hooks(module, args, kwargs, output)
     if key is not None:
         spec = _output_spec(output)
         if spec is not None:
@@ -498,7 +615,12 @@ def _build_and_run_for_compile(
     module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     # Hooks are not watched: the traced Module.__call__ would trace the watch too.
-    return _build_and_run(module, args, kwargs, watch_hooks=False)
+    # No Python frames to read here: the traced Module._call_impl took its fast
+    # path exactly when the placeholder and the process had no hook.
+    d = module.__dict__
+    hooked = any(d[k] for k in _CALL_IMPL_TABLES) or any(_GLOBAL_CALL_IMPL_TABLES)
+    own_hooks = "pre" if hooked else "all"
+    return _build_and_run(module, args, kwargs, watch_hooks=False, own_hooks=own_hooks)
 
 
 # Never traced by torch.compile: building changes the module itself, so it runs
@@ -507,5 +629,5 @@ def _build_and_run_for_compile(
 _build_and_run_eagerly = torch.compiler.disable(_build_and_run_for_compile)
 
 
-def _sizes(values: Mapping[str, Any]) -> str:
+def _sizes_text(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in values.items())
