@@ -25,7 +25,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 import deferinit as di
 from deferinit import nn as dnn
-from deferinit._declare import _deferred
+from deferinit._declare import _deferred, _layout, _placeholder, _rules
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
 
@@ -630,21 +630,21 @@ def test_unbuilt_layer_with_a_lambda_rule_refuses_pickle_naming_the_rule_and_the
 
 
 def test_layout_cache_stays_bounded_over_many_distinct_sizes() -> None:
-    for size in range(1, 2 * _deferred.LAYOUT_CACHE_SIZE):
+    for size in range(1, 2 * _layout.LAYOUT_CACHE_SIZE):
         dnn.Linear(size)
-    assert len(_deferred._LAYOUTS) <= _deferred.LAYOUT_CACHE_SIZE
+    assert len(_layout._LAYOUTS) <= _layout.LAYOUT_CACHE_SIZE
 
 
 def test_deferred_classes_with_new_lambda_rules_are_not_kept_for_good() -> None:
     refs = []
-    for _ in range(_deferred.LAYOUT_CACHE_SIZE + 50):
+    for _ in range(_layout.LAYOUT_CACHE_SIZE + 50):
         cls = di.defer(PairBlock, in_dim=lambda x: x.shape[-1])
         cls(out_dim=2)
         refs.append(weakref.ref(cls))
     del cls
     gc.collect()
     alive = sum(ref() is not None for ref in refs)
-    assert alive <= _deferred.LAYOUT_CACHE_SIZE  # only what the layout cache still holds
+    assert alive <= _layout.LAYOUT_CACHE_SIZE  # only what the layout cache still holds
     assert refs[0]() is None
 
 
@@ -683,3 +683,25 @@ def test_an_inference_error_says_which_argument_the_size_is_read_from() -> None:
         di.InferenceError, match=r"cannot infer in_features \(from input\.shape\[-1\]\)"
     ):
         dnn.Linear(4)(torch.tensor(1.0))
+
+
+def test_a_multi_tensor_placeholder_holds_its_submodule_placeholders_in_holders() -> None:
+    layer = dnn.MultiheadAttention(num_heads=2)
+    holder = layer.get_submodule("out_proj")
+    assert type(holder) is _placeholder.Holder
+    names = [name for name, _ in _placeholder.placeholder_tensors(layer)]
+    assert names == list(layer.state_dict())
+    layout = layer._di.layout
+    assert layout is not None and isinstance(layout.tensors[0], _layout.TensorSpec)
+
+
+def test_the_layout_of_a_declaration_is_cached_by_its_arguments() -> None:
+    first, second = dnn.Linear(7), dnn.Linear(7)
+    assert first._di.layout is second._di.layout
+    assert _layout.layout_of(dnn.Linear, first._di) is first._di.layout
+
+
+def test_names_nothing_calls_are_gone() -> None:
+    assert not hasattr(_deferred, "is_deferred")
+    assert not hasattr(_rules.Call, "shapes")
+    assert "start" not in inspect.signature(_layout.probe_layout).parameters

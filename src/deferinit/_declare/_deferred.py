@@ -7,20 +7,18 @@ import inspect
 import pickle
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from .._errors import InferenceError, NotBuiltError
 from .._naming import label
-from ._layout import Layout, freeze, probe_layout
-from ._placeholder import PlaceholderBuffer, PlaceholderParameter
+from ._layout import layout_of, provisional_constructor
+from ._placeholder import Holder, install_placeholders, placeholder_tensors, save_placeholders
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
     ClassSignature,
@@ -32,19 +30,25 @@ from ._signature import (
     qualname,
     quoted,
 )
-from ._state import State, declared_defaults, default_device
+from ._state import State, default_device
 
 __all__ = [
     "BUILD_LOCK",
     "Deferred",
     "PortableClass",
-    "constructor_call",
     "defer",
-    "forward_signature",
-    "is_deferred",
     "make_deferred",
+    # Other stages still import these from here; their homes are _placeholder,
+    # _layout and _signature. Delete once those imports point there.
+    "_Slot",
+    "_install_placeholders",
+    "_layout",
+    "constructor_call",
+    "forward_signature",
     "placeholder_tensors",
 ]
+
+_Slot, _install_placeholders, _layout = Holder, install_placeholders, layout_of
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -52,12 +56,9 @@ M = TypeVar("M", bound=nn.Module)
 # each layer once, and a block that builds nested layers can re-enter.
 BUILD_LOCK = threading.RLock()
 
-# Both caches live as long as the process, so neither may grow with it: a class
-# stays cached while something holds it (the twins in deferinit.nn, a user's
-# ``LazyBlock``), and the layouts of the most recently declared sizes are kept.
+# Lives as long as the process, so it must not grow with it: a class stays cached
+# while something holds it (the twins in deferinit.nn, a user's ``LazyBlock``).
 _CLASSES: weakref.WeakValueDictionary[Any, type[Deferred]] = weakref.WeakValueDictionary()
-_LAYOUTS: OrderedDict[Any, Layout] = OrderedDict()
-LAYOUT_CACHE_SIZE = 256
 
 
 class _DeferredMeta(type):
@@ -159,18 +160,6 @@ class PortableClass:
         return self.cls
 
 
-class _Slot(nn.Module):
-    """A submodule of a placeholder that only holds placeholders (e.g. ``out_proj``),
-    so that ``state_dict`` keys equal the built layer's before the build."""
-
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        _save_placeholders(self, destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # The owning placeholder loads every key of the layer itself.
-        return None
-
-
 class Deferred(nn.Module, metaclass=_DeferredMeta):
     """A layer whose sizes are not known yet (base of every deferred class).
 
@@ -208,19 +197,15 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         state.dtype, state.device = torch.get_default_dtype(), default_device()
         self.__dict__["_di"] = state  # no Module.__setattr__
         if len(explicit) == len(cls._di_rules):
-            from .._become._become import become  # noqa: PLC0415 - cyclic by nature
-
-            become(self, explicit, built_from=None)
+            _becoming().become(self, explicit, built_from=None)
             return
-        layout = _layout(cls, self._di)
+        layout = layout_of(cls, self._di)
         self._di.layout = layout
-        _install_placeholders(self, layout, self._di.arguments.get("device"))
+        install_placeholders(self, layout, self._di.arguments.get("device"))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Infer sizes from this call, build, initialize, and run the built layer."""
-        from .._become._become import build_and_run  # noqa: PLC0415 - cyclic by nature
-
-        return build_and_run(self, args, kwargs)
+        return _becoming().build_and_run(self, args, kwargs)
 
     def infer(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Every constructor argument the rules supply, read off a forward call."""
@@ -243,10 +228,12 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def __repr__(self) -> str:
         layout = self._di.layout
-        text = layout.repr_text(_provisional(type(self), self._di)) if layout else None
+        text = None
+        if layout is not None:
+            text = layout.repr_text(provisional_constructor(type(self), self._di))
         if text is not None:
             return f"{self._get_name()}({text})"
-        return f"{self._get_name()}({', '.join(_constructor_args(self))})"
+        return f"{self._get_name()}({', '.join(constructor_args_of(type(self), self._di))})"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -270,21 +257,28 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             raise
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        _save_placeholders(self, destination, prefix, keep_vars)
+        save_placeholders(self, destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        from .._checkpoint._sizes import load_into_placeholder  # noqa: PLC0415 - cyclic by nature
+        # Imported at call time: sizes from saved shapes are the checkpoint stage's,
+        # which imports this module.
+        from .._checkpoint._sizes import load_into_placeholder  # noqa: PLC0415
 
         load_into_placeholder(self, state_dict, prefix, *args)
 
 
+def _becoming() -> ModuleType:
+    """The becoming stage, which a placeholder hands itself to (both to build at
+    once when every size is given, and to build at its first forward)."""
+    # Imported at call time: the placeholder starts the stage above it, which
+    # imports this module.
+    from .._become import _become  # noqa: PLC0415
+
+    return _become
+
+
 class _NotBuiltAttributeError(NotBuiltError, AttributeError):
     """An inferred size read before build; also an ``AttributeError`` so ``hasattr`` works."""
-
-
-def is_deferred(module: nn.Module) -> bool:
-    """Whether ``module`` is a placeholder that has not built yet."""
-    return isinstance(module, Deferred)
 
 
 def defer(cls: type[M], **rules: Rule | Callable[..., Any]) -> type[Deferred]:
@@ -369,120 +363,3 @@ def make_deferred(
     if key is not None:
         _CLASSES[key] = deferred  # type: ignore[assignment]
     return deferred  # type: ignore[return-value]
-
-
-def _layout(cls: type[Deferred], state: State) -> Layout:
-    key: Any
-    try:
-        key = (
-            cls,
-            state.dtype,
-            freeze(state.arguments),
-            freeze(state.options),
-            freeze(state.explicit),
-        )
-        layout = _LAYOUTS[key]
-    except KeyError:
-        pass
-    except TypeError:
-        key = None
-    else:
-        try:
-            _LAYOUTS.move_to_end(key)
-        except KeyError:  # another thread evicted it meanwhile
-            pass
-        return layout
-    found: Layout | None
-    if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
-        found, error = probe_layout(_provisional(cls, state))
-    else:  # reset after the default dtype changed: probe as at the declaration
-        with declared_defaults(state, "meta"):
-            found, error = probe_layout(_provisional(cls, state))
-    if found is None:
-        shown = ", ".join(constructor_args_of(cls, state))
-        raise TypeError(
-            f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
-            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
-        ) from error
-    if key is not None:
-        _LAYOUTS[key] = found
-        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-            try:
-                _LAYOUTS.popitem(last=False)
-            except KeyError:  # emptied by another thread
-                break
-    return found
-
-
-def _provisional(cls: type[Deferred], state: State) -> Callable[[int], nn.Module]:
-    """Constructs the real class with every inferred size set to a stand-in."""
-    arguments = dict(state.arguments)
-    if "device" in arguments:
-        arguments["device"] = "meta"
-
-    def construct(size: int) -> nn.Module:
-        values = dict(state.explicit)
-        for name, rule in cls._di_rules.items():
-            if name not in values:
-                values[name] = rule.provisional(size, state.options)
-        args, kwargs = constructor_call(cls, arguments, values)
-        return cls._di_cls(*args, **kwargs)
-
-    return construct
-
-
-def _install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
-    for qualified in layout.modules:
-        parent, _, name = qualified.rpartition(".")
-        module.get_submodule(parent)._modules[name] = _Slot()
-    # Real placeholders even inside di.build's fake pass (a block that constructs
-    # deferred children).
-    with unset_fake_temporarily():
-        for slot in layout.tensors:
-            owner_name, _, leaf = slot.name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            # Assigned directly: register_* would refuse names that __getattr__ answers
-            # (a constructor argument named like a parameter, such as ``bias``).
-            tensor: Any = None
-            if slot.dtype is not None:
-                kind = PlaceholderParameter if slot.is_parameter else PlaceholderBuffer
-                # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-                tensor = kind(slot.is_parameter and slot.requires_grad, device, slot.dtype)  # type: ignore[call-arg, arg-type]
-            if slot.is_parameter:
-                owner._parameters[leaf] = tensor
-            else:
-                owner._buffers[leaf] = tensor
-                if not slot.persistent:
-                    owner._non_persistent_buffers_set.add(leaf)
-
-
-def _save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:
-    # As torch's LazyModuleMixin: UninitializedParameter cannot be detached.
-    for name, param in module._parameters.items():
-        if param is not None:
-            lazy = isinstance(param, UninitializedParameter)
-            destination[prefix + name] = param if lazy or keep else param.detach()
-    for name, buf in module._buffers.items():
-        if buf is not None and name not in module._non_persistent_buffers_set:
-            lazy = isinstance(buf, UninitializedBuffer)
-            destination[prefix + name] = buf if lazy or keep else buf.detach()
-
-
-def _constructor_args(module: Deferred) -> list[str]:
-    return constructor_args_of(type(module), module._di)
-
-
-def placeholder_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every placeholder of a deferred layer, by qualified name within it."""
-    out: list[tuple[str, torch.Tensor]]
-    if not module._modules:  # the common flat layer
-        out = [(n, t) for n, t in module._parameters.items() if t is not None]
-        return out + [(n, t) for n, t in module._buffers.items() if t is not None]
-    out = []
-    for prefix, sub in module.named_modules():
-        if sub is not module and not isinstance(sub, _Slot):
-            continue
-        dot = prefix + "." if prefix else ""
-        out += [(dot + n, t) for n, t in sub._parameters.items() if t is not None]
-        out += [(dot + n, t) for n, t in sub._buffers.items() if t is not None]
-    return out

@@ -3,21 +3,39 @@
 The real class is constructed on ``meta`` with provisional sizes: that costs no
 memory and no random numbers, and tells the placeholder every parameter and
 buffer name, dtype and ``requires_grad`` flag, and the submodule tree that
-``state_dict`` keys will follow.
+``state_dict`` keys will follow. Layouts are cached by the declared arguments,
+so declaring the same layer again constructs nothing.
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-__all__ = ["PROVISIONAL_SIZES", "Layout", "TensorSlot", "probe_layout"]
+from ._signature import constructor_args_of, constructor_call, qualname
+from ._state import State, declared_defaults
+
+if TYPE_CHECKING:
+    from ._deferred import Deferred
+
+__all__ = [
+    "LAYOUT_CACHE_SIZE",
+    "PROVISIONAL_SIZES",
+    "Layout",
+    "TensorSpec",
+    "freeze",
+    "layout_of",
+    "probe_layout",
+    "probe_shapes",
+    "provisional_constructor",
+]
 
 # Stand-in sizes, tried in order. 1009 is prime, so it rarely collides with a
 # real argument when the repr replaces it by "?"; the multiples satisfy the
@@ -28,7 +46,7 @@ PROVISIONAL_SIZES = (1009, 1009 * 2520, 1009 * 40320)
 
 
 @dataclass(frozen=True)
-class TensorSlot:
+class TensorSpec:
     """One parameter or buffer the built layer will own."""
 
     name: str  # qualified within the layer, e.g. "out_proj.weight"
@@ -42,7 +60,7 @@ class TensorSlot:
 class Layout:
     """Everything a placeholder needs to stand in for the layer."""
 
-    tensors: tuple[TensorSlot, ...]
+    tensors: tuple[TensorSpec, ...]
     modules: tuple[str, ...]  # qualified submodule names, registration order
     size: int  # the provisional size that constructed
     first_repr: str | None  # extra_repr at the provisional size, if the class has one
@@ -59,21 +77,86 @@ class Layout:
         return cached
 
 
+# Lives as long as the process, so it must not grow with it: the layouts of the
+# most recently declared arguments are kept.
+_LAYOUTS: OrderedDict[Any, Layout] = OrderedDict()
+LAYOUT_CACHE_SIZE = 256
+
+
+def layout_of(cls: type[Deferred], state: State) -> Layout:
+    """The layout of a declared layer, probed on meta once per distinct declaration."""
+    key: Any
+    try:
+        key = (
+            cls,
+            state.dtype,
+            freeze(state.arguments),
+            freeze(state.options),
+            freeze(state.explicit),
+        )
+        layout = _LAYOUTS[key]
+    except KeyError:
+        pass
+    except TypeError:
+        key = None
+    else:
+        try:
+            _LAYOUTS.move_to_end(key)
+        except KeyError:  # another thread evicted it meanwhile
+            pass
+        return layout
+    found: Layout | None
+    if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
+        found, error = probe_layout(provisional_constructor(cls, state))
+    else:  # reset after the default dtype changed: probe as at the declaration
+        with declared_defaults(state, "meta"):
+            found, error = probe_layout(provisional_constructor(cls, state))
+    if found is None:
+        shown = ", ".join(constructor_args_of(cls, state))
+        raise TypeError(
+            f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
+            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
+        ) from error
+    if key is not None:
+        _LAYOUTS[key] = found
+        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+            try:
+                _LAYOUTS.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+    return found
+
+
+def provisional_constructor(cls: type[Deferred], state: State) -> Callable[[int], nn.Module]:
+    """Constructs the real class with every inferred size set to a stand-in."""
+    arguments = dict(state.arguments)
+    if "device" in arguments:
+        arguments["device"] = "meta"
+
+    def construct(size: int) -> nn.Module:
+        values = dict(state.explicit)
+        for name, rule in cls._di_rules.items():
+            if name not in values:
+                values[name] = rule.provisional(size, state.options)
+        args, kwargs = constructor_call(cls, arguments, values)
+        return cls._di_cls(*args, **kwargs)
+
+    return construct
+
+
 def probe_layout(
     construct: Callable[[int], nn.Module],
-    *,
-    start: int = 0,
 ) -> tuple[Layout | None, BaseException | None]:
     """Construct on meta with each provisional size until one works."""
     last: BaseException | None = None
-    for size in PROVISIONAL_SIZES[start:]:
+    for size in PROVISIONAL_SIZES:
         try:
             with torch.device("meta"):
                 module = construct(size)
         except Exception as error:  # try the next stand-in size
             last = error
             continue
-        return _layout_of(module, size, construct), None
+        return _read_layout(module, size, construct), None
     return None, last
 
 
@@ -86,8 +169,8 @@ def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...
     }
 
 
-def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Module]) -> Layout:
-    tensors: list[TensorSlot] = []
+def _read_layout(module: nn.Module, size: int, construct: Callable[[int], nn.Module]) -> Layout:
+    tensors: list[TensorSpec] = []
     shapes: dict[str, tuple[int, ...]] = {}
     modules: list[str] = []
     for prefix, sub in module.named_modules(remove_duplicate=False):
@@ -95,12 +178,12 @@ def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Modul
             modules.append(prefix)
         dot = prefix + "." if prefix else ""
         for name, p in sub._parameters.items():
-            tensors.append(_slot(dot + name, p, True, True))
+            tensors.append(_spec(dot + name, p, True, True))
             if p is not None and not isinstance(p, UninitializedTensorMixin):
                 shapes[dot + name] = tuple(p.shape)
         for name, b in sub._buffers.items():
             persistent = name not in sub._non_persistent_buffers_set
-            tensors.append(_slot(dot + name, b, False, persistent))
+            tensors.append(_spec(dot + name, b, False, persistent))
             if b is not None and not isinstance(b, UninitializedTensorMixin):
                 shapes[dot + name] = tuple(b.shape)
     first = None
@@ -109,10 +192,10 @@ def _layout_of(module: nn.Module, size: int, construct: Callable[[int], nn.Modul
     return Layout(tuple(tensors), tuple(modules), size, first, shapes)
 
 
-def _slot(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSlot:
+def _spec(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSpec:
     if t is None:
-        return TensorSlot(name, is_parameter, None, False, persistent)
-    return TensorSlot(name, is_parameter, t.dtype, t.requires_grad, persistent)
+        return TensorSpec(name, is_parameter, None, False, persistent)
+    return TensorSpec(name, is_parameter, t.dtype, t.requires_grad, persistent)
 
 
 def _repr_text(text: str, construct: Callable[[int], nn.Module], size: int) -> str:

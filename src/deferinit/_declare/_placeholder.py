@@ -1,4 +1,5 @@
-"""The placeholder tensors a deferred layer owns before its sizes are known.
+"""The placeholder tensors a deferred layer owns before its sizes are known, and
+how they are installed under the built layer's names and saved.
 
 They are torch's ``UninitializedParameter``/``UninitializedBuffer`` (so torch's
 own checks, such as DDP's, recognise them) that also accept ``requires_grad_``:
@@ -11,9 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-__all__ = ["PlaceholderBuffer", "PlaceholderParameter"]
+from ._layout import Layout
+
+__all__ = [
+    "Holder",
+    "PlaceholderBuffer",
+    "PlaceholderParameter",
+    "install_placeholders",
+    "placeholder_tensors",
+    "save_placeholders",
+]
 
 
 class _Portable:
@@ -54,3 +66,71 @@ class PlaceholderBuffer(_Portable, UninitializedBuffer):
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return "<UninitializedBuffer>"
+
+
+class Holder(nn.Module):
+    """A submodule of a placeholder that only holds placeholders (e.g. ``out_proj``),
+    so that ``state_dict`` keys equal the built layer's before the build."""
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        save_placeholders(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # The owning placeholder loads every key of the layer itself.
+        return None
+
+
+def install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
+    """A placeholder (or ``None``) under every name of ``layout``, in holders
+    for the submodules."""
+    for qualified in layout.modules:
+        parent, _, name = qualified.rpartition(".")
+        module.get_submodule(parent)._modules[name] = Holder()
+    # Real placeholders even inside di.build's fake pass (a block that constructs
+    # deferred children).
+    with unset_fake_temporarily():
+        for spec in layout.tensors:
+            owner_name, _, leaf = spec.name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            # Assigned directly: register_* would refuse names that __getattr__ answers
+            # (a constructor argument named like a parameter, such as ``bias``).
+            tensor: Any = None
+            if spec.dtype is not None:
+                kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
+                # torch's stubs describe Parameter's signature, not UninitializedParameter's.
+                tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
+            if spec.is_parameter:
+                owner._parameters[leaf] = tensor
+            else:
+                owner._buffers[leaf] = tensor
+                if not spec.persistent:
+                    owner._non_persistent_buffers_set.add(leaf)
+
+
+def save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:
+    """``_save_to_state_dict`` of a placeholder or a holder."""
+    # As torch's LazyModuleMixin: UninitializedParameter cannot be detached.
+    for name, param in module._parameters.items():
+        if param is not None:
+            lazy = isinstance(param, UninitializedParameter)
+            destination[prefix + name] = param if lazy or keep else param.detach()
+    for name, buf in module._buffers.items():
+        if buf is not None and name not in module._non_persistent_buffers_set:
+            lazy = isinstance(buf, UninitializedBuffer)
+            destination[prefix + name] = buf if lazy or keep else buf.detach()
+
+
+def placeholder_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every placeholder of a deferred layer, by qualified name within it."""
+    out: list[tuple[str, torch.Tensor]]
+    if not module._modules:  # the common flat layer
+        out = [(n, t) for n, t in module._parameters.items() if t is not None]
+        return out + [(n, t) for n, t in module._buffers.items() if t is not None]
+    out = []
+    for prefix, sub in module.named_modules():
+        if sub is not module and not isinstance(sub, Holder):
+            continue
+        dot = prefix + "." if prefix else ""
+        out += [(dot + n, t) for n, t in sub._parameters.items() if t is not None]
+        out += [(dot + n, t) for n, t in sub._buffers.items() if t is not None]
+    return out

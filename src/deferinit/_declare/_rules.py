@@ -91,12 +91,6 @@ class Call:
         names = self._names()
         return names.index(name) if name in names else None
 
-    def shapes(self) -> str:
-        """A short description of the tensor arguments, for error messages."""
-        parts = [describe(a) for a in self.args]
-        parts += [f"{k}={describe(v)}" for k, v in self.kwargs.items()]
-        return ", ".join(parts) if parts else "no arguments"
-
 
 def describe(value: Any) -> str:
     """``value`` for an error message: tensors by shape and dtype, anything else by
