@@ -38,11 +38,11 @@ from ._declare._rules import (
     Call,
     Rule,
     RuleError,
-    _argument_name,
-    _tensor,
+    argument_name,
     describe,
     dim,
     size_at,
+    tensor_argument,
 )
 from ._declare._signature import forward_signature, public_signature
 
@@ -91,7 +91,7 @@ class Trailing(Rule):
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> tuple[int, ...]:
         k = _ndim(options)
-        x = _tensor(call, 0)
+        x = tensor_argument(call, 0)
         if x.dim() < k:
             raise RuleError(f"a tensor with at least {k} dimension(s) (ndim={k})", describe(x))
         shape = tuple(size_at(x, axis) for axis in range(-k, 0))
@@ -108,7 +108,7 @@ class Trailing(Rule):
         return "the last ndim sizes of the input"
 
     def origin(self, forward: inspect.Signature | None) -> str:
-        name = _argument_name(0, forward) or "input"
+        name = argument_name(0, forward) or "input"
         return f"``{name}.shape[-ndim:]`` (``ndim``: keyword, default 1)"
 
 
@@ -130,7 +130,7 @@ class PerChannel(Rule):
         return MISSING if options["per_channel"] else 1
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
-        x = _tensor(call, 0)
+        x = tensor_argument(call, 0)
         if not options["per_channel"] or x.dim() < 2:
             return 1
         size = size_at(x, 1)
@@ -142,7 +142,7 @@ class PerChannel(Rule):
         return "the channel size (axis 1)"
 
     def origin(self, forward: inspect.Signature | None) -> str:
-        name = _argument_name(0, forward) or "input"
+        name = argument_name(0, forward) or "input"
         return f"``{name}.shape[1]`` with ``per_channel=True`` (keyword), else 1"
 
 
@@ -167,7 +167,7 @@ class SizeIfDiffers(Rule):
 
     @staticmethod
     def _last(call: Call, arg: str) -> int:
-        x = _tensor(call, arg)
+        x = tensor_argument(call, arg)
         if x.dim() == 0:
             raise RuleError(f"{arg} with at least 1 dimension", describe(x))
         return size_at(x, -1)

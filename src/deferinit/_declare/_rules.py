@@ -15,7 +15,18 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["MISSING", "Call", "Rule", "RuleError", "as_rule", "describe", "dim", "size_at"]
+__all__ = [
+    "MISSING",
+    "Call",
+    "Rule",
+    "RuleError",
+    "argument_name",
+    "as_rule",
+    "describe",
+    "dim",
+    "size_at",
+    "tensor_argument",
+]
 
 
 class _Missing:
@@ -184,7 +195,8 @@ class Rule:
         return self.describe()
 
 
-def _argument_name(arg: int | str, forward: inspect.Signature | None) -> str | None:
+def argument_name(arg: int | str, forward: inspect.Signature | None) -> str | None:
+    """The name a rule's forward argument goes by in docstrings, if ``forward`` tells it."""
     if isinstance(arg, str):
         return arg
     if forward is None:
@@ -197,7 +209,8 @@ def _argument_name(arg: int | str, forward: inspect.Signature | None) -> str | N
     return names[arg] if 0 <= arg < len(names) else None
 
 
-def _tensor(call: Call, arg: int | str) -> torch.Tensor:
+def tensor_argument(call: Call, arg: int | str) -> torch.Tensor:
+    """Forward argument ``arg`` as a tensor (a packed sequence's data), or a ``RuleError``."""
     value = call.get(arg)
     if isinstance(value, PackedSequence):
         return value.data
@@ -233,7 +246,7 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
     ndim: int | tuple[int, ...] | None = None
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
-        x = _tensor(call, self.arg)
+        x = tensor_argument(call, self.arg)
         ranks = (self.ndim,) if isinstance(self.ndim, int) else self.ndim
         if ranks is not None and x.dim() not in ranks:
             raise RuleError(_rank_text(ranks), describe(x))
@@ -251,7 +264,7 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
         return f"size of axis {self.axis} of forward argument {self.arg!r}"
 
     def origin(self, forward: inspect.Signature | None) -> str:
-        name = _argument_name(self.arg, forward)
+        name = argument_name(self.arg, forward)
         where = self.describe() if name is None else f"``{name}.shape[{self.axis}]``"
         if self.ndim is None:
             return where
