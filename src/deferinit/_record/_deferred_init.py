@@ -1,0 +1,108 @@
+"""``deferred_init``: run a model's construction on fake tensors and record it.
+
+>>> import torch
+>>> from torch import nn
+>>> from deferinit._record import deferred_init, replay_recorded
+>>> _ = torch.manual_seed(0)
+>>> eager = nn.Linear(3, 4)
+>>> model = deferred_init(nn.Linear, 3, 4)
+>>> model.weight.device.type
+'meta'
+>>> _ = torch.manual_seed(0)
+>>> torch.equal(replay_recorded(model).weight, eager.weight)
+True
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .._declare._deferred import Deferred
+from ._errors import RecordError
+from ._placeholders import swap_in_placeholders
+from ._recorder import Recorder
+from ._tape import Record, TensorRef
+
+__all__ = ["RECORD_KEY", "deferred_init", "recording"]
+
+M = TypeVar("M", bound=nn.Module)
+RECORD_KEY = "_di_record"  # where the record lives in the module's __dict__
+
+_DATA_PTR = "Accessing the data pointer of FakeTensor"
+_state = threading.local()  # dispatch modes are per thread, so is "recording now"
+
+
+def recording() -> bool:
+    """Whether this thread is inside a ``deferred_init``."""
+    return bool(getattr(_state, "active", False))
+
+
+def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
+    """Run ``factory(*args, **kwargs)`` on fake tensors, recording every operation
+    that creates or changes a tensor; return the module with ``meta`` placeholders.
+
+    The construction runs exactly as eager (tensors report the ``cpu`` device,
+    libraries take their usual branches) but computes nothing, allocates nothing
+    and draws from no generator. ``replay_recorded`` replays the record.
+    Inside another ``deferred_init`` the factory simply runs: the outer recording
+    captures it.
+
+    Args:
+        factory: a module class, or any callable returning an ``nn.Module``.
+        *args: passed to ``factory``; real tensors among them are read at replay.
+        **kwargs: passed to ``factory``.
+
+    Raises:
+        RecordError: ``factory`` did not return a module, or the construction does
+            something a record cannot replay (see the message).
+    """
+    if recording():
+        return factory(*args, **kwargs)
+    device = torch.get_default_device()
+    # Reading the state draws nothing; value reads steered by random numbers are
+    # simulated from it (see _values).
+    record = Record(device, torch.get_rng_state() if device.type == "cpu" else None)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    recorder = Recorder(fake, record)
+    _state.active = True
+    try:
+        with fake, recorder, warnings.catch_warnings():
+            # Tensor.__deepcopy__ (nn.Transformer's layer clones) asks a fake tensor for
+            # its data pointer to choose clone(); the answer is right, the deprecation
+            # warning is noise (and an error under -W error).
+            warnings.filterwarnings("ignore", _DATA_PTR, UserWarning)
+            module = factory(*args, **kwargs)
+    finally:
+        _state.active = False
+    if not isinstance(module, nn.Module):
+        raise RecordError(
+            f"deferred_init: {getattr(factory, '__qualname__', factory)!r} returned "
+            f"{type(module).__name__}, expected an nn.Module. Fix: pass a module class or a "
+            f"function returning the module."
+        )
+
+    def describe(fake_tensor: torch.Tensor) -> TensorRef:
+        sid = recorder.sid(fake_tensor)
+        if sid is None:
+            raise RecordError(
+                f"deferred_init: {type(module).__name__} holds a fake tensor no recorded "
+                f"operation made. Fix: create its tensors inside the factory."
+            )
+        return TensorRef.of(fake_tensor, sid)
+
+    record.finals = swap_in_placeholders(module, describe)
+    record.twins = [
+        f"{name or '<root>'!r} ({type(sub).__name__})"
+        for name, sub in module.named_modules()
+        if isinstance(sub, Deferred)
+    ]
+    record.make_plan()
+    module.__dict__[RECORD_KEY] = record
+    return module

@@ -1,0 +1,188 @@
+"""Running recorded operations on real tensors.
+
+One engine serves both the replay in ``materialize`` (every needed operation, in
+program order, on the target device) and the record-time evaluation of a value
+read during construction (only the operations it depends on, on the CPU).
+
+Each storage lives as one real ``UntypedStorage``; every tensor an operation
+reads is rebuilt as a strided view of it from its descriptor, so an in-place
+initialization of a slice (``weight[:, :k].normal_()``) lands where it should,
+and views never need replaying.
+
+>>> import torch
+>>> from deferinit._record._tape import Op, TensorRef
+>>> ref = TensorRef(0, (2,), (1,), 0, torch.float32)
+>>> full = Op(torch.ops.aten.full.default, ([2], 3.0), {"dtype": torch.float32},
+...           (ref,), ((0, 8),), frozenset(), frozenset(), False)
+>>> engine = Engine(torch.device("cpu"), torch.device("cpu"), {})
+>>> engine.run(full)
+>>> engine.tensor(ref)
+tensor([3., 3.])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ._errors import ReplayError
+from ._tape import Op, TensorRef, map_refs, refs_in
+
+__all__ = ["Engine", "same"]
+
+
+class Engine:
+    """Real storages by recorded storage number, and the operations that fill them.
+
+    Args:
+        device: where tensors the construction made on ``recorded_device`` go.
+        recorded_device: the default device while recording (``cpu``).
+        externals: real tensors the construction was given, by storage number.
+        generator: random operations draw from it instead of the default generator
+            (record-time simulation; later, ``seed=``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        recorded_device: torch.device,
+        externals: dict[int, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.device = device
+        self.generator = generator
+        self.recorded_device = recorded_device
+        self.env: dict[int, torch.UntypedStorage] = {
+            sid: t.untyped_storage() for sid, t in externals.items()
+        }
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        """A fresh tensor object viewing the real storage as ``ref`` describes."""
+        storage = self.env[ref.storage]
+        empty = torch.empty(0, dtype=ref.dtype, device=storage.device)
+        return empty.set_(storage, ref.offset, ref.shape, ref.stride)
+
+    def _device(self, value: torch.device) -> torch.device:
+        return self.device if value == self.recorded_device else value
+
+    def run(self, op: Op) -> None:
+        """Run one operation; bind the storages it creates."""
+        if op.literal is not None:
+            out: Any = op.literal.to(self.device, copy=True)
+        else:
+            args = map_refs(op.args, self.tensor, TensorRef)
+            kwargs = map_refs(
+                map_refs(op.kwargs, self.tensor, TensorRef), self._device, torch.device
+            )
+            args = map_refs(args, self._device, torch.device)
+            if op.random and self.generator is not None and kwargs.get("generator") is None:
+                out = _lending(self.generator, op.func, args, kwargs)
+            else:
+                out = op.func(*args, **kwargs)
+        if op.guard is not None:
+            self._check(op, out)
+        if not op.creates:
+            return
+        sizes = dict(op.creates)
+        for ref, real in zip(op.outs, refs_in(out, torch.Tensor), strict=True):
+            if ref is not None and ref.storage in sizes and ref.storage not in self.env:
+                self.env[ref.storage] = self._bind(ref, real, sizes[ref.storage])
+
+    @staticmethod
+    def _check(op: Op, value: Any) -> None:
+        """A value construction read from random numbers must be the one the record
+        followed; otherwise eager construction would have taken another path."""
+        expected, where = op.guard
+        if same(value, expected):
+            return
+        raise ReplayError(
+            f"materialize: construction read a value steered by random numbers ({op.func} "
+            f"{where}); while recording it was {expected!r} (simulated from the generator "
+            f"state at deferred_init), under the generator state at materialize it is "
+            f"{value!r}, so eager construction would take another path. The model was "
+            f"left on meta. Fix: set the seed before deferred_init and draw nothing "
+            f"between deferred_init and materialize (the usual order), or construct "
+            f"this module eagerly."
+        )
+
+    def _bind(self, ref: TensorRef, real: torch.Tensor, nbytes: int) -> torch.UntypedStorage:
+        """The storage of ``real``, or a copy laid out as recorded where a kernel chose
+        other strides than the fake (meta) kernel did: later views are rebuilt from the
+        recorded layout."""
+        storage = real.untyped_storage()
+        same = (
+            tuple(real.shape) == ref.shape
+            and tuple(real.stride()) == ref.stride
+            and real.storage_offset() == ref.offset
+            and storage.nbytes() >= nbytes
+        )
+        if same:
+            return storage
+        fresh = torch.UntypedStorage(nbytes, device=real.device)
+        self.env[ref.storage] = fresh
+        self.tensor(ref).copy_(real)
+        return fresh
+
+    def free(self, storages: Iterable[int]) -> None:
+        """Drop storages nothing later reads (their memory goes once no view holds it)."""
+        for sid in storages:
+            self.env.pop(sid, None)
+
+
+_lock = threading.Lock()  # one lender of the default generator at a time
+
+
+def _lending(
+    generator: torch.Generator, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run the random operator ``func`` drawing from ``generator``: its device's
+    default generator takes ``generator``'s state for the call and gets its own back,
+    so the default stream is untouched. (Equal, draw for draw, to passing
+    ``generator=``, which not every random operator accepts; this stage sits below
+    ``_fill`` and so does not use ``_fill._dispatch.draw``.)
+
+    >>> mine = torch.Generator().manual_seed(0)
+    >>> before = torch.get_rng_state()
+    >>> x = _lending(mine, torch.ops.aten.uniform_.default, (torch.empty(2),), {})
+    >>> torch.equal(x, torch.empty(2).uniform_(generator=torch.Generator().manual_seed(0)))
+    True
+    >>> torch.equal(torch.get_rng_state(), before)
+    True
+    """
+    device = generator.device
+    if device.type == "cuda":
+        default = torch.cuda.default_generators[device.index or 0]
+    elif device.type == "cpu":
+        default = torch.default_generator
+    else:
+        raise ReplayError(
+            f"materialize: a random operation ({func}) must draw from a generator on "
+            f"{device}, which has no default generator to lend. Expected: a CPU or CUDA "
+            f"target. Fix: materialize on cpu or cuda."
+        )
+    with _lock:
+        outer = default.get_state()
+        default.set_state(generator.get_state())
+        try:
+            return func(*args, **kwargs)
+        finally:
+            generator.set_state(default.get_state())
+            default.set_state(outer)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality of read values: scalars, sequences of them, or tensors (bitwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

@@ -1,0 +1,228 @@
+"""The dispatch mode that records a construction, above torch's ``FakeTensorMode``.
+
+Every aten call a construction makes passes here first: the fake mode below
+computes shapes (no memory, no kernels, no draws from any generator), and this
+mode writes down the calls that create or change storages. A tensor is known by
+its storage (``nn.Parameter(t)`` makes no aten call, but shares ``t``'s storage),
+never held: holding fake tensors would keep them alive in the fake mode's memo.
+
+What is recorded and what is not:
+- an operation that creates a storage or writes one (``empty``, ``normal_``,
+  ``copy_``, ``linalg_qr``...), with its arguments as descriptors;
+- ``torch.tensor(literal)``/``new_tensor``: they reach dispatch as ``lift_fresh``
+  of a real CPU tensor, whose value is kept as a literal;
+- not views (``view``, ``t``, ``detach``, ``slice``...): a tensor read later is
+  rebuilt from its descriptor, so the view itself needs no replay;
+- value reads (``.item()``): answered when known at record time (see ``_values``).
+
+>>> import torch
+>>> from torch._subclasses.fake_tensor import FakeTensorMode
+>>> from deferinit._record._tape import Record
+>>> record = Record(torch.device("cpu"))
+>>> with FakeTensorMode() as fake, Recorder(fake, record):
+...     w = torch.empty(3, 4).normal_()
+>>> [str(op.func) for op in record.ops]
+['aten.empty.memory_format', 'aten.normal_.default']
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from ._errors import RecordError, where
+from ._tape import Op, Record, TensorRef, map_refs, refs_in
+from ._values import Values
+
+__all__ = ["Recorder"]
+
+aten = torch.ops.aten
+_LITERALS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+_RANDOM = torch.Tag.nondeterministic_seeded
+
+
+@functools.cache
+def _written_positions(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments an operator's schema says it writes."""
+    return tuple(
+        (i, a.name)
+        for i, a in enumerate(func._schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+
+
+@functools.cache
+def _takes_dtype(func: Any) -> bool:
+    return any(a.name == "dtype" and a.kwarg_only for a in func._schema.arguments)
+
+
+class Recorder(TorchDispatchMode):
+    """Records every storage-creating or storage-writing operation into ``record``.
+
+    Args:
+        fake: the fake mode below (used to make fake tensors of values computed now).
+        record: where operations are appended.
+    """
+
+    def __init__(self, fake: FakeTensorMode, record: Record) -> None:
+        super().__init__()
+        self.fake = fake
+        self.record = record
+        self.values = Values(record)
+        self.ids: dict[int, int] = {}  # storage address -> storage number
+        # Pinned so that no later storage can reuse an address while recording.
+        self.pins: list[torch.UntypedStorage] = []
+
+    # -- descriptors -------------------------------------------------------------
+    def sid(self, t: torch.Tensor, *, create: bool = False) -> int | None:
+        storage = t.untyped_storage()
+        found = self.ids.get(storage._cdata)
+        if found is None and create:
+            found = len(self.pins)
+            self.ids[storage._cdata] = found
+            self.pins.append(storage)
+        return found
+
+    def ref(self, t: torch.Tensor) -> TensorRef:
+        """The descriptor of an input tensor; a real tensor the construction was given
+        (an argument of the factory, ``torch.from_numpy``) is an external."""
+        sid = self.sid(t)
+        if sid is None:
+            if isinstance(t, FakeTensor):
+                raise RecordError(
+                    f"deferred_init: a fake tensor of shape {tuple(t.shape)} {where()} was "
+                    f"made outside this recording (another FakeTensorMode?). Expected: "
+                    f"every tensor of the construction made inside it. Fix: create it "
+                    f"inside the factory, or pass a real tensor."
+                )
+            sid = self.sid(t, create=True)
+            assert sid is not None
+            self.record.externals[sid] = t
+        return TensorRef.of(t, sid)
+
+    # -- dispatch ----------------------------------------------------------------
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _LITERALS:
+            out = func(*args, **kwargs)
+            with _disable_current_modes():
+                value = args[0].detach().clone()
+            self._literal(out, value)
+            return out
+        # Descriptors before the call: an in-place resize or restride changes them.
+        enc_args = map_refs(args, self.ref, torch.Tensor)
+        enc_kwargs = map_refs(kwargs, self.ref, torch.Tensor)
+        try:
+            out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            return self._read(func, args, kwargs)
+        self._note(func, args, kwargs, out, enc_args, enc_kwargs)
+        return out
+
+    def _note(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        out: Any,
+        enc_args: tuple[Any, ...],
+        enc_kwargs: dict[str, Any],
+    ) -> None:
+        inputs = refs_in((enc_args, enc_kwargs), TensorRef)
+        written = [
+            w
+            for i, name in _written_positions(func)
+            for w in refs_in(args[i] if i < len(args) else kwargs.get(name), torch.Tensor)
+        ]
+        results = refs_in(out, torch.Tensor)
+        fresh = [r for r in results if self.sid(r) is None]
+        if not fresh and not written:
+            return  # a view or a query: nothing to replay
+        if not inputs and results and _takes_dtype(func) and enc_kwargs.get("dtype") is None:
+            # A factory's dtype left to the default: fix it now, since the default
+            # dtype may differ at replay (transformers sets it around construction).
+            enc_kwargs = {**enc_kwargs, "dtype": results[0].dtype}
+        creates: list[tuple[int, int]] = []
+        for r in fresh:
+            if self.sid(r) is None:
+                sid = self.sid(r, create=True)
+                creates.append((sid, r.untyped_storage().nbytes()))  # type: ignore[arg-type]
+        outs = tuple(self.ref(r) for r in results)
+        self.record.ops.append(
+            Op(
+                func,
+                enc_args,
+                enc_kwargs,
+                outs,
+                tuple(creates),
+                frozenset(r.storage for r in inputs),
+                frozenset(self.sid(t) for t in written),  # type: ignore[misc]
+                _RANDOM in func.tags,
+            )
+        )
+
+    def _literal(self, fake: torch.Tensor, value: torch.Tensor) -> None:
+        sid = self.sid(fake, create=True)
+        assert sid is not None
+        ref = self.ref(fake)
+        nbytes = fake.untyped_storage().nbytes()
+        self.record.ops.append(
+            Op(None, (), {}, (ref,), ((sid, nbytes),), frozenset(), frozenset(), False, value)
+        )
+
+    def _read(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An operation whose result depends on values (``.item()``, ``nonzero``): run
+        it on the values eager construction has now (see ``_values``)."""
+        inputs = refs_in((args, kwargs), torch.Tensor)
+        refs = [self.ref(t) for t in inputs]
+        at = where()
+        with _disable_current_modes():
+            values, simulated = self.values.read(refs, f"deferred_init: {func} {at}")
+            by_id = {id(t): v for t, v in zip(inputs, values, strict=True)}
+            real_args = map_refs(args, lambda t: by_id[id(t)], torch.Tensor)
+            real_kwargs = map_refs(kwargs, lambda t: by_id[id(t)], torch.Tensor)
+            out = func(*real_args, **real_kwargs)
+        if not simulated:
+            return map_refs(out, self._adopt, torch.Tensor)
+        # Steered by simulated random numbers: replay checks the value again.
+        fakes = map_refs(out, self.fake.from_tensor, torch.Tensor)
+        results = refs_in(fakes, torch.Tensor)
+        creates = []
+        for r in results:
+            sid = self.sid(r, create=True)
+            creates.append((sid, r.untyped_storage().nbytes()))
+        self.record.ops.append(
+            Op(
+                func,
+                map_refs(args, self.ref, torch.Tensor),
+                map_refs(kwargs, self.ref, torch.Tensor),
+                tuple(self.ref(r) for r in results),
+                tuple(creates),  # type: ignore[arg-type]
+                frozenset(r.storage for r in refs),
+                frozenset(),
+                False,
+                guard=(out, at),
+            )
+        )
+        return fakes
+
+    def _adopt(self, real: torch.Tensor) -> torch.Tensor:
+        """A tensor computed at record time enters the construction as a literal."""
+        fake = self.fake.from_tensor(real)
+        self._literal(fake, real)
+        return fake

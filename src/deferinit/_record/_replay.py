@@ -1,0 +1,237 @@
+"""Replaying records: the first step of ``di.materialize``.
+
+Every record below the module replays in program order on the target device:
+random operations draw from the default generator in eager's order, so under the
+same ``torch.manual_seed`` the values are bitwise eager construction's. The real
+tensors are then swapped into the placeholders (``torch.utils.swap_tensors``),
+keeping every Parameter object, so an optimizer made before trains the model.
+All or nothing: the module is untouched until every value exists; each swap, and
+the removal of each record, is logged on an undo list that the caller (
+``di.materialize``, whose later steps may still fail) runs newest first to put
+every placeholder back on meta. Putting the default generators back is the
+caller's part too (``di.materialize`` saves them before this runs).
+
+>>> import torch
+>>> from torch import nn
+>>> from deferinit._record import deferred_init, replay_recorded
+>>> model = deferred_init(lambda: nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+>>> weight = model[0].weight
+>>> weight.device.type
+'meta'
+>>> replay_recorded(model)[0].weight is weight, weight.device.type
+(True, 'cpu')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from ._deferred_init import RECORD_KEY
+from ._engine import Engine
+from ._errors import RecordError, ReplayError
+from ._seeded import draw_owners, seed_of
+from ._tape import Record
+
+__all__ = ["Undo", "awaiting_replay", "records", "replay", "replay_recorded"]
+
+M = TypeVar("M", bound=nn.Module)
+
+# One undo step, as ``di.materialize`` logs them: puts one thing back; returns None
+# (a swap back never needs a new object, so there is never a sentence to report).
+Undo = Callable[[], str | None]
+
+
+def records(module: nn.Module) -> list[tuple[str, Record]]:
+    """Every record below ``module`` (qualified name of the recorded module), in
+    ``named_modules`` order: several separately recorded models put together replay
+    one after another."""
+    return [
+        (name, sub.__dict__[RECORD_KEY])
+        for name, sub in module.named_modules()
+        if RECORD_KEY in sub.__dict__
+    ]
+
+
+def awaiting_replay(module: nn.Module) -> list[torch.Tensor]:
+    """The meta tensors below ``module`` that :func:`replay_recorded` will fill (each
+    object once): ``di.materialize`` leaves them to it, and counts their bytes.
+
+    >>> from torch import nn
+    >>> from deferinit._record import deferred_init
+    >>> [tuple(t.shape) for t in awaiting_replay(deferred_init(nn.Linear, 2, 3))]
+    [(3, 2), (3,)]
+    """
+    return [final.placeholder for _, record in records(module) for final in record.finals]
+
+
+Swap = tuple[torch.Tensor, torch.Tensor, str]  # (placeholder, real object, name for errors)
+
+
+def replay(
+    record: Record, device: torch.device, seed: int | None = None, prefix: str = ""
+) -> list[torch.Tensor]:
+    """The real value of every final tensor of ``record`` (in ``record.finals``
+    order), running the needed operations and freeing each intermediate storage
+    after the last operation that touches it. With ``seed``, random operations draw
+    from per-tensor generators (see ``_seeded``), never from the default ones."""
+    plan = record.plan or record.make_plan()
+    engine = Engine(device, record.default_device, record.externals)
+    owners = draw_owners(record, prefix) if seed is not None else {}
+    generators: dict[str, torch.Generator] = {}
+    with torch.no_grad():
+        for index, op in enumerate(record.ops):
+            if not plan.needed[index]:
+                continue
+            if seed is not None and index in owners:
+                name = owners[index]
+                if name not in generators:
+                    generators[name] = torch.Generator(device).manual_seed(seed_of(seed, name))
+                engine.generator = generators[name]
+            try:
+                engine.run(op)
+            except ReplayError:
+                raise
+            except Exception as error:
+                raise ReplayError(
+                    f"materialize: replaying operation #{index} ({op.func or 'literal'}) on "
+                    f"{device} failed: {type(error).__name__}: {error}. The model was left on "
+                    f"meta. Fix: check that the construction runs eagerly on {device}."
+                ) from error
+            engine.free(plan.free_after[index])
+        return [engine.tensor(final.ref) for final in record.finals]
+
+
+def _real(
+    placeholder: torch.Tensor, value: torch.Tensor, dtype: torch.dtype | None, convert: bool
+) -> torch.Tensor:
+    """The object swapped into the placeholder: same class, requires_grad, and
+    ``dtype`` applied as ``module.to(dtype)`` would (floating parameters and buffers)."""
+    if dtype is not None and convert and value.is_floating_point():
+        value = value.to(dtype)
+    grad = placeholder.requires_grad
+    if isinstance(placeholder, nn.Parameter):
+        return nn.Parameter(value, requires_grad=grad)
+    return value.requires_grad_(grad)
+
+
+def _swaps(record: Record, values: list[torch.Tensor], dtype: torch.dtype | None) -> list[Swap]:
+    return [
+        (
+            f.placeholder,
+            _real(f.placeholder, v, dtype, f.kind != "attribute"),
+            f"{f.name!r} ({f.kind})",
+        )
+        for f, v in zip(record.finals, values, strict=True)
+    ]
+
+
+def _swapper(placeholder: torch.Tensor, new: torch.Tensor) -> Undo:
+    def back() -> None:
+        torch.utils.swap_tensors(placeholder, new)
+
+    return back
+
+
+def _record_restorer(module: nn.Module, record: Record) -> Undo:
+    def back() -> None:
+        module.__dict__[RECORD_KEY] = record
+
+    return back
+
+
+def _swap_all(pairs: list[Swap], undo: list[Undo]) -> None:
+    for placeholder, new, name in pairs:
+        try:
+            torch.utils.swap_tensors(placeholder, new)
+        except RuntimeError as error:
+            raise ReplayError(
+                f"materialize: cannot put the value of {name} in place: {error}. The "
+                f"model was left on meta. Fix: hold no weak references to the model's "
+                f"tensors before materialize."
+            ) from error
+        undo.append(_swapper(placeholder, new))
+
+
+def _refuse_twins(found: list[tuple[str, Record]]) -> None:
+    """A deferred layer declared inside a recording would be constructed after every
+    recorded draw instead of at its declaration: values unlike eager's. Refused
+    before anything is allocated."""
+    for name, record in found:
+        if record.twins:
+            raise RecordError(
+                f"materialize: the construction recorded by deferred_init at "
+                f"{name or '<root>'!r} declares deferred layer(s) {', '.join(record.twins)}; "
+                f"replaying it cannot yet construct them at their place in program order, "
+                f"so the values would not be eager construction's. Nothing was allocated. "
+                f"Expected: explicit sizes inside deferred_init. Fix: give those layers "
+                f"their sizes (torch.nn instead of deferinit.nn), or declare the deferred "
+                f"layers outside the deferred_init factory."
+            )
+
+
+def replay_recorded(
+    module: M,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    undo: list[Undo] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> M:
+    """Replay every record below ``module`` and put real tensors in place.
+
+    Args:
+        module: a module ``deferred_init`` returned, or one holding such modules;
+            parts that were not recorded are left alone (still on meta).
+        device: where tensors the construction made on the default device go
+            (default: torch's default device); as constructing under
+            ``torch.device(device)`` would.
+        dtype: converts floating-point parameters and buffers afterwards, as
+            ``module.to(dtype)`` after eager construction would.
+        seed: each tensor draws from its own generator, seeded from ``seed`` and its
+            qualified name below ``module``; the default generators are left alone.
+        undo: where to log the steps that put everything back (newest last; the
+            caller runs them in reverse if a later step fails). Without it, a failure
+            here is undone here.
+        advance: called with the bytes of each record's tensors once they exist (the
+            progress bar).
+
+    Returns:
+        ``module``, its placeholders now holding real values (same objects).
+
+    Raises:
+        RecordError: a deferred layer was declared inside the recorded construction
+            (not replayable yet); nothing is allocated.
+        ReplayError: an operation failed on ``device``, a value read during
+            construction came out differently, or a value cannot be put in place;
+            every placeholder is as before.
+    """
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    log: list[Undo] = [] if undo is None else undo
+    mark = len(log)
+    found = records(module)
+    _refuse_twins(found)
+    try:
+        pairs: list[Swap] = []
+        for name, record in found:
+            values = replay(record, target, seed, f"{name}." if name else "")
+            pairs += _swaps(record, values, dtype)
+            if advance is not None:
+                advance(sum(v.numel() * v.element_size() for v in values))
+            del values
+        _swap_all(pairs, log)
+        for name, record in found:
+            owner = module.get_submodule(name)
+            del owner.__dict__[RECORD_KEY]
+            log.append(_record_restorer(owner, record))
+    except BaseException:
+        if undo is None:
+            for action in reversed(log[mark:]):
+                action()
+            del log[mark:]
+        raise
+    return module

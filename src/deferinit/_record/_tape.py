@@ -1,0 +1,174 @@
+"""What a recorded construction is made of: tensor descriptors, operations, and the
+plan that replays them with the least memory.
+
+A tensor is never held, only described: the storage it views (a small integer,
+numbered in order of first appearance), its shape, stride, storage offset and
+dtype. An operation is the aten overload with its arguments, tensors replaced by
+descriptors. Cost per recorded operation: one ``Op`` tuple (~100 bytes) plus the
+encoded arguments (a ``TensorRef`` is ~150 bytes with its shape and stride tuples);
+views are not recorded at all, a literal keeps its (small) value.
+
+>>> import torch
+>>> ref = TensorRef(0, (2, 3), (3, 1), 0, torch.float32)
+>>> ref.numel
+6
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Final", "Op", "Plan", "Record", "TensorRef", "map_refs", "refs_in"]
+
+
+class TensorRef(NamedTuple):
+    """A tensor, by the storage it views and how it views it."""
+
+    storage: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor, storage: int) -> TensorRef:
+        """The descriptor of ``t``, given the number of the storage it views."""
+        shape, stride = tuple(t.shape), tuple(t.stride())
+        return cls(storage, shape, stride, int(t.storage_offset()), t.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Op(NamedTuple):
+    """One recorded operation.
+
+    ``outs`` are the flattened tensor outputs (``None`` where an output is not a
+    tensor); ``creates`` the storages this operation brings into being (each with its
+    size in bytes); ``reads``/``writes`` the storages it reads and mutates; ``literal``
+    the value of a ``torch.tensor(...)``-style constant or of a value computed at
+    record time (then ``func`` is ``None``). ``guard`` marks a value read whose
+    answer at record time came from simulated random numbers: replay computes it
+    again and stops if eager construction would have read another value.
+    """
+
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outs: tuple[TensorRef | None, ...]
+    creates: tuple[tuple[int, int], ...]
+    reads: frozenset[int]
+    writes: frozenset[int]
+    random: bool
+    literal: torch.Tensor | None = None
+    guard: Any = None  # a value read steered by random numbers: (expected value, where)
+
+
+class Final(NamedTuple):
+    """A tensor the constructed model holds: its meta placeholder and what it views."""
+
+    placeholder: torch.Tensor
+    ref: TensorRef
+    kind: str  # "parameter", "buffer" or "attribute"; used only for dtype= and messages
+    name: str  # first qualified name it was found under
+
+
+@dataclass
+class Plan:
+    """Which operations a replay must run, and after which one each storage is freed.
+
+    A non-random operation whose results reach no final tensor and no later needed
+    operation is skipped; a random one always runs, so every later draw sees the
+    generator where eager construction left it.
+    """
+
+    needed: list[bool]
+    free_after: list[list[int]]
+
+
+@dataclass
+class Record:
+    """A whole recorded construction, kept on the module ``deferred_init`` returned."""
+
+    default_device: torch.device
+    start_state: torch.Tensor | None = None  # the default generator's state at recording
+    ops: list[Op] = field(default_factory=list)
+    externals: dict[int, torch.Tensor] = field(default_factory=dict)
+    finals: list[Final] = field(default_factory=list)
+    # Deferred layers declared inside (qualified name, class): replay cannot yet
+    # construct them at their place in program order, so it refuses (see _replay).
+    twins: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Operators by name: aten overloads cannot be pickled themselves, so a
+        recorded model can be pickled (and deep-copied) before ``materialize``."""
+        state = dict(self.__dict__)
+        state["ops"] = [op._replace(func=_name_of(op.func)) for op in self.ops]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["ops"] = [op._replace(func=_overload(op.func)) for op in state["ops"]]
+        self.__dict__.update(state)
+
+    def make_plan(self) -> Plan:
+        """Liveness in one backward pass: final storages live to the end; an operation
+        is needed if it draws random numbers or writes a live storage, and then what it
+        reads or writes is live before it."""
+        live = {f.ref.storage for f in self.finals}
+        keep = set(live)
+        needed = [False] * len(self.ops)
+        free_after: list[list[int]] = [[] for _ in self.ops]
+        last_seen: set[int] = set(keep)
+        for index in range(len(self.ops) - 1, -1, -1):
+            op = self.ops[index]
+            touched = op.reads | op.writes | {sid for sid, _ in op.creates}
+            must = op.random or op.guard is not None
+            if not (must or (touched - op.reads) & live or op.writes & live):
+                continue
+            needed[index] = True
+            live |= touched
+            # The last needed operation touching a storage frees it (unless final).
+            fresh = [sid for sid in touched if sid not in last_seen]
+            free_after[index].extend(sorted(fresh))
+            last_seen.update(fresh)
+        self.plan = Plan(needed, free_after)
+        return self.plan
+
+
+def _name_of(func: Any) -> str | None:
+    return None if func is None else str(func._schema.name + "." + (func._overloadname))
+
+
+def _overload(name: str | None) -> Any:
+    """``"aten::empty.memory_format"`` -> ``torch.ops.aten.empty.memory_format``."""
+    if name is None:
+        return None
+    namespace, _, rest = name.partition("::")
+    packet, _, overload = rest.rpartition(".")
+    return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+
+
+def map_refs(value: Any, fn: Callable[[Any], Any], kind: type) -> Any:
+    """``value`` with every instance of ``kind`` replaced by ``fn(it)``, through the
+    tuples, lists and dicts aten arguments are made of."""
+    if isinstance(value, kind):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(map_refs(v, fn, kind) for v in value)
+    if isinstance(value, dict):
+        return {k: map_refs(v, fn, kind) for k, v in value.items()}
+    return value
+
+
+def refs_in(value: Any, kind: type) -> list[Any]:
+    """Every instance of ``kind`` inside ``value`` (tuples, lists, dicts), in order."""
+    found: list[Any] = []
+    map_refs(value, found.append, kind)
+    return found
