@@ -120,3 +120,14 @@ def test_hf_llama_materializes_bitwise_through_di_materialize() -> None:
     di.materialize(model)
     assert differing(eager, model) == []
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_seed_gives_the_same_values_recorded_or_declared_on_meta() -> None:
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Conv2d(2, 3, 3))
+
+    with torch.device("meta"):
+        declared = factory()
+    di.materialize(declared, seed=5)
+    recorded = di.materialize(deferred_init(factory), seed=5)
+    assert differing(declared, recorded) == []
