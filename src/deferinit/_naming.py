@@ -17,7 +17,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
-__all__ = ["label", "qualified_name", "root_scope"]
+__all__ = ["label", "names_by_id", "qualified_name", "root_scope"]
 
 _CALL_CODES = frozenset(
     code
@@ -64,10 +64,25 @@ def qualified_name(module: nn.Module, root: nn.Module | None = None) -> str | No
     root = root if root is not None else _calling_root()
     if root is None:
         return None
+    return names_by_id(root).get(id(module))
+
+
+def names_by_id(root: nn.Module) -> dict[int, str]:
+    """Every module below ``root`` (``root`` itself as ``""``) by ``id``, under
+    its qualified name; a module reachable by several paths goes by the first, as
+    ``named_modules`` lists it.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> net.append(net[0])  # doctest: +ELLIPSIS
+    Sequential(...)
+    >>> names = names_by_id(net)
+    >>> names[id(net)], names[id(net[0])]
+    ('', '0')
+    """
+    names: dict[int, str] = {}
     for name, sub in root.named_modules(remove_duplicate=False):
-        if sub is module:
-            return str(name)
-    return None
+        names.setdefault(id(sub), name)
+    return names
 
 
 def label(module: nn.Module, class_name: str | None = None) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, InferenceError
 from .._naming import qualified_name
+from .._tensors import has_meta_tensors
 
 __all__ = ["Initializer", "initialize", "run_registered"]
 
@@ -25,13 +26,8 @@ _DONE = "_di_initialized"  # set in a module's __dict__ once deferinit initializ
 _META_INIT = "_di_meta_init"  # an initializer waiting for di.materialize
 
 
-def _has_meta(module: nn.Module) -> bool:
-    tensors = [*module._parameters.values(), *module._buffers.values()]
-    return any(t is not None and t.device.type == "meta" for t in tensors)
-
-
 @dataclass(frozen=True)
-class Registered:
+class Registration:
     """An initializer registered on a deferred layer, and the layer's path below
     the module given to ``initialize`` (for the glob patterns)."""
 
@@ -92,17 +88,17 @@ def _visit(
     seen.add(id(module))
     prefix = name + "." if name else ""
     if isinstance(module, Deferred):
-        module._di.init = None if init is None else Registered(init, prefix)
+        module._di.init = None if init is None else Registration(init, prefix)
         return
     for child_name, child in module._modules.items():
         if child is not None:
             _visit(child, prefix + child_name, init, force, seen)
     state = module.__dict__.get("_di")
     if state is not None and init is not None:
-        state.init = Registered(init, prefix)  # kept for di.reset and di.materialize
-    if _has_meta(module):
+        state.init = Registration(init, prefix)  # kept for di.reset and di.materialize
+    if has_meta_tensors(module):
         # Declared on meta: nothing to fill yet; di.materialize runs it.
-        object.__setattr__(module, _META_INIT, None if init is None else Registered(init, prefix))
+        object.__setattr__(module, _META_INIT, None if init is None else Registration(init, prefix))
         return
     if module.__dict__.get(_DONE) and not force:
         return
@@ -181,7 +177,7 @@ def _apply_mapping(
 
 
 def apply_registered(
-    module: nn.Module, registered: Registered, *, recurse: bool, name: str | None = None
+    module: nn.Module, registered: Registration, *, recurse: bool, name: str | None = None
 ) -> None:
     """Run one registered initializer on ``module`` (and below, with ``recurse``);
     ``name``: the layer's qualified name, where ``module`` is a stand-in for it."""
@@ -208,6 +204,6 @@ def mark_initialized(module: nn.Module, *, recurse: bool = True) -> None:
 def run_registered(module: nn.Module) -> None:
     """Run the initializer registered on a layer that just built (under BUILD_LOCK)."""
     state = module.__dict__.get("_di")
-    registered: Registered | None = state.init if state is not None else None
+    registered: Registration | None = state.init if state is not None else None
     if registered is not None:
         apply_registered(module, registered, recurse=True)

@@ -16,7 +16,8 @@ from .._declare._deferred import (
     placeholder_tensors,
 )
 from .._declare._state import State, replace
-from ._become import hook_tables, tensor_at
+from .._tensors import table_of, tensor_at
+from ._transaction import hook_tables
 
 __all__ = ["is_built", "pending", "reset"]
 
@@ -151,7 +152,7 @@ def _keep_object(
         return None
     owner_name, _, leaf = name.rpartition(".")
     target = placeholder.get_submodule(owner_name) if owner_name else placeholder
-    table = target._parameters if leaf in target._parameters else target._buffers
+    table = table_of(target, leaf)
     slot = table[leaf]
     table[leaf] = old  # type: ignore[assignment]
     if emptied and slot is not None:

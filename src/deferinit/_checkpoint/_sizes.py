@@ -22,7 +22,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.parameter import is_lazy
 
-from .._declare._deferred import Deferred, constructor_call
+from .._become._become import become
+from .._declare._deferred import Deferred, constructor_call, placeholder_tensors
 from .._declare._layout import probe_shapes
 from .._naming import label
 from .._swap import exchange_or_raise
@@ -208,9 +209,6 @@ def load_into_placeholder(
     as the built layer would. A layer whose saved values are all placeholders (a
     state dict saved before the build) stays deferred, as torch's Lazy modules do.
     """
-    from .._become._become import become  # noqa: PLC0415 - cyclic by nature
-    from .._declare._deferred import placeholder_tensors  # noqa: PLC0415
-
     placeholders = placeholder_tensors(module)
     names = {name for name, _ in placeholders}
     mine = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}

@@ -26,6 +26,7 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 from .._declare._deferred import Deferred, constructor_call, placeholder_tensors
 from .._declare._layout import freeze
 from .._shape._build import shape_pass
+from .._tensors import construct_on_meta
 from ._render import (
     dtype_name,
     footer_lines,
@@ -263,8 +264,7 @@ def _construct_on_meta(layer: Deferred, values: Mapping[str, Any]) -> nn.Module:
     if "device" in arguments:
         arguments["device"] = "meta"
     args, kwargs = constructor_call(cls, arguments, values)
-    with torch.device("meta"):
-        return cls._di_cls(*args, **kwargs)
+    return construct_on_meta(lambda: cls._di_cls(*args, **kwargs))
 
 
 def _slots_of(module: nn.Module) -> _Slots:

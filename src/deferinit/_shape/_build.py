@@ -25,14 +25,17 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from .._become._become import SHAPE_PASS, ShapeRecorder, Transaction, become, release
+from .._become._become import become, release
 from .._become._guard import Guard, guard_for
 from .._become._initialize import run_registered
+from .._become._memo import SHAPE_PASS, ShapeRecorder
+from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._state import declared_defaults
 from .._errors import NotBuiltError
 from .._fill._dispatch import Drawing
-from .._naming import qualified_name, root_scope
+from .._naming import names_by_id, qualified_name, root_scope
+from .._tensors import has_meta_tensors
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 
@@ -194,9 +197,7 @@ def _run(
     recorder = ShapeRecorder()
     recorded = recorder.records
     copy, copies = shadow(module)
-    names: dict[int, str] = {}
-    for name, sub in copy.named_modules(remove_duplicate=False):
-        names.setdefault(id(sub), name)  # a shared layer goes by its first name
+    names = names_by_id(copy)
     if outputs:
         _record_outputs(copy, names, result.outputs)
     token = SHAPE_PASS.set(recorder)
@@ -206,8 +207,7 @@ def _run(
                 _run_on_meta(copy, args, kwargs)
             else:
                 _run_on_fakes(copy, copies, args, kwargs, mode, home)
-        for name, sub in copy.named_modules(remove_duplicate=False):
-            names.setdefault(id(sub), name)  # layers the pass constructed inside blocks
+        names = names_by_id(copy) | names  # layers the pass constructed inside blocks
         for original_id, sub in copies.items():
             if id(sub) in names:  # an original the forward reached by another path
                 names.setdefault(original_id, names[id(sub)])
@@ -392,9 +392,6 @@ def _initialize(layer: nn.Module) -> None:
 
 
 def _on_meta(layer: nn.Module) -> bool:
+    """Whether any tensor in ``layer`` or below is on meta."""
     with torch._C.DisableTorchFunctionSubclass():  # plain .device reads on Parameters
-        return any(
-            t is not None and t.device.type == "meta"
-            for sub in layer.modules()
-            for t in (*sub._parameters.values(), *sub._buffers.values())
-        )
+        return any(has_meta_tensors(sub) for sub in layer.modules())

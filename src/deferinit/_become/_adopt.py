@@ -1,0 +1,118 @@
+"""The placeholders take over the real layer's fresh tensors, keeping their
+identity (an optimizer made before the build holds them), and ties assigned
+before the build are kept and checked against the layer being built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+
+from .._declare._deferred import placeholder_tensors
+from .._errors import ShapeMismatchError
+from .._naming import label
+from .._swap import exchange_or_raise
+from .._tensors import table_of, tensor_at
+from ._transaction import Transaction
+
+__all__ = ["adopt_placeholders", "check_ties", "sizes_text"]
+
+
+def sizes_text(values: Mapping[str, Any]) -> str:
+    """``"in_features=4, out_features=3"``: the sizes of a build, for messages."""
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def check_ties(
+    module: nn.Module, real: nn.Module, values: dict[str, Any], built_from: str | None
+) -> None:
+    """A real tensor assigned to the placeholder before the build (a tie such as
+    ``head.weight = emb.weight``) is kept, so it must fit the layer being built:
+    checked before anything changes."""
+    for name, tensor in placeholder_tensors(module):
+        if isinstance(tensor, UninitializedTensorMixin):
+            continue
+        fresh = tensor_at(real, name)
+        if fresh is None or tuple(fresh.shape) == tuple(tensor.shape):
+            continue
+        got = f" (inferred from {built_from})" if built_from else ""
+        raise ShapeMismatchError(
+            f"{label(module)}: {name} was assigned a tensor of shape {tuple(tensor.shape)} "
+            f"before the build (a tie, such as head.weight = emb.weight), but the sizes "
+            f"{sizes_text(values)}{got} give it shape {tuple(fresh.shape)}. The layer is left "
+            f"unbuilt. Fix: pass an input whose sizes agree with the assigned tensor, or "
+            f"assign a tensor that fits."
+        )
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
+
+
+def adopt_placeholders(
+    module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
+) -> list[str]:
+    """Put the placeholders' objects in place of the real layer's fresh tensors;
+    returns the names that held a real tensor (ties), which the layer keeps."""
+    ties: list[str] = []
+    adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
+    for name, placeholder in placeholder_tensors(module):
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = real.get_submodule(owner_name) if owner_name else real
+        except AttributeError:
+            continue
+        table = table_of(owner, leaf)
+        value = table.get(leaf)
+        if value is None:
+            continue
+        if not isinstance(placeholder, UninitializedTensorMixin):
+            # Assigned before the build (head.weight = emb.weight), or another
+            # layer's placeholder that its build made real: the tie is kept, as
+            # eager code assigning it after construction would have it.
+            table[leaf] = placeholder  # type: ignore[assignment]
+            ties.append(name)
+            continue
+        if isinstance(value, UninitializedTensorMixin):
+            # A deferred layer inside a block: it adopts this placeholder when it
+            # builds, so an optimizer made before the block's build holds it too.
+            table[leaf] = placeholder  # type: ignore[assignment]
+            continue
+        if id(value) in adopted:  # tied in the layer (e.g. head.weight = emb.weight)
+            table[leaf] = adopted[id(value)]  # type: ignore[assignment]
+            continue
+        adopted[id(value)] = placeholder
+        data = value.data
+        device = data.device if keep_device else placeholder.device
+        if data.dtype != placeholder.dtype or data.device != device:
+            # The user moved the placeholder (.double(), .to(device)): as eager code
+            # would, initialize in the constructor's dtype and device, then convert.
+            data = data.to(device=device, dtype=placeholder.dtype)
+        if data.device.type == placeholder.device.type:
+            txn.tensors.append((placeholder, type(placeholder), placeholder.data))
+            placeholder.data = data
+            placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
+        else:
+            # .data cannot change the kind of tensor (cpu -> meta): swap the tensors
+            # under the Python objects instead; identity is kept all the same.
+            if isinstance(placeholder, nn.Parameter):
+                built = value if data is value.data else nn.Parameter(data)
+            else:
+                built = data
+            built.requires_grad_(placeholder.requires_grad)
+            # Python weak references (RNNs keep them to their weights, users to
+            # anything) do not block this swap: the object keeps its identity.
+            exchange_or_raise(
+                placeholder,
+                built,
+                f"building {label(module)}: {_kind(placeholder)} {name!r}",
+                "drop those references (del them) and build the layer again. The layer "
+                "is left unbuilt.",
+            )
+            txn.swaps.append((placeholder, type(placeholder), built))
+            placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
+        table[leaf] = placeholder  # type: ignore[assignment]
+    return ties
