@@ -36,7 +36,8 @@ class Counted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append("forward")
-        return self.linear(x)
+        out: torch.Tensor = self.linear(x)
+        return out
 
 
 DeferredCounted = di.defer(Counted, in_features=di.dim(-1))
@@ -53,7 +54,8 @@ class Logged(nn.Module):
         self.register_forward_hook(lambda m, a, o: log.append("post"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        out: torch.Tensor = self.linear(x)
+        return out
 
 
 DeferredLogged = di.defer(Logged, in_features=di.dim(-1))
@@ -62,7 +64,8 @@ ONE_CALL = ["pre", "forward", "post"]
 
 def _eager_output(x: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
-    return Counted(x.shape[-1])(x)
+    out: torch.Tensor = Counted(x.shape[-1])(x)
+    return out
 
 
 @pytest.mark.parametrize("user_hooks", [False, True], ids=["alone", "with_user_hooks"])

@@ -85,7 +85,7 @@ def run_own_pre_hooks(
         return args, kwargs
     d = module.__dict__
     table, with_kwargs = d["_forward_pre_hooks"], d["_forward_pre_hooks_with_kwargs"]
-    for hook_id in module._di.own_hooks.get("_forward_pre_hooks", []):
+    for hook_id in d["_di"].own_hooks.get("_forward_pre_hooks", []):
         hook = table.get(hook_id)
         if hook is None:  # removed by the initializer
             continue
