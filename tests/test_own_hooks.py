@@ -1,5 +1,5 @@
 """Hooks a layer registers in its own ``__init__`` run as eager torch runs them:
-on the call that builds the layer too (DESIGN §3.3), whether or not the user
+on the call that builds the layer too, whether or not the user
 registered hooks on the placeholder, and again after ``di.reset`` and a rebuild.
 """
 
