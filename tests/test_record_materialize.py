@@ -14,10 +14,6 @@ from deferinit._record import deferred_init
 from deferinit._record._deferred_init import RECORD_KEY
 from test_record_support import SmallResNet, differing
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(di, "deferred_init"), reason="di.deferred_init not exported yet"
-)
-
 
 def test_deferred_init_is_public() -> None:
     assert vars(di)["deferred_init"] is deferred_init

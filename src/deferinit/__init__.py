@@ -31,6 +31,7 @@ from ._declare._rules import Rule, dim
 from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
 from ._fill._materialize import materialize
 from ._present._summary import summary
+from ._record import deferred_init
 from ._shape._build import build
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "__version__",
     "build",
     "defer",
+    "deferred_init",
     "dim",
     "initialize",
     "is_built",

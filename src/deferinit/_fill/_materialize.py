@@ -35,7 +35,8 @@ from torch import nn
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, NotBuiltError
 from .._naming import root_scope
-from .._tensors import has_meta_tensors, is_meta
+from .._record import awaiting_replay, replay_recorded
+from .._tensors import is_meta, own_tensors
 from ._dispatch import Generators
 from ._layers import rebuild, reset_on_stand_in
 from ._placing import UNDO, Undo, sharded_owners
@@ -53,6 +54,7 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
     deferred: list[str] = []
     unfit: list[str] = []
     skip: list[str] = []
+    replayed = {id(t) for t in awaiting_replay(root)}  # filled by replay_recorded first
     for name, sub in root.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
@@ -67,7 +69,7 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
-        if has_meta_tensors(sub):
+        if any(is_meta(t) and id(t) not in replayed for t in own_tensors(sub).values()):
             has_init = sub.__dict__.get("_di_meta_init") is not None
             if has_init or callable(getattr(sub, "reset_parameters", None)):
                 steps.append(("reset", name, sub))
@@ -115,6 +117,7 @@ def materialize(
     with BUILD_LOCK, root_scope(module):
         steps = _fillable_steps(module)
         total = sum(_bytes(sub) for _, _, sub in steps)
+        total += sum(t.numel() * t.element_size() for t in awaiting_replay(module))
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         with _progress(show, total) as advance:
             _fill_all_or_nothing(module, steps, target, dtype, seed, advance)
@@ -171,6 +174,8 @@ def _fill_all_or_nothing(
     generators = Generators(target)
     token = UNDO.set(undo)
     try:
+        # Recorded constructions first (di.deferred_init), in program order.
+        replay_recorded(root, device=target, dtype=dtype, seed=seed, undo=undo, advance=advance)
         for kind, name, sub in steps:
             fill = rebuild if kind == "rebuild" else reset_on_stand_in
             fill(sub, name, target, dtype, _seeds(seed, name), owners)
