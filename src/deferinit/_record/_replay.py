@@ -3,7 +3,7 @@
 Every record below the module replays in program order on the target device:
 random operations draw from the default generator in eager's order, so under the
 same ``torch.manual_seed`` the values are bitwise eager construction's. The real
-tensors are then swapped into the placeholders (``torch.utils.swap_tensors``),
+tensors are then swapped under the placeholders' own objects (``_swap.exchange``),
 keeping every Parameter object, so an optimizer made before trains the model.
 All or nothing: the module is untouched until every value exists; each swap, and
 the removal of each record, is logged on an undo list that the caller (
@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .._swap import exchange
 from ._deferred_init import RECORD_KEY
 from ._engine import Engine
 from ._errors import RecordError, ReplayError
@@ -131,7 +132,7 @@ def _swaps(record: Record, values: list[torch.Tensor], dtype: torch.dtype | None
 
 def _swapper(placeholder: torch.Tensor, new: torch.Tensor) -> Undo:
     def back() -> None:
-        torch.utils.swap_tensors(placeholder, new)
+        exchange(placeholder, new)  # back to meta: nothing else holds the fresh value
 
     return back
 
@@ -145,14 +146,15 @@ def _record_restorer(module: nn.Module, record: Record) -> Undo:
 
 def _swap_all(pairs: list[Swap], undo: list[Undo]) -> None:
     for placeholder, new, name in pairs:
-        try:
-            torch.utils.swap_tensors(placeholder, new)
-        except RuntimeError as error:
+        # Under the placeholder's own Python object (weak references, attributes and
+        # gradient hooks stay with it), as everywhere in deferinit.
+        why = exchange(placeholder, new)
+        if why is not None:
             raise ReplayError(
-                f"materialize: cannot put the value of {name} in place: {error}. The "
-                f"model was left on meta. Fix: hold no weak references to the model's "
-                f"tensors before materialize."
-            ) from error
+                f"materialize: cannot put the value of {name} under its own object: {why}. "
+                f"The model was left on meta. Fix: drop that view or graph (del it), then "
+                f"call materialize again."
+            )
         undo.append(_swapper(placeholder, new))
 
 
