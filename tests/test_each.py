@@ -18,9 +18,10 @@ from torch import nn
 import deferinit as di
 from deferinit import nn as dnn
 from deferinit._fill import _each
-from deferinit._fill._dispatch import Fallback, draw, named_tensors
+from deferinit._fill._dispatch import Fallback, named_tensors
 from deferinit._fill._each import each_tensor
 from deferinit._fill._streams import seeded_whole
+from deferinit._random import draw
 
 Make = Callable[[], nn.Module]
 CPU = torch.device("cpu")

@@ -198,7 +198,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "seed-draws-default-generator",
         "seeds: seed= never draws from the default generator",
-        "_fill/_dispatch.py",
+        "_random.py",
         'return overload(*args, **{**kwargs, "generator": generator})',
         "return func(*args, **kwargs)",
         ("tests/test_materialize.py", "tests/test_each.py"),

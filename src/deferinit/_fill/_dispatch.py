@@ -1,14 +1,12 @@
 """What the one-tensor-at-a-time machinery stands on: dispatch modes that know
-which registered tensor an operation touches, which arguments it writes, the random
-generators initialization code draws from, and the registration order of a
-layer's tensors (from a dry run on meta).
+which registered tensor an operation touches and which arguments it writes, and the
+registration order of a layer's tensors (from a dry run on meta). The private
+generators it draws from are in :mod:`deferinit._random`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,25 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .._random import Generators, Mode
 
 __all__ = [
-    "RANDOM",
     "Fallback",
-    "Drawing",
-    "Generators",
-    "Mode",
     "RegisteredStorageMode",
     "named_tensors",
     "registration_order",
     "registrations",
     "storage_key",
-    "draw",
     "written_args",
     "written_storages",
 ]
-
-RANDOM = torch.Tag.nondeterministic_seeded
 
 
 class Fallback(BaseException):  # noqa: N818 - a signal, not an error
@@ -55,22 +47,6 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def storage_key(t: torch.Tensor) -> int:
     """Which storage ``t`` views: equal for all views of one storage while it lives."""
     return int(t.untyped_storage()._cdata)
-
-
-class Mode(TorchDispatchMode):
-    """A dispatch mode whose subclasses say what to do with one operator call."""
-
-    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return self.handle(func, args, kwargs or {})
 
 
 class _Writes(Mode):
@@ -142,126 +118,6 @@ def registration_order(
     for i, t in enumerate(seen):
         position.setdefault(id(t), i)
     return {n: position[id(t)] for n, t in named_tensors(module).items() if id(t) in position}
-
-
-class Generators:
-    """The random generators initialization code may draw from: torch's CPU one,
-    the target device's, and Python's ``random``; saved and restored together."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.python = random.getstate()
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        random.setstate(self.python)
-
-
-def _signature(func: Any) -> list[str]:
-    return [a.name for a in func._schema.arguments if a.name != "generator"]
-
-
-_lock = threading.Lock()  # for lending a default generator (no generator argument)
-
-
-@functools.cache
-def _with_generator(func: Any) -> Any:
-    """The overload of ``func`` that also takes a ``generator`` (``aten.randn.default``
-    -> ``aten.randn.generator``), or ``None``."""
-    if any(a.name == "generator" for a in func._schema.arguments):
-        return func
-    packet = func.overloadpacket
-    for name in packet.overloads():
-        other = getattr(packet, name)
-        takes = any(a.name == "generator" for a in other._schema.arguments)
-        if takes and _signature(other) == _signature(func):
-            return other
-    return None
-
-
-def draw(
-    generator: torch.Generator, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Run the random operator ``func`` drawing from ``generator`` instead of its
-    device's default generator, which (like every other thread's draws) it leaves
-    alone. A generator the code passes itself is kept.
-
-    >>> import torch
-    >>> mine = torch.Generator().manual_seed(0)
-    >>> before = torch.get_rng_state()
-    >>> x = draw(mine, torch.ops.aten.uniform_.default, (torch.empty(2),), {})
-    >>> torch.equal(x, torch.empty(2).uniform_(generator=torch.Generator().manual_seed(0)))
-    True
-    >>> torch.equal(torch.get_rng_state(), before)
-    True
-    """
-    if kwargs.get("generator") is not None:
-        return func(*args, **kwargs)
-    overload = _with_generator(func)
-    if overload is not None:
-        return overload(*args, **{**kwargs, "generator": generator})
-    # No overload takes a generator (aten.native_dropout): lend it the default one.
-    default = _default_generator(generator.device)
-    if default is None:
-        return func(*args, **kwargs)
-    with _lock:
-        outer = default.get_state()
-        default.set_state(generator.get_state())
-        try:
-            return func(*args, **kwargs)
-        finally:
-            generator.set_state(default.get_state())
-            default.set_state(outer)
-
-
-def _default_generator(device: torch.device) -> torch.Generator | None:
-    if device.type == "cpu":
-        return torch.default_generator
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index or 0]
-    return None
-
-
-def _device_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.device
-    device = kwargs.get("device")
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
-class Drawing(Mode):
-    """Every random operation inside draws from private generators seeded with
-    ``seed`` (one per device), not from the default ones: other threads' draws
-    cannot shift its values, and the default generators are left alone.
-
-    >>> import torch
-    >>> with Drawing(0):
-    ...     a = torch.rand(3)
-    >>> torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(0)))
-    True
-    """
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.seed = seed
-        self.generators: dict[torch.device, torch.Generator] = {}
-
-    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if RANDOM not in func.tags:
-            return func(*args, **kwargs)
-        device = _device_of(args, kwargs)
-        if device.type == "meta":
-            return func(*args, **kwargs)
-        generator = self.generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device).manual_seed(self.seed)
-            self.generators[device] = generator
-        return draw(generator, func, args, kwargs)
 
 
 class RegisteredStorageMode(Mode):

@@ -34,11 +34,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .._random import RANDOM, Drawing, Generators
 from ._dispatch import (
-    RANDOM,
-    Drawing,
     Fallback,
-    Generators,
     RegisteredStorageMode,
     named_tensors,
     registration_order,

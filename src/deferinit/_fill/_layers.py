@@ -27,8 +27,9 @@ from .._become._initialize import apply_registered, mark_initialized
 from .._declare._deferred import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
+from .._random import Generators
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
-from ._dispatch import Generators, storage_key, written_storages
+from ._dispatch import storage_key, written_storages
 from ._each import each_tensor
 from ._placing import Owners, place_by_name, place_under_object
 from ._streams import seeded_whole

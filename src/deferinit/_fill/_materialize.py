@@ -35,9 +35,9 @@ from torch import nn
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, NotBuiltError
 from .._naming import root_scope
+from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
 from .._tensors import is_meta, own_tensors
-from ._dispatch import Generators
 from ._layers import rebuild, reset_on_stand_in
 from ._placing import UNDO, Undo, sharded_owners
 

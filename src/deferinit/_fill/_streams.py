@@ -12,12 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._random import RANDOM, Generators, draw
 from ._dispatch import (
-    RANDOM,
     Fallback,
-    Generators,
     RegisteredStorageMode,
-    draw,
     registration_order,
     registrations,
     written_args,

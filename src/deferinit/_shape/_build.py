@@ -33,8 +33,8 @@ from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._state import declared_defaults
 from .._errors import NotBuiltError
-from .._fill._dispatch import Drawing
 from .._naming import names_by_id, qualified_name, root_scope
+from .._random import Drawing
 from .._tensors import has_meta_tensors
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
