@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from .._declare._deferred import placeholder_tensors
+from .._declare._placeholder import placeholder_tensors
 from .._errors import ShapeMismatchError
 from .._naming import label
 from .._swap import exchange_or_raise

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from .._declare._deferred import BUILD_LOCK, Deferred, constructor_call
+from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._rules import describe
+from .._declare._signature import constructor_call
 from .._declare._state import State, declared_defaults
 from .._errors import InferenceError
 from .._naming import label

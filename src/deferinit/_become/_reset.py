@@ -7,14 +7,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .._declare._deferred import (
-    BUILD_LOCK,
-    Deferred,
-    _install_placeholders,
-    _layout,
-    _Slot,
-    placeholder_tensors,
-)
+from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._layout import layout_of
+from .._declare._placeholder import Holder, install_placeholders, placeholder_tensors
 from .._declare._state import State, replace
 from .._tensors import table_of, tensor_at
 from ._transaction import hook_tables
@@ -55,7 +50,7 @@ def _inside_placeholder(root: nn.Module, name: str) -> bool:
     sub = root
     for part in parts[:-1]:
         sub = sub._modules[part]  # type: ignore[assignment]
-        if isinstance(sub, Deferred | _Slot):
+        if isinstance(sub, Deferred | Holder):
             return True
     return False
 
@@ -109,11 +104,11 @@ def unbecome(module: nn.Module) -> bool:
     if len(state.explicit) == len(cls._di_rules):
         return False  # every size was given: nothing to forget
     fresh = replace(state, values=None, built_from=None, own_hooks={}, ties=())
-    fresh.layout = _layout(cls, fresh)
+    fresh.layout = layout_of(cls, fresh)
     placeholder = cls.__new__(cls)
     nn.Module.__init__(placeholder)
     object.__setattr__(placeholder, "_di", fresh)
-    _install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
+    install_placeholders(placeholder, fresh.layout, state.arguments.get("device"))
     to_empty = [
         kept
         for name, _ in placeholder_tensors(placeholder)

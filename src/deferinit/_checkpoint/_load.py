@@ -33,7 +33,8 @@ from torch.nn.parameter import is_lazy
 
 from .._become._become import become
 from .._become._transaction import Transaction
-from .._declare._deferred import BUILD_LOCK, Deferred, placeholder_tensors
+from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._placeholder import placeholder_tensors
 from .._errors import DeferredInitError
 from .._naming import label, root_scope
 from .._tensors import own_tensors

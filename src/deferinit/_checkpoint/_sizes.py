@@ -23,8 +23,10 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.parameter import is_lazy
 
 from .._become._become import become
-from .._declare._deferred import Deferred, constructor_call, placeholder_tensors
+from .._declare._deferred import Deferred
 from .._declare._layout import probe_shapes
+from .._declare._placeholder import placeholder_tensors
+from .._declare._signature import constructor_call
 from .._naming import label
 from .._swap import exchange_or_raise
 

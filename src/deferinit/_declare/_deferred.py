@@ -18,13 +18,12 @@ from torch import nn
 from .._errors import InferenceError, NotBuiltError
 from .._naming import label
 from ._layout import layout_of, provisional_constructor
-from ._placeholder import Holder, install_placeholders, placeholder_tensors, save_placeholders
+from ._placeholder import install_placeholders, save_placeholders
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
     ClassSignature,
     bind,
     constructor_args_of,
-    constructor_call,
     forward_signature,
     public_signature,
     qualname,
@@ -38,17 +37,8 @@ __all__ = [
     "PortableClass",
     "defer",
     "make_deferred",
-    # Other stages still import these from here; their homes are _placeholder,
-    # _layout and _signature. Delete once those imports point there.
-    "_Slot",
-    "_install_placeholders",
-    "_layout",
-    "constructor_call",
-    "forward_signature",
-    "placeholder_tensors",
 ]
 
-_Slot, _install_placeholders, _layout = Holder, install_placeholders, layout_of
 
 M = TypeVar("M", bound=nn.Module)
 

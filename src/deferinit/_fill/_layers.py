@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .._become._initialize import apply_registered, mark_initialized
-from .._declare._deferred import constructor_call
+from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
 from .._random import Generators

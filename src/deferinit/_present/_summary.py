@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from .._declare._deferred import Deferred, constructor_call, placeholder_tensors
+from .._declare._deferred import Deferred
 from .._declare._layout import freeze
+from .._declare._placeholder import placeholder_tensors
+from .._declare._signature import constructor_call
 from .._shape._build import shape_pass
 from .._tensors import construct_on_meta
 from ._render import (
