@@ -22,12 +22,12 @@ tensor([3., 3.])
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from .._random import draw
 from ._errors import ReplayError
 from ._tape import Op, TensorRef, map_refs, refs_in
 
@@ -79,7 +79,7 @@ class Engine:
             )
             args = map_refs(args, self._device, torch.device)
             if op.random and self.generator is not None and kwargs.get("generator") is None:
-                out = _lending(self.generator, op.func, args, kwargs)
+                out = draw(self.generator, op.func, args, kwargs)
             else:
                 out = op.func(*args, **kwargs)
         if op.guard is not None:
@@ -130,47 +130,6 @@ class Engine:
         """Drop storages nothing later reads (their memory goes once no view holds it)."""
         for sid in storages:
             self.env.pop(sid, None)
-
-
-_lock = threading.Lock()  # one lender of the default generator at a time
-
-
-def _lending(
-    generator: torch.Generator, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Run the random operator ``func`` drawing from ``generator``: its device's
-    default generator takes ``generator``'s state for the call and gets its own back,
-    so the default stream is untouched. (Equal, draw for draw, to passing
-    ``generator=``, which not every random operator accepts; this stage sits below
-    ``_fill`` and so does not use ``_fill._dispatch.draw``.)
-
-    >>> mine = torch.Generator().manual_seed(0)
-    >>> before = torch.get_rng_state()
-    >>> x = _lending(mine, torch.ops.aten.uniform_.default, (torch.empty(2),), {})
-    >>> torch.equal(x, torch.empty(2).uniform_(generator=torch.Generator().manual_seed(0)))
-    True
-    >>> torch.equal(torch.get_rng_state(), before)
-    True
-    """
-    device = generator.device
-    if device.type == "cuda":
-        default = torch.cuda.default_generators[device.index or 0]
-    elif device.type == "cpu":
-        default = torch.default_generator
-    else:
-        raise ReplayError(
-            f"materialize: a random operation ({func}) must draw from a generator on "
-            f"{device}, which has no default generator to lend. Expected: a CPU or CUDA "
-            f"target. Fix: materialize on cpu or cuda."
-        )
-    with _lock:
-        outer = default.get_state()
-        default.set_state(generator.get_state())
-        try:
-            return func(*args, **kwargs)
-        finally:
-            generator.set_state(default.get_state())
-            default.set_state(outer)
 
 
 def same(a: Any, b: Any) -> bool:
