@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "kind_of",
     "construct_on_meta",
     "has_meta_tensors",
     "is_meta",
@@ -108,3 +109,12 @@ def construct_on_meta(factory: Callable[[], T]) -> T:
     """
     with torch.device("meta"):
         return factory()
+
+
+def kind_of(t: torch.Tensor) -> str:
+    """``"parameter"`` or ``"buffer"``, for messages.
+
+    >>> kind_of(torch.nn.Parameter(torch.zeros(1))), kind_of(torch.zeros(1))
+    ('parameter', 'buffer')
+    """
+    return "parameter" if isinstance(t, torch.nn.Parameter) else "buffer"

@@ -15,6 +15,7 @@ from torch.nn.parameter import is_lazy
 
 from .._naming import label
 from .._swap import exchange_or_raise
+from .._tensors import kind_of
 from ._sizes import swappable
 
 __all__ = ["Write", "commit", "prepare"]
@@ -145,7 +146,7 @@ def _swap_in(w: Write) -> Callable[[], None]:
     exchange_or_raise(
         target,
         fresh,
-        f"di.load_state_dict: {_kind(target)} {w.key!r} of {label(w.owner)}",
+        f"di.load_state_dict: {kind_of(target)} {w.key!r} of {label(w.owner)}",
         "drop those references (del them) and load again. The model is left as it was.",
     )
     cls = type(target)
@@ -159,7 +160,3 @@ def _swap_in(w: Write) -> Callable[[], None]:
         target.__class__ = cls
 
     return undo
-
-
-def _kind(t: torch.Tensor) -> str:
-    return "parameter" if isinstance(t, nn.Parameter) else "buffer"

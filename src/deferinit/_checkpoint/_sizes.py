@@ -29,6 +29,7 @@ from .._declare._placeholder import placeholder_tensors
 from .._declare._signature import constructor_call
 from .._naming import label
 from .._swap import exchange_or_raise
+from .._tensors import kind_of
 
 __all__ = [
     "infer_from_shapes",
@@ -166,10 +167,6 @@ def swappable(modules: list[nn.Module]) -> Iterator[None]:
             rnn._init_flat_weights()
 
 
-def _kind(t: torch.Tensor) -> str:
-    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
-
-
 def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
     """Give every meta tensor of ``module`` (not its children) uninitialized memory
     on its device in ``devices`` (by tensor id), keeping the tensor objects."""
@@ -190,7 +187,7 @@ def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
                 exchange_or_raise(
                     tensor,
                     fresh,
-                    f"di.load_state_dict: {_kind(tensor)} {leaf!r} of {label(module)}",
+                    f"di.load_state_dict: {kind_of(tensor)} {leaf!r} of {label(module)}",
                     "drop those references (del them) and load again.",
                 )
 
