@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from .._declare._pending import QUEUE, run_pending, take_pending
 from .._declare._placeholder import placeholder_tensors
 from .._errors import ShapeMismatchError
 from .._naming import label
@@ -55,9 +56,12 @@ def _kind(t: torch.Tensor) -> str:
 def adopt_placeholders(
     module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
 ) -> list[str]:
-    """Put the placeholders' objects in place of the real layer's fresh tensors;
-    returns the names that held a real tensor (ties), which the layer keeps."""
+    """Put the placeholders' objects in place of the real layer's fresh tensors, then
+    run the init calls that waited on them (on real values; on meta they wait on for
+    ``di.materialize``); returns the names that held a real tensor (ties), which the
+    layer keeps."""
     ties: list[str] = []
+    became: list[torch.Tensor] = []
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
         owner_name, _, leaf = name.rpartition(".")
@@ -115,4 +119,13 @@ def adopt_placeholders(
             txn.swaps.append((placeholder, type(placeholder), built))
             placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
         table[leaf] = placeholder  # type: ignore[assignment]
+        became.append(placeholder)
+    calls = []
+    for tensor in became:
+        removed = take_pending(tensor, keep_queue=tensor.is_meta)
+        txn.notes.append((tensor, removed))
+        calls += removed.get(QUEUE, [])
+    # Right after construction, in the order they were made (the registered
+    # initializer, if any, runs next).
+    run_pending(calls)
     return ties

@@ -37,6 +37,8 @@ class Transaction:
         self.hooks = {k: list(d[k].items()) for k in HOOK_TABLES if d.get(k)}
         self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
         self.swaps: list[tuple[torch.Tensor, type, torch.Tensor]] = []
+        # What the placeholders' __dict__ gave up (waiting init calls, owner note).
+        self.notes: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def rollback(self) -> None:
         # Class first: a thread that looks now waits on the build lock.
@@ -59,3 +61,5 @@ class Transaction:
                 "drop those references; the layer cannot be used until then.",
             )
             a.__class__ = cls
+        for tensor, removed in self.notes:
+            tensor.__dict__.update(removed)

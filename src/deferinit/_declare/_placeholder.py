@@ -4,11 +4,13 @@ how they are installed under the built layer's names and saved.
 They are torch's ``UninitializedParameter``/``UninitializedBuffer`` (so torch's
 own checks, such as DDP's, recognise them) that also accept ``requires_grad_``:
 ``model.requires_grad_(False)`` before the first forward must carry over to the
-built layer (torch's classes refuse every in-place call).
+built layer (torch's classes refuse every in-place call). In-place initialization
+on them waits for the build (:mod:`._pending`).
 """
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ._layout import Layout
+from ._pending import QUEUE, refuse, set_owner, waiting_torch_function
 
 __all__ = [
     "Holder",
@@ -35,16 +38,40 @@ class _Portable:
     device: torch.device
     dtype: torch.dtype
 
+    _allowed_methods: list[Any]
+
     def __reduce_ex__(self, proto: Any) -> Any:
-        return (type(self), (self.requires_grad, self.device, self.dtype))
+        # The waiting init calls travel along (they refer to the placeholder itself,
+        # which pickle has memoized by the time it writes the state).
+        state = {QUEUE: self.__dict__[QUEUE]} if QUEUE in self.__dict__ else None
+        return (type(self), (self.requires_grad, self.device, self.dtype), state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if id(self) not in memo:
-            memo[id(self)] = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
+            copy = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
+            memo[id(self)] = copy
+            if QUEUE in self.__dict__:
+                copy.__dict__[QUEUE] = [
+                    (n, f, deepcopy(a, memo), deepcopy(k, memo))
+                    for n, f, a, k in self.__dict__[QUEUE]
+                ]
         return memo[id(self)]
 
+    @property
+    def shape(self) -> torch.Size:
+        raise refuse(self, "Tensor.shape")
 
-class PlaceholderParameter(_Portable, UninitializedParameter):
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        return waiting_torch_function(cls, func, types, args, kwargs)
+
+
+class PlaceholderParameter(_Portable, UninitializedParameter):  # type: ignore[override]
     """An ``UninitializedParameter`` that also takes ``requires_grad_``."""
 
     _allowed_methods = [
@@ -56,7 +83,7 @@ class PlaceholderParameter(_Portable, UninitializedParameter):
         return "<UninitializedParameter>"
 
 
-class PlaceholderBuffer(_Portable, UninitializedBuffer):
+class PlaceholderBuffer(_Portable, UninitializedBuffer):  # type: ignore[override]
     """An ``UninitializedBuffer`` that also takes ``requires_grad_``."""
 
     _allowed_methods = [
@@ -99,6 +126,7 @@ def install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None
                 kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
                 # torch's stubs describe Parameter's signature, not UninitializedParameter's.
                 tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
+                set_owner(tensor, module, spec.name)
             if spec.is_parameter:
                 owner._parameters[leaf] = tensor
             else:

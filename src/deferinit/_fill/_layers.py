@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .._become._initialize import apply_registered, mark_initialized
+from .._declare._pending import pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
@@ -100,9 +101,16 @@ class _ConstructAgain:
         return module
 
     def make(self) -> nn.Module:
-        """:meth:`construct`, then the layer's registered initializer on it."""
+        """:meth:`construct`, the init calls that waited on the layer's placeholders
+        (made before its build on meta), then its registered initializer, as a build
+        for real does."""
         with self._declared():
             module = self.construct()
+            old = tensors_by_name(self.layer)
+            calls = [call for t in old.values() for call in pending_calls(t)]
+            if calls:
+                new = tensors_by_name(module)
+                run_pending(calls, {id(t): new[n] for n, t in old.items() if n in new})
             if self.registered is not None:
                 names = set(tensors_by_name(module))
                 apply_registered(module, self.registered, recurse=True, name=self.prefix)

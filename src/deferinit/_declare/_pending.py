@@ -1,0 +1,143 @@
+"""Init code on a deferred layer's placeholder waits for its sizes (DESIGN §3.3).
+
+``layer.weight.data.normal_(0, 0.01)`` before the build must not run on nothing
+(torch's lazy placeholders answer ``.data`` with an empty tensor, so the call is
+silently lost). A placeholder instead answers ``.data`` with itself and queues
+every in-place call made on it (a ``Tensor`` method ending in ``_``, or a
+``torch.nn.init`` function that dispatches on its tensor); the queue runs on the
+real tensor, the same Python object, right after the layer is constructed.
+Anything that needs the sizes or values now raises :class:`NotBuiltError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import NotBuiltError
+from .._naming import label
+
+__all__ = [
+    "Call",
+    "pending_calls",
+    "run_pending",
+    "set_owner",
+    "refuse",
+    "take_pending",
+    "waiting_torch_function",
+]
+
+# (program-order number, function, args, kwargs)
+Call = tuple[int, Any, tuple[Any, ...], dict[str, Any]]
+_numbers = itertools.count()  # next() is atomic under the GIL
+
+QUEUE = "_di_pending"  # in the placeholder's __dict__, which survives becoming real
+_OWNER = "_di_owner"  # (weak reference to the deferred layer, name within it)
+# In-place by name, but not initialization: they stay torch's (allowed or refused).
+_NOT_INIT = {"requires_grad_", "share_memory_", "copy_", "retain_grad_", "set_", "resize_"}
+_DATA = torch.Tensor.data
+
+
+def set_owner(tensor: torch.Tensor, layer: nn.Module, name: str) -> None:
+    """Remember which layer a placeholder belongs to, for error messages."""
+    tensor.__dict__[_OWNER] = (weakref.ref(layer), name)
+
+
+def pending_calls(tensor: torch.Tensor) -> list[Call]:
+    """The in-place calls waiting on ``tensor``, oldest first (empty if none)."""
+    queue: list[Call] = tensor.__dict__.get(QUEUE, [])
+    return queue
+
+
+def take_pending(tensor: torch.Tensor, *, keep_queue: bool) -> dict[str, Any]:
+    """Remove the owner note (a weak reference would not pickle with the built
+    tensor) and, unless ``keep_queue``, the waiting calls; returns what was removed
+    (:func:`run_pending` takes it, a rollback puts it back)."""
+    removed = {_OWNER: tensor.__dict__.pop(_OWNER)} if _OWNER in tensor.__dict__ else {}
+    if not keep_queue and QUEUE in tensor.__dict__:
+        removed[QUEUE] = tensor.__dict__.pop(QUEUE)
+    return removed
+
+
+def run_pending(calls: list[Call], swap: Mapping[int, torch.Tensor] | None = None) -> None:
+    """Run ``calls`` in program order (across tensors too); ``swap`` maps a
+    placeholder's id to the tensor the call runs on instead (materialize's copy)."""
+    swap = swap or {}
+
+    def fix(x: Any) -> Any:
+        return swap.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+    with torch.no_grad():
+        for _, func, args, kwargs in sorted(calls, key=lambda call: call[0]):
+            func(*[fix(a) for a in args], **{k: fix(v) for k, v in kwargs.items()})
+
+
+def _waits(func: Any) -> bool:
+    """An in-place initialization that can run once the sizes are known."""
+    name: str = getattr(func, "__name__", "")
+    if getattr(func, "__module__", None) == "torch.nn.init":
+        return name.endswith("_") and not name.startswith("_")
+    return (
+        name.endswith("_")
+        and not name.startswith("_")
+        and name not in _NOT_INIT
+        and type(func).__name__ == "method_descriptor"
+    )
+
+
+def _operation(func: Any) -> str:
+    """The operation for the message: the ``torch.nn.init`` function being run,
+    when the failing call comes from inside one (its sizes computation)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "torch.nn.init":
+            public = frame.f_code.co_name
+            if not public.startswith("_"):
+                return f"torch.nn.init.{public}"
+        frame = frame.f_back  # type: ignore[assignment]
+    if isinstance(func, str):
+        return func
+    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", func))
+
+
+def refuse(tensor: Any, func: Any) -> NotBuiltError:
+    owner = tensor.__dict__.get(_OWNER) if isinstance(tensor, torch.Tensor) else None
+    layer = owner[0]() if owner else None
+    where = (
+        f"{label(layer)}, tensor {owner[1]!r}"
+        if layer is not None and owner
+        else "a deferred layer"
+    )
+    op = _operation(func)
+    return NotBuiltError(
+        f"{where}: {op} needs the tensor's sizes or values, which are unknown until "
+        f"the layer is built. In-place initialization (weight.data.normal_(0, 0.01), "
+        f"nn.init.zeros_(bias), fill_ under torch.no_grad()) waits and runs right after "
+        f"the build; this operation cannot wait. Fix: call it after the first forward or "
+        f"di.build(model, example), or register it with di.initialize(layer, init)."
+    )
+
+
+def waiting_torch_function(
+    cls: Any, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None
+) -> Any:
+    """The placeholders' ``__torch_function__``: ``.data`` is the placeholder, in-place
+    initialization waits, torch's allowed calls and properties pass, the rest raise."""
+    kwargs = kwargs or {}
+    # torch.nn.init functions hand their tensor over as a keyword.
+    target = args[0] if args else kwargs.get("tensor")
+    is_getter = type(func).__name__ == "method-wrapper" and func.__name__ == "__get__"
+    if is_getter and func.__self__ is _DATA:
+        return target  # so that in-place init on .data waits too
+    if isinstance(target, cls) and _waits(func):
+        target.__dict__.setdefault(QUEUE, []).append((next(_numbers), func, args, dict(kwargs)))
+        return target
+    if func in cls._allowed_methods or type(func).__name__ == "method-wrapper":
+        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
+    raise refuse(target, func)
