@@ -26,6 +26,10 @@ from deferinit._random import draw
 Make = Callable[[], nn.Module]
 CPU = torch.device("cpu")
 
+# Tests that declare modules on meta on purpose, to test something else; the warning
+# di.materialize gives for them is pinned in test_unrecorded_init.py.
+declared_on_meta = pytest.mark.filterwarnings("ignore::deferinit.UnrecordedInitWarning")
+
 
 def with_init(make: Make, init: Callable[[torch.Tensor], object]) -> Make:
     def made() -> nn.Module:
@@ -148,6 +152,7 @@ class Pair(nn.Module):
         return self.proj(x)  # type: ignore[no-any-return]
 
 
+@declared_on_meta
 def test_seeded_values_do_not_depend_on_deferral_or_on_the_other_parameters() -> None:
     models = [
         di.build(Pair(deferred, bias), (2, 4), device="meta")
@@ -321,6 +326,7 @@ def test_seeded_tensor_by_tensor_ignores_random_draws_in_another_thread() -> Non
 # --- modules declared on meta -------------------------------------------------------------
 
 
+@declared_on_meta
 def test_declared_module_materialized_as_float64_equals_eager_converted() -> None:
     torch.manual_seed(0)
     want = nn.Linear(5, 3).to(torch.float64)
@@ -334,6 +340,7 @@ def test_declared_module_materialized_as_float64_equals_eager_converted() -> Non
     assert torch.equal(torch.get_rng_state(), after)
 
 
+@declared_on_meta
 def test_declared_module_keeps_a_tensor_that_is_already_real() -> None:
     with torch.device("meta"):
         declared = nn.Linear(5, 3)

@@ -28,7 +28,13 @@ from ._declare._deferred import Deferred, defer
 from ._declare._placeholder import PlaceholderBuffer as _PlaceholderBuffer
 from ._declare._placeholder import PlaceholderParameter as _PlaceholderParameter
 from ._declare._rules import Rule, dim
-from ._errors import DeferredInitError, InferenceError, NotBuiltError, ShapeMismatchError
+from ._errors import (
+    DeferredInitError,
+    InferenceError,
+    NotBuiltError,
+    ShapeMismatchError,
+    UnrecordedInitWarning,
+)
 from ._fill._materialize import materialize
 from ._present._summary import summary
 from ._record import deferred_init
@@ -53,6 +59,7 @@ __all__ = [
     "NotBuiltError",
     "Rule",
     "ShapeMismatchError",
+    "UnrecordedInitWarning",
     "__version__",
     "build",
     "defer",

@@ -11,6 +11,7 @@ __all__ = [
     "InferenceError",
     "NotBuiltError",
     "ShapeMismatchError",
+    "UnrecordedInitWarning",
 ]
 
 
@@ -43,3 +44,13 @@ class InferenceError(DeferredInitError, ValueError):
 
 class NotBuiltError(DeferredInitError):
     """An operation needs sizes that are not known yet."""
+
+
+class UnrecordedInitWarning(UserWarning):
+    """``di.materialize`` filled modules declared under ``torch.device("meta")``
+    without :func:`deferinit.deferred_init`: nothing recorded their construction,
+    so only each layer's own ``reset_parameters`` runs, and initialization the
+    model's ``__init__`` did after constructing them (an init loop, a value
+    computed there) is not replayed. Their values may differ from eager
+    construction; the message names them and the fix.
+    """

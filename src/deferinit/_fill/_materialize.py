@@ -7,7 +7,9 @@ initializes ``out_proj`` before ``in_proj_weight``), so the values are bitwise
 the eager model's under the same seed. Other modules declared under
 ``torch.device("meta")`` run their own ``reset_parameters`` and registered
 initializer on a stand-in with fresh tensors, and their meta tensors take its
-values. Registered initializers run on that fresh copy, never on the model's own
+values, with an :class:`~deferinit._errors.UnrecordedInitWarning` where no
+initializer is registered: nothing recorded what their model's ``__init__`` did
+after constructing them. Registered initializers run on that fresh copy, never on the model's own
 tensors, so that a failure can always be undone. Registration order throughout;
 parameter objects keep their identity (whatever else refers to them); at
 most one layer's worth of extra memory at a time; all or nothing (any error puts
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from .._declare._deferred import BUILD_LOCK, Deferred
-from .._errors import DeferredInitError, NotBuiltError
+from .._errors import DeferredInitError, NotBuiltError, UnrecordedInitWarning
 from .._naming import root_scope
 from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
@@ -46,6 +49,7 @@ __all__ = ["materialize"]
 M = TypeVar("M", bound=nn.Module)
 
 _LARGE = 1 << 30  # show a progress bar by default beyond this many bytes
+_NAMED = 5  # modules named in the unrecorded-init warning before "and N more"
 
 
 def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
@@ -56,8 +60,8 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
     skip: list[str] = []
     replayed = {id(t) for t in awaiting_replay(root)}  # filled by replay_recorded first
     for name, sub in root.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
+        if any(s == "" or name == s or name.startswith(s + ".") for s in skip):
+            continue  # inside a layer already planned whole ("" is the root itself)
         if isinstance(sub, Deferred):
             deferred.append(name)
             skip.append(name)
@@ -116,6 +120,7 @@ def materialize(
     target = _target(module, device, dtype)
     with BUILD_LOCK, root_scope(module):
         steps = _fillable_steps(module)
+        _warn_unrecorded(steps)
         total = sum(_bytes(sub) for _, _, sub in steps)
         total += sum(t.numel() * t.element_size() for t in awaiting_replay(module))
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
@@ -156,6 +161,34 @@ def _fillable_steps(root: nn.Module) -> list[tuple[str, str, nn.Module]]:
             f"(di.initialize(module, init)) or load their values (load_state_dict)."
         )
     return steps
+
+
+def _warn_unrecorded(steps: list[tuple[str, str, nn.Module]]) -> None:
+    """One :class:`UnrecordedInitWarning` naming the modules that only their own
+    ``reset_parameters`` can fill: declared on meta, neither built by deferinit
+    nor recorded, with no initializer registered (that is the user's own init).
+    Warned before anything is allocated, so that ``-W error`` refuses cleanly."""
+    names = [
+        f"{name or '<root>'} ({type(sub).__name__})"
+        for kind, name, sub in steps
+        if kind == "reset" and sub.__dict__.get("_di_meta_init") is None
+    ]
+    if not names:
+        return
+    shown = ", ".join(names[:_NAMED])
+    if len(names) > _NAMED:
+        shown += f" and {len(names) - _NAMED} more"
+    warnings.warn(
+        f"di.materialize: {shown}: declared under torch.device('meta') without "
+        f"di.deferred_init, so nothing recorded their construction and each gets only "
+        f"its own reset_parameters. The model's own initialization code (init loops in "
+        f"its __init__, values computed there) is not replayed, so these values can "
+        f"differ from eager construction. Fix: construct the model with "
+        f"di.deferred_init(Model, *args) instead of under torch.device('meta'), or "
+        f"register its init with di.initialize(module, init).",
+        UnrecordedInitWarning,
+        stacklevel=3,
+    )
 
 
 def _fill_all_or_nothing(
