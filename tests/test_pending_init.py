@@ -211,3 +211,29 @@ def test_placeholders_keep_requires_grad_state_dict_and_torch_checks() -> None:
     net(X)
     assert not layer.weight.requires_grad
     assert abs(layer.weight.std().item() - 1) < 1.5
+
+
+def test_meta_build_then_materialize_with_seed_applies_the_waiting_calls() -> None:
+    def declare() -> tuple[Any, nn.Sequential]:
+        layer: Any = dnn.Linear(300)
+        layer.weight.data.normal_(0, 0.01)
+        layer.bias.data.fill_(3)
+        net = nn.Sequential(layer)
+        di.build(net, X, device="meta")
+        di.materialize(net, seed=5)
+        return layer, net
+
+    layer, _ = declare()
+    again, _ = declare()
+    assert torch.equal(layer.bias, torch.full((300,), 3.0))
+    assert abs(layer.weight.std().item() - 0.01) < 0.001
+    assert torch.equal(layer.weight, again.weight)  # seed= alone decides the values
+
+
+def test_checkpoint_loaded_after_a_meta_build_wins_over_waiting_calls() -> None:
+    eager, layer = nn.Linear(2, 3), dnn.Linear(3)
+    layer.weight.data.fill_(9)
+    net = nn.Sequential(layer)
+    di.build(net, X, device="meta")
+    di.load_state_dict(net, nn.Sequential(eager).state_dict())
+    assert torch.equal(layer.weight, eager.weight)
