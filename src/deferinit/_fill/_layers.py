@@ -61,7 +61,9 @@ def rebuild(
         _check_known(layer, prefix, old, new)
         for name, tensor in old.items():
             place_by_name(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    elif not _place_whole(layer, prefix, old, make, construct, device, dtype, seeds, owners):
+    elif not _place_whole(
+        layer, prefix, old, make, construct, device, dtype, seeds, owners, again.registered
+    ):
         generators = Generators(device)
         try:  # a dry run: each_tensor needs every name to be one the layer makes
             _check_known(layer, prefix, old, tensors_by_name(construct_on_meta(construct)))
@@ -128,10 +130,14 @@ def _place_whole(
     dtype: torch.dtype | None,
     seeds: Seeds,
     owners: Owners,
+    registered: object,
 ) -> bool:
-    """``seed=`` on tensors that are not sharded: one run with a generator per tensor
-    (the values each_tensor gives, at the cost of one initialization)."""
-    if seeds is None or any(isinstance(t, DTensor) for t in old.values()):
+    """``seed=`` in one run with a generator per tensor: the values each_tensor gives,
+    at the cost of one initialization. Sharded tensors take this path only where a
+    registered initializer must run once per layer (the whole layer is then held
+    for a moment); otherwise they go one tensor at a time, for memory."""
+    sharded = any(isinstance(t, DTensor) for t in old.values())
+    if seeds is None or (sharded and registered is None):
         return False
     whole = seeded_whole(make, device, seeds, construct=construct)
     if whole is None:
