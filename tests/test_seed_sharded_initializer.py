@@ -27,7 +27,7 @@ def rank_zero_of_two() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _model(calls: list[str]) -> nn.Module:
+def _model(calls: list[str]) -> nn.Sequential:
     def init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             calls.append(type(module).__name__)

@@ -222,7 +222,9 @@ def reset_on_stand_in(
         for leaf, tensor in old.items():
             qualified = f"{name}.{leaf}" if name else leaf
             place_under_object(module, tensor, new[leaf], dtype, qualified)
-    elif not _place_whole(module, name, old, make, construct, device, dtype, seeds, owners):
+    elif not _place_whole(
+        module, name, old, make, construct, device, dtype, seeds, owners, registered
+    ):
         for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
             place_by_name(module, leaf, old[leaf], value, device, dtype, owners, name)
             del value
