@@ -16,7 +16,7 @@ from .._declare._placeholder import placeholder_tensors
 from .._errors import ShapeMismatchError
 from .._naming import label
 from .._swap import exchange_or_raise
-from .._tensors import table_of, tensor_at
+from .._tensors import kind_of, table_of, tensor_at
 from ._transaction import Transaction
 
 __all__ = ["adopt_placeholders", "check_ties", "sizes_text"]
@@ -47,10 +47,6 @@ def check_ties(
             f"unbuilt. Fix: pass an input whose sizes agree with the assigned tensor, or "
             f"assign a tensor that fits."
         )
-
-
-def _kind(t: torch.Tensor) -> str:
-    return "parameter" if isinstance(t, nn.Parameter) else "buffer"
 
 
 def adopt_placeholders(
@@ -112,7 +108,7 @@ def adopt_placeholders(
             exchange_or_raise(
                 placeholder,
                 built,
-                f"building {label(module)}: {_kind(placeholder)} {name!r}",
+                f"building {label(module)}: {kind_of(placeholder)} {name!r}",
                 "drop those references (del them) and build the layer again. The layer "
                 "is left unbuilt.",
             )
