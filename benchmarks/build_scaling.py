@@ -1,4 +1,4 @@
-"""Build time of an N-layer deferinit model, against N (DESIGN §5).
+"""Build time of an N-layer deferinit model, against N (docs/design.md §5).
 
 The model is ``nn.Sequential`` of N ``dnn.Linear(16)`` layers (``--relu``: a ReLU
 after each), fed a ``(2, 16)`` input, CPU, one thread. For each N the script times

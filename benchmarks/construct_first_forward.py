@@ -1,4 +1,4 @@
-"""Construct + first forward: deferinit vs eager vs ``torch.nn.Lazy*`` (DESIGN §5).
+"""Construct + first forward: deferinit vs eager vs ``torch.nn.Lazy*`` (docs/design.md §5).
 
 Two models, each written three ways:
 

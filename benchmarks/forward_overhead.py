@@ -1,4 +1,4 @@
-"""Forward cost of a built deferinit model against the same eager model (DESIGN §5).
+"""Forward cost of a built deferinit model against the same eager model (docs/design.md §5).
 
 The model is the MLP of the bar: 20 -> 256 -> ReLU -> 10, batch 64, CPU, one thread.
 Four models with equal weights run side by side in one process:

@@ -1,4 +1,4 @@
-"""``di.materialize`` throughput vs eager construction of the same model (DESIGN §5).
+"""``di.materialize`` throughput vs eager construction of the same model (docs/design.md §5).
 
 Two models, CPU, one thread: ``mlp`` (8 × ``Linear(2048, 2048)`` with ReLU, 33.6 M
 parameters) and ``transformer`` (4 × ``TransformerEncoderLayer(512, 8, 2048)``,

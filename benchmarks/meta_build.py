@@ -1,4 +1,4 @@
-"""Shape-only build of a 70-billion-parameter transformer on ``meta`` (DESIGN §5).
+"""Shape-only build of a 70-billion-parameter transformer on ``meta`` (docs/design.md §5).
 
 The model is ``examples/llama_70b_meta.py``'s Llama-3-70B-shaped decoder (80
 blocks of deferred ``dnn.Linear`` / ``dnn.RMSNorm``, 70.6e9 parameters). Each

@@ -14,7 +14,7 @@ far smaller: ``--batch 1024``).
   beside the deferred head without computing anything).
 
 CPU, one thread; interleaved rounds, the order alternating; one sample is the mean
-of ``reps`` runs; median of the rounds. Bar (DESIGN §5): deferinit / eager <= 3.
+of ``reps`` runs; median of the rounds. Bar (docs/design.md §5): deferinit / eager <= 3.
 Prints the ratio; exits 0 whether or not the bar is met.
 
 Run: ``.venv/bin/python benchmarks/rnn_build.py`` (``--quick`` for a smoke run).

@@ -1,4 +1,4 @@
-"""Every figure deferinit is held to (DESIGN §5, issue 11), in one run.
+"""Every figure deferinit is held to (docs/design.md §5, issue 11), in one run.
 
 Prints one Markdown table (figure, value, bar, met?) and writes the figures to one
 JSON file (``--json PATH``). Ratios are ratios of medians, the contenders measured

@@ -1,4 +1,4 @@
-"""What sharded materialization costs a rank, in time and memory (DESIGN §3.8).
+"""What sharded materialization costs a rank, in time and memory (docs/design.md §3.9).
 
 CPU's random generator cannot skip ahead, so for a rank's shard to hold exactly
 the single-process values every rank runs every layer's initialization. This

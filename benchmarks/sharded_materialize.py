@@ -1,4 +1,4 @@
-"""One FSDP2 rank's exact-slice ``di.materialize`` vs a single-process one (DESIGN §5).
+"""One FSDP2 rank's exact-slice ``di.materialize`` vs a single-process one (docs/design.md §5).
 
 The model is ``--layers`` x ``nn.TransformerEncoderLayer(--width)`` written with
 deferred layers and built on ``meta``. Side by side in one process, CPU, one

@@ -1,4 +1,4 @@
-"""Copies under adversarial use (DESIGN §3.7): ``copy.deepcopy`` and ``pickle`` of
+"""Copies under adversarial use (docs/design.md §3.7): ``copy.deepcopy`` and ``pickle`` of
 every twin (``deferinit.nn.TWINS``, through test_layers' table), before and after its
 build, of nested deferred models and of models with ties. A copy is a separate
 model: building it leaves the original deferred with the same placeholder objects,

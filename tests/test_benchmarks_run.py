@@ -1,5 +1,5 @@
 """The benchmark scripts run (``--quick``) and report their ratios; ``run.py`` gives
-every figure of DESIGN §5.
+every figure of docs/design.md §5.
 
 Only that they run: timings are read by people from the scripts' output
 (benchmarks/README.md), never asserted here.

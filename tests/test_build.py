@@ -1,4 +1,4 @@
-"""``di.build`` (DESIGN §2, §3.3, §3.5, §3.8): a shape-only pass builds every deferred
+"""``di.build`` (docs/design.md §2, §3.3, §3.5, §3.8): a shape-only pass builds every deferred
 layer, in registration order, with no arithmetic on data and no activation memory.
 
 Examples may be tensors, shapes (tuples of ints, ``torch.Size``), meta or fake
@@ -264,7 +264,7 @@ def test_real_weight_layers_are_untouched_and_mix_with_deferred_ones() -> None:
 
 @pytest.mark.parametrize("where", ["before", "after"], ids=["before-deferred", "after-deferred"])
 def test_build_leaves_a_real_batchnorm_statistics_unchanged(where: str) -> None:
-    # A shape-only pass must not be a training-mode pass (DESIGN §4 pitfalls).
+    # A shape-only pass must not be a training-mode pass (docs/design.md §4.9).
     norm = nn.BatchNorm1d(8)
     with torch.no_grad():
         assert norm.running_mean is not None and norm.running_var is not None

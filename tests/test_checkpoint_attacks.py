@@ -1,4 +1,4 @@
-"""Checkpoints under attack (issue 8 items 3, 8, 11; DESIGN §3.7, §3.10).
+"""Checkpoints under attack (issue 8 items 3, 8, 11; docs/design.md §3.7, §3.10).
 
 ``di.load_state_dict`` is all or nothing and never aliases: every key, value type,
 shape and dtype is checked before anything is written; any error, an interrupt

@@ -1,4 +1,4 @@
-"""Compilers (DESIGN §3.9): ``torch.compile`` before and after build, ``torch.export``
+"""Compilers (docs/design.md §3.9): ``torch.compile`` before and after build, ``torch.export``
 and ONNX export after build, each against the eager model with its sizes written out.
 
 Under the same seed a deferred model holds bitwise the eager model's parameters

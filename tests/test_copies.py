@@ -1,4 +1,4 @@
-"""Copies and checkpoints (DESIGN §3.7): ``copy.deepcopy`` and ``pickle`` in both
+"""Copies and checkpoints (docs/design.md §3.7): ``copy.deepcopy`` and ``pickle`` in both
 states, ``torch.save``/``torch.load(weights_only=True)`` of an unbuilt state dict,
 and ``load_state_dict`` of an eager checkpoint into an unbuilt model."""
 

@@ -1,4 +1,4 @@
-"""The core contract (DESIGN §3.1–§3.4, §3.6): before build, build, equivalence with
+"""The core contract (docs/design.md §3.1–§3.4, §3.6): before build, build, equivalence with
 eager torch, what carries over from the placeholder, tying, explicit sizes, the
 mismatch check after build, ``di.reset`` and concurrent first calls.
 

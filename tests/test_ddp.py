@@ -1,4 +1,4 @@
-"""DistributedDataParallel (DESIGN §3.9): DDP works on a built model; on an unbuilt
+"""DistributedDataParallel (docs/design.md §3.9): DDP works on a built model; on an unbuilt
 one it refuses before any communication.
 
 Two processes with the gloo backend on CPU. This file is also the script that runs

@@ -1,4 +1,4 @@
-"""Errors (DESIGN §3.5, STYLE rule 6): bad input never half-builds, and every message
+"""Errors (docs/design.md §3.5): bad input never half-builds, and every message
 names the layer, what it expected and what it got.
 
 Each case in ``BAD_FIRST_CALLS`` is a deferred layer, a first input it must reject,

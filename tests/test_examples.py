@@ -1,7 +1,7 @@
 """The examples run end to end. Each runs in its own interpreter, so what it
 measures (peak resident memory) is its own and not this test session's.
 
-No timing is asserted here: the bars of DESIGN §5 are measured by the benchmarks.
+No timing is asserted here: the bars of docs/design.md §5 are measured by the benchmarks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every twin fuzzed with hostile first inputs (DESIGN §3.5, §3.10).
+"""Every twin fuzzed with hostile first inputs (docs/design.md §3.5, §3.10).
 
 Each case of ``test_layers.CASES`` (every twin, several configurations) gets first
 inputs (and, for layers of several arguments, other arguments) of ranks 0-6 in six

@@ -1,4 +1,4 @@
-"""Grad modes and torch's defaults (DESIGN §3.10): a first call under ``no_grad`` or
+"""Grad modes and torch's defaults (docs/design.md §3.10): a first call under ``no_grad`` or
 ``inference_mode`` builds ordinary trainable parameters, and a layer is built
 under the default dtype and device in effect where it was declared, as eager
 construction at that line would be, with eager's values.

@@ -1,4 +1,4 @@
-"""The first call is all or nothing (DESIGN §3.5, §3.10), for every exception and for
+"""The first call is all or nothing (docs/design.md §3.5, §3.10), for every exception and for
 ``BaseException`` (Ctrl-C, ``SystemExit``) too: an interrupted initializer, forward,
 constructor or hook leaves the layer deferred with the same placeholders, and the
 interrupt goes on unchanged. An initializer's own error is the same

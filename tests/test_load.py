@@ -1,4 +1,4 @@
-"""``di.load_state_dict`` (DESIGN §2, §3.7; issue 5 item 4, issue 8 item 3): a checkpoint
+"""``di.load_state_dict`` (docs/design.md §2, §3.7; issue 5 item 4, issue 8 item 3): a checkpoint
 without a random initialization first.
 
 The source is a state dict, a ``.safetensors`` file or a torch file (read with
@@ -389,7 +389,7 @@ def test_a_checkpoint_of_another_dtype_is_converted_to_the_models_dtype() -> Non
 
 
 def test_a_double_model_loads_a_float_checkpoint_in_float64_as_eager() -> None:
-    # DESIGN §3.2: .double() before the build carries over. Eager torch loads a float32
+    # docs/design.md §3.2: .double() before the build carries over. Eager torch loads a float32
     # checkpoint into a .double()'d model in float64.
     state = _clone(_trained(CASES[0]).state_dict())
     eager = CASES[0].eager().double()

@@ -1,4 +1,4 @@
-"""``di.materialize`` (DESIGN §2, §3.3): allocate and initialize every meta tensor.
+"""``di.materialize`` (docs/design.md §2, §3.3): allocate and initialize every meta tensor.
 
 A model built with ``di.build(..., device="meta")`` — deferred layers and layers the
 user declared under ``torch.device("meta")`` alike — gets memory and values, in

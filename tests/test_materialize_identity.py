@@ -1,4 +1,4 @@
-"""``di.materialize`` keeps every parameter object (DESIGN §3.10, issue 8 item 7).
+"""``di.materialize`` keeps every parameter object (docs/design.md §3.10, issue 8 item 7).
 
 Whatever else refers to a parameter — a weak reference, a ``weakref.finalize``, a
 ``WeakKeyDictionary`` key, an RNN's own weight references, a user's list, an

@@ -1,4 +1,4 @@
-"""In-place init on a deferred layer's placeholder waits for the build (DESIGN §3.3).
+"""In-place init on a deferred layer's placeholder waits for the build (docs/design.md §3.3).
 
 Exact (bitwise) equality with eager torch holds where the order of random draws is
 eager's: each layer's init lines follow its own declaration (declare 0, init 0,

@@ -1,4 +1,4 @@
-"""Equivalence as a property (DESIGN §3.3): for random ``nn.Sequential`` stacks of
+"""Equivalence as a property (docs/design.md §3.3): for random ``nn.Sequential`` stacks of
 deferred layers, activations, pooling and ``Flatten`` fed a random valid input, the
 deferred model equals the eager model written with explicit sizes, bitwise, under
 the same seed: outputs, parameters and running statistics."""

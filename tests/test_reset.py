@@ -1,4 +1,4 @@
-"""``di.reset`` (DESIGN §3.10): the very parameter objects come back as placeholders,
+"""``di.reset`` (docs/design.md §3.10): the very parameter objects come back as placeholders,
 so state dicts and optimizers made before or after the reset keep working; nested
 layers reset; many build/reset cycles leak neither memory nor modules.
 """

@@ -1,4 +1,4 @@
-"""Threads (DESIGN §3.6): concurrent first calls build each layer once; ``di.build``
+"""Threads (docs/design.md §3.6): concurrent first calls build each layer once; ``di.build``
 racing a forward never lets the forward see meta or fake tensors; deferinit never
 forks, reseeds or restores the process-wide default generators.
 

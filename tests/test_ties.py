@@ -1,4 +1,4 @@
-"""Ties made before the build survive it (DESIGN §3.10): a real parameter assigned to
+"""Ties made before the build survive it (docs/design.md §3.10): a real parameter assigned to
 a deferred layer (the language-model head ``head.weight = emb.weight``) is kept and
 fixes the sizes it determines; two deferred layers tied before the build are one
 parameter after it; ``di.reset`` never empties a tensor deferinit did not create.

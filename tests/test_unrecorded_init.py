@@ -3,7 +3,7 @@
 Nothing recorded their construction, so ``di.materialize`` can only run each layer's
 own ``reset_parameters``: a model's init loop in its ``__init__`` (torchvision's
 ``kaiming_normal_(mode="fan_out")``) is lost. That is said once per call, naming the
-modules and ``di.deferred_init`` as the fix (DESIGN §2, issue 10 item 9). Layers
+modules and ``di.deferred_init`` as the fix (docs/design.md §2, issue 10 item 9). Layers
 deferinit built, recorded constructions and modules with a registered initializer
 (the user's own init) are filled as eager would, and are not warned about.
 """

@@ -1,4 +1,4 @@
-"""Init code on a deferred layer's placeholder waits for its sizes (DESIGN §3.3).
+"""Init code on a deferred layer's placeholder waits for its sizes (docs/design.md §3.3).
 
 ``layer.weight.data.normal_(0, 0.01)`` before the build must not run on nothing
 (torch's lazy placeholders answer ``.data`` with an empty tensor, so the call is

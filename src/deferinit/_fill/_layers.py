@@ -79,7 +79,7 @@ def rebuild(
 class _ConstructAgain:
     """A built layer's real class, constructed with the arguments it was built
     with, in the default dtype (and grad mode) of its declaration as the build on
-    meta had (DESIGN §3.10), on whichever device the caller is filling on."""
+    meta had (docs/design.md §3.10), on whichever device the caller is filling on."""
 
     def __init__(self, layer: nn.Module, prefix: str) -> None:
         self.layer = layer
