@@ -9,23 +9,18 @@ import torch
 from torch import nn
 
 from deferinit._record import deferred_init
-from test_record_support import differing, materialize_recorded, recorded_and_eager
+from test_record_support import (
+    differing,
+    materialize_recorded,
+    recorded_and_eager,
+    tiny_llama_config,
+)
 
 transformers = pytest.importorskip("transformers")
 
 
 def llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model: nn.Module = transformers.LlamaForCausalLM(config)
+    model: nn.Module = transformers.LlamaForCausalLM(tiny_llama_config(transformers))
     return model
 
 

@@ -12,7 +12,7 @@ from torch import nn
 import deferinit as di
 from deferinit._record import deferred_init
 from deferinit._record._deferred_init import RECORD_KEY
-from test_record_support import SmallResNet, differing
+from test_record_support import SmallResNet, differing, tiny_llama_config
 
 
 def test_deferred_init_is_public() -> None:
@@ -102,16 +102,7 @@ def test_a_later_failure_puts_the_replayed_tensors_back_on_meta() -> None:
 
 def test_hf_llama_materializes_bitwise_through_di_materialize() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(transformers)
     torch.manual_seed(0)
     eager = transformers.LlamaForCausalLM(config)
     model: Any = deferred_init(transformers.LlamaForCausalLM, config)

@@ -60,6 +60,21 @@ def materialize_recorded(
         raise
 
 
+def tiny_llama_config(transformers: Any) -> Any:
+    """A small ``LlamaConfig`` with tied embeddings (``transformers`` is passed in:
+    it is an optional dependency of the tests that use it)."""
+    return transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+
+
 def recorded_and_eager(factory: Callable[[], nn.Module], seed: int = 0) -> tuple[Any, Any]:
     """(eager, recorded then materialized) under the same seed."""
     torch.manual_seed(seed)
