@@ -9,6 +9,7 @@ so declaring the same layer again constructs nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from .._tensors import construct_on_meta
 from ._signature import constructor_args_of, constructor_call, qualname
 from ._state import State, declared_defaults
 
@@ -151,8 +153,7 @@ def probe_layout(
     last: BaseException | None = None
     for size in PROVISIONAL_SIZES:
         try:
-            with torch.device("meta"):
-                module = construct(size)
+            module = construct_on_meta(functools.partial(construct, size))
         except Exception as error:  # try the next stand-in size
             last = error
             continue
@@ -162,8 +163,7 @@ def probe_layout(
 
 def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor of a meta construction (for checkpoint inference)."""
-    with torch.device("meta"):
-        module = construct()
+    module = construct_on_meta(construct)
     return {
         name: tuple(t.shape) for name, t in [*module.named_parameters(), *module.named_buffers()]
     }
@@ -204,8 +204,7 @@ def _repr_text(text: str, construct: Callable[[int], nn.Module], size: int) -> s
     A second construction at twice the size tells which numbers are unknown, so a
     real argument that happens to equal the stand-in still shows.
     """
-    with torch.device("meta"):
-        other = construct(2 * size).extra_repr()
+    other = construct_on_meta(functools.partial(construct, 2 * size)).extra_repr()
     ours, theirs = re.split(r"(\d+)", text), re.split(r"(\d+)", other)
     if len(ours) != len(theirs):
         return re.sub(rf"\b{size}\b", "?", text)

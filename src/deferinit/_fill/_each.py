@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .._random import RANDOM, Drawing, Generators
+from .._tensors import construct_on_meta
 from ._dispatch import (
     Fallback,
     RegisteredStorageMode,
@@ -144,8 +145,7 @@ def _byte_counts(
     """Bytes of each named tensor, from a dry run on meta; ``None`` where that run
     fails (then one tensor per group)."""
     try:
-        with torch.device("meta"):
-            shapes = named_tensors(make())
+        shapes = named_tensors(construct_on_meta(make))
     except Exception:
         return None
     finally:

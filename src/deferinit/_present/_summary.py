@@ -7,7 +7,7 @@ parameter shapes. So a summary works before the build, after it, and on models
 larger than memory (``with torch.device("meta"): ...``) without allocating.
 
 Rows follow ``named_modules()``: every leaf, every layer made through deferinit
-(built or not; a placeholder's internal slots are part of its row), and every
+(built or not; the submodules that only hold a placeholder's tensors are part of its row), and every
 other module that owns parameters or buffers directly. Each tensor is listed in
 the row of the module that owns it, so the counts of the rows add up to the
 totals (which count a tied parameter once).
@@ -192,10 +192,10 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
 
 
 def _layers(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    inside: str | None = None  # the placeholder whose slots come next (depth first)
+    inside: str | None = None  # the placeholder whose holders come next (depth first)
     for name, sub in module.named_modules():
         if inside is not None and (inside == "" or name.startswith(inside + ".")):
-            continue  # a placeholder's slots belong to its row
+            continue  # a placeholder's holders belong to its row
         if isinstance(sub, Deferred):
             inside = name
             yield name, sub
@@ -257,7 +257,7 @@ def _deferred_parts(
     return arguments, tuple(params), tuple(buffers)
 
 
-_Slots = dict[str, tuple[tuple[int | None, ...] | None, torch.dtype, bool, bool]]
+_TensorSpecs = dict[str, tuple[tuple[int | None, ...] | None, torch.dtype, bool, bool]]
 
 
 def _construct_on_meta(layer: Deferred, values: Mapping[str, Any]) -> nn.Module:
@@ -269,19 +269,19 @@ def _construct_on_meta(layer: Deferred, values: Mapping[str, Any]) -> nn.Module:
     return construct_on_meta(lambda: cls._di_cls(*args, **kwargs))
 
 
-def _slots_of(module: nn.Module) -> _Slots:
-    slots: _Slots = {}
+def _tensor_specs_of(module: nn.Module) -> _TensorSpecs:
+    specs: _TensorSpecs = {}
     for name, p in module.named_parameters():
-        slots[name] = (tuple(p.shape), p.dtype, p.requires_grad, True)
+        specs[name] = (tuple(p.shape), p.dtype, p.requires_grad, True)
     for name, b in module.named_buffers():
-        slots[name] = (tuple(b.shape), b.dtype, False, False)
-    return slots
+        specs[name] = (tuple(b.shape), b.dtype, False, False)
+    return specs
 
 
-_KNOWN: dict[Any, _Slots | None] = {}
+_KNOWN: dict[Any, _TensorSpecs | None] = {}
 
 
-def _shapes_when_known(layer: Deferred, values: Mapping[str, Any]) -> _Slots | None:
+def _shapes_when_known(layer: Deferred, values: Mapping[str, Any]) -> _TensorSpecs | None:
     try:
         key: Any = (
             type(layer),
@@ -295,21 +295,21 @@ def _shapes_when_known(layer: Deferred, values: Mapping[str, Any]) -> _Slots | N
     except TypeError:  # unhashable arguments: no caching
         key = None
     try:
-        slots: _Slots | None = _slots_of(_construct_on_meta(layer, values))
+        specs: _TensorSpecs | None = _tensor_specs_of(_construct_on_meta(layer, values))
     except Exception:  # the shape pass accepted these values; be safe all the same
-        slots = None
+        specs = None
     if key is not None:
-        _KNOWN[key] = slots
-    return slots
+        _KNOWN[key] = specs
+    return specs
 
 
-def _partial_shapes(layer: Deferred) -> _Slots:
+def _partial_shapes(layer: Deferred) -> _TensorSpecs:
     """Shapes at the provisional size and at twice it: dimensions that differ are unknown."""
     cls, state = type(layer), layer._di
     layout = state.layout
-    slots: _Slots = {}
+    specs: _TensorSpecs = {}
     if layout is None:
-        return slots
+        return specs
     doubled = {
         n: state.explicit[n]
         if n in state.explicit
@@ -317,16 +317,16 @@ def _partial_shapes(layer: Deferred) -> _Slots:
         for n, r in cls._di_rules.items()
     }
     # Some layers reject the doubled size: every size is then unknown.
-    other = {n: slot[0] for n, slot in (_shapes_when_known(layer, doubled) or {}).items()}
-    for slot in layout.tensors:
-        if slot.dtype is None:
+    other = {n: spec[0] for n, spec in (_shapes_when_known(layer, doubled) or {}).items()}
+    for tensor in layout.tensors:
+        if tensor.dtype is None:
             continue
-        base, moved = layout.shapes.get(slot.name), other.get(slot.name)
+        base, moved = layout.shapes.get(tensor.name), other.get(tensor.name)
         shape: tuple[int | None, ...] | None = None
         if base is not None and moved is not None and len(base) == len(moved):
             shape = tuple(a if a == b else None for a, b in zip(base, moved, strict=True))
-        slots[slot.name] = (shape, slot.dtype, slot.requires_grad, slot.is_parameter)
-    return slots
+        specs[tensor.name] = (shape, tensor.dtype, tensor.requires_grad, tensor.is_parameter)
+    return specs
 
 
 def _shapes(output: Any) -> Any:
