@@ -11,9 +11,8 @@ test_copies.py covers a few hand-picked models; this file goes through them all.
 from __future__ import annotations
 
 import copy
-import pickle
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import pytest
 import torch
@@ -22,22 +21,12 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 import deferinit as di
 from deferinit import nn as dnn
+from test_copies import Copier, pickled
 from test_layers import CASES, Case, assert_same, eager, twin
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
-M = TypeVar("M", bound=nn.Module)
 
-
-class Copier(Protocol):
-    def __call__(self, module: M, /) -> M: ...
-
-
-def _pickled(module: M, /) -> M:
-    copied: M = pickle.loads(pickle.dumps(module))
-    return copied
-
-
-COPIERS = [pytest.param(copy.deepcopy, id="deepcopy"), pytest.param(_pickled, id="pickle")]
+COPIERS = [pytest.param(copy.deepcopy, id="deepcopy"), pytest.param(pickled, id="pickle")]
 TWIN_CASES = [pytest.param(c, id=c.id, marks=c.marks) for c in CASES]
 
 
@@ -298,7 +287,7 @@ def test_copy_after_reset_builds_with_new_sizes_and_the_original_stays_reset() -
     di.reset(model)
     pending = di.pending(model)
     assert pending
-    for copier in (copy.deepcopy, _pickled):
+    for copier in (copy.deepcopy, pickled):
         copied = copier(model)
         copied(torch.randn(2, 13))
         assert copied.body[0]["stem"][0].in_features == 13  # type: ignore[index]

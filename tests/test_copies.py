@@ -26,12 +26,12 @@ class Copier(Protocol):
     def __call__(self, module: M, /) -> M: ...
 
 
-def _pickled(module: M, /) -> M:
+def pickled(module: M, /) -> M:
     copied: M = pickle.loads(pickle.dumps(module))
     return copied
 
 
-COPIERS: list[Copier] = [copy.deepcopy, _pickled]
+COPIERS: list[Copier] = [copy.deepcopy, pickled]
 COPIER_IDS = ["deepcopy", "pickle"]
 
 
