@@ -36,9 +36,11 @@ from ._errors import (
     UnrecordedInitWarning,
 )
 from ._fill._materialize import materialize
+from ._lazy import adopt
 from ._present._summary import summary
 from ._record import deferred_init
 from ._shape._build import build
+from ._shape._config import build_config
 
 __version__ = "0.1.0"
 
@@ -61,7 +63,9 @@ __all__ = [
     "ShapeMismatchError",
     "UnrecordedInitWarning",
     "__version__",
+    "adopt",
     "build",
+    "build_config",
     "defer",
     "deferred_init",
     "dim",
