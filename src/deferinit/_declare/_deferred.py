@@ -19,6 +19,7 @@ from .._errors import InferenceError, NotBuiltError
 from .._naming import label
 from ._layout import layout_of, provisional_constructor
 from ._placeholder import install_placeholders, save_placeholders
+from ._recording import HOOKS
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
     ClassSignature,
@@ -189,9 +190,12 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         if len(explicit) == len(cls._di_rules):
             _becoming().become(self, explicit, built_from=None)
             return
-        layout = layout_of(cls, self._di)
-        self._di.layout = layout
-        install_placeholders(self, layout, self._di.arguments.get("device"))
+        with HOOKS.outside():
+            layout = layout_of(cls, self._di)
+            self._di.layout = layout
+            install_placeholders(self, layout, self._di.arguments.get("device"))
+        if HOOKS.declared is not None:
+            HOOKS.declared(self)  # inside di.deferred_init: its place in program order
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Infer sizes from this call, build, initialize, and run the built layer."""

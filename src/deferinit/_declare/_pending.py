@@ -22,6 +22,7 @@ from torch import nn
 
 from .._errors import NotBuiltError
 from .._naming import label
+from ._recording import HOOKS
 
 __all__ = [
     "Call",
@@ -136,7 +137,10 @@ def waiting_torch_function(
     if is_getter and func.__self__ is _DATA:
         return target  # so that in-place init on .data waits too
     if isinstance(target, cls) and _waits(func):
-        target.__dict__.setdefault(QUEUE, []).append((next(_numbers), func, args, dict(kwargs)))
+        call = (next(_numbers), func, args, dict(kwargs))
+        target.__dict__.setdefault(QUEUE, []).append(call)
+        if HOOKS.queued is not None:
+            HOOKS.queued(target, call)  # inside di.deferred_init: replayed right here
         return target
     if func in cls._allowed_methods or type(func).__name__ == "method-wrapper":
         return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]

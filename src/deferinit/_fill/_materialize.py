@@ -52,13 +52,15 @@ _LARGE = 1 << 30  # show a progress bar by default beyond this many bytes
 _NAMED = 5  # modules named in the unrecorded-init warning before "and N more"
 
 
-def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
+def _plan(
+    root: nn.Module, seed: int | None
+) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
     """(kind, name, module) steps in registration order, deferred names, unfit names."""
     steps: list[tuple[str, str, nn.Module]] = []
     deferred: list[str] = []
     unfit: list[str] = []
     skip: list[str] = []
-    replayed = {id(t) for t in awaiting_replay(root)}  # filled by replay_recorded first
+    replayed = {id(t) for t in awaiting_replay(root, seed)}  # replay_recorded fills them first
     for name, sub in root.named_modules():
         if any(s == "" or name == s or name.startswith(s + ".") for s in skip):
             continue  # inside a layer already planned whole ("" is the root itself)
@@ -69,7 +71,7 @@ def _plan(root: nn.Module) -> tuple[list[tuple[str, str, nn.Module]], list[str],
         state = sub.__dict__.get("_di")
         if state is not None and state.values is not None:
             tensors = [*sub.parameters(), *sub.buffers()]
-            if any(is_meta(t) for t in tensors):
+            if any(is_meta(t) and id(t) not in replayed for t in tensors):
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
@@ -119,10 +121,10 @@ def materialize(
     """
     target = _target(module, device, dtype)
     with BUILD_LOCK, root_scope(module):
-        steps = _fillable_steps(module)
+        steps = _fillable_steps(module, seed)
         _warn_unrecorded(steps)
         total = sum(_bytes(sub) for _, _, sub in steps)
-        total += sum(t.numel() * t.element_size() for t in awaiting_replay(module))
+        total += sum(t.numel() * t.element_size() for t in awaiting_replay(module, seed))
         show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
         with _progress(show, total) as advance:
             _fill_all_or_nothing(module, steps, target, dtype, seed, advance)
@@ -143,10 +145,10 @@ def _target(
     return target
 
 
-def _fillable_steps(root: nn.Module) -> list[tuple[str, str, nn.Module]]:
+def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, nn.Module]]:
     """:func:`_plan`'s steps, or an error, before anything is allocated, where some
     meta tensor has no way to be filled."""
-    steps, deferred, unfit = _plan(root)
+    steps, deferred, unfit = _plan(root, seed)
     if deferred:
         raise NotBuiltError(
             f"di.materialize: layer(s) {', '.join(repr(d) for d in deferred)} are still "

@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 
-from .._declare._deferred import Deferred
+from .._declare._recording import HOOKS
 from ._errors import RecordError
 from ._placeholders import swap_in_placeholders
 from ._recorder import Recorder
@@ -72,6 +74,8 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     recorder = Recorder(fake, record)
     _state.active = True
+    HOOKS.declared, HOOKS.queued = recorder.declared, recorder.queued
+    HOOKS.outside = _disable_current_modes
     try:
         with fake, recorder, warnings.catch_warnings():
             # Tensor.__deepcopy__ (nn.Transformer's layer clones) asks a fake tensor for
@@ -81,6 +85,8 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
             module = factory(*args, **kwargs)
     finally:
         _state.active = False
+        HOOKS.declared = HOOKS.queued = None
+        HOOKS.outside = contextlib.nullcontext
     if not isinstance(module, nn.Module):
         raise RecordError(
             f"deferred_init: {getattr(factory, '__qualname__', factory)!r} returned "
@@ -98,11 +104,6 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
         return TensorRef.of(fake_tensor, sid)
 
     record.finals = swap_in_placeholders(module, describe)
-    record.twins = [
-        f"{name or '<root>'!r} ({type(sub).__name__})"
-        for name, sub in module.named_modules()
-        if isinstance(sub, Deferred)
-    ]
     record.make_plan()
     module.__dict__[RECORD_KEY] = record
     return module

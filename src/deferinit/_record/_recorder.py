@@ -31,6 +31,7 @@ import functools
 from typing import Any
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -40,7 +41,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ._errors import RecordError, where
-from ._tape import Op, Record, TensorRef, map_refs, refs_in
+from ._tape import Declared, Op, Queued, Record, TensorRef, map_refs, refs_in
 from ._values import Values
 
 __all__ = ["Recorder"]
@@ -175,6 +176,35 @@ class Recorder(TorchDispatchMode):
                 _RANDOM in func.tags,
             )
         )
+
+    # -- deferred layers (told by the declare stage, see _declare._recording) ----
+    def declared(self, layer: nn.Module) -> None:
+        """A deferred layer declared now: replay constructs it at this place."""
+        self._event(Declared(layer))
+
+    def queued(self, placeholder: torch.Tensor, call: Any) -> None:
+        """An init call queued now on a deferred layer's placeholder: replay runs it
+        at this place. Its other tensor arguments must exist at replay too."""
+        _, func, args, kwargs = call
+        made_here = [
+            t
+            for t in refs_in((args[1:], kwargs), torch.Tensor)
+            if isinstance(t, FakeTensor) and t is not placeholder
+        ]
+        if made_here:
+            raise RecordError(
+                f"deferred_init: {getattr(func, '__qualname__', func)} on a deferred "
+                f"layer's placeholder {where()} takes a tensor the construction made. "
+                f"Expected: initialization with numbers only (normal_(0, 0.01), zeros_, "
+                f"fill_(1.0)) while the sizes are unknown. Fix: give that layer its sizes "
+                f"(torch.nn instead of deferinit.nn), or register the init with "
+                f"di.initialize(layer, init)."
+            )
+        self._event(Queued(placeholder, call))
+
+    def _event(self, event: Declared | Queued) -> None:
+        empty: frozenset[int] = frozenset()
+        self.record.ops.append(Op(None, (), {}, (), (), empty, empty, False, event=event))
 
     def _literal(self, fake: torch.Tensor, value: torch.Tensor) -> None:
         sid = self.sid(fake, create=True)

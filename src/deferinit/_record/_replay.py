@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from .._swap import exchange
+from .._tensors import is_meta, kind_of
 from ._deferred_init import RECORD_KEY
 from ._engine import Engine
 from ._errors import RecordError, ReplayError
 from ._seeded import draw_owners, seed_of
 from ._tape import Record
+from ._twins import TwinReplay, check_twins, twin_tensors
 
 __all__ = ["Undo", "awaiting_replay", "records", "replay", "replay_recorded"]
 
@@ -57,35 +59,57 @@ def records(module: nn.Module) -> list[tuple[str, Record]]:
     ]
 
 
-def awaiting_replay(module: nn.Module) -> list[torch.Tensor]:
+def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Tensor]:
     """The meta tensors below ``module`` that :func:`replay_recorded` will fill (each
-    object once): ``di.materialize`` leaves them to it, and counts their bytes.
+    object once): ``di.materialize`` leaves them to it, and counts their bytes. A
+    tensor already given values (``di.load_state_dict``) is not filled again. With
+    ``seed``, deferred layers declared in a recording are left to materialize.
 
     >>> from torch import nn
     >>> from deferinit._record import deferred_init
     >>> [tuple(t.shape) for t in awaiting_replay(deferred_init(nn.Linear, 2, 3))]
     [(3, 2), (3,)]
     """
-    return [final.placeholder for _, record in records(module) for final in record.finals]
+    found: list[torch.Tensor] = []
+    for _, record in records(module):
+        found += [f.placeholder for f in record.finals if is_meta(f.placeholder)]
+        if seed is None:
+            found += twin_tensors(record)
+    return found
 
 
 Swap = tuple[torch.Tensor, torch.Tensor, str]  # (placeholder, real object, name for errors)
 
 
 def replay(
-    record: Record, device: torch.device, seed: int | None = None, prefix: str = ""
-) -> list[torch.Tensor]:
-    """The real value of every final tensor of ``record`` (in ``record.finals``
-    order), running the needed operations and freeing each intermediate storage
-    after the last operation that touches it. With ``seed``, random operations draw
-    from per-tensor generators (see ``_seeded``), never from the default ones."""
-    plan = record.plan or record.make_plan()
+    record: Record,
+    device: torch.device,
+    seed: int | None = None,
+    prefix: str = "",
+    twins: TwinReplay | None = None,
+) -> list[torch.Tensor | None]:
+    """The real value of every final tensor of ``record`` still on meta (in
+    ``record.finals`` order; ``None`` for one that holds values already), running
+    the needed operations and freeing each intermediate storage after the last
+    operation that touches it. With ``seed``, random operations draw from
+    per-tensor generators (see ``_seeded``), never from the default ones. With
+    ``twins``, the deferred layers declared in the recording are constructed, and
+    their queued init calls run, at their places (see ``_twins``)."""
+    wanted = [is_meta(f.placeholder) for f in record.finals]
+    if all(wanted):
+        plan = record.plan or record.make_plan()
+    else:
+        plan = record.make_plan(f for f, w in zip(record.finals, wanted, strict=True) if w)
     engine = Engine(device, record.default_device, record.externals)
     owners = draw_owners(record, prefix) if seed is not None else {}
     generators: dict[str, torch.Generator] = {}
     with torch.no_grad():
         for index, op in enumerate(record.ops):
             if not plan.needed[index]:
+                continue
+            if op.event is not None:
+                if twins is not None:
+                    twins.run(op.event)
                 continue
             if seed is not None and index in owners:
                 name = owners[index]
@@ -94,7 +118,7 @@ def replay(
                 engine.generator = generators[name]
             try:
                 engine.run(op)
-            except ReplayError:
+            except (ReplayError, RecordError):
                 raise
             except Exception as error:
                 raise ReplayError(
@@ -103,7 +127,10 @@ def replay(
                     f"meta. Fix: check that the construction runs eagerly on {device}."
                 ) from error
             engine.free(plan.free_after[index])
-        return [engine.tensor(final.ref) for final in record.finals]
+        return [
+            engine.tensor(final.ref) if w else None
+            for final, w in zip(record.finals, wanted, strict=True)
+        ]
 
 
 def _real(
@@ -119,7 +146,9 @@ def _real(
     return value.requires_grad_(grad)
 
 
-def _swaps(record: Record, values: list[torch.Tensor], dtype: torch.dtype | None) -> list[Swap]:
+def _swaps(
+    record: Record, values: list[torch.Tensor | None], dtype: torch.dtype | None
+) -> list[Swap]:
     return [
         (
             f.placeholder,
@@ -127,6 +156,14 @@ def _swaps(record: Record, values: list[torch.Tensor], dtype: torch.dtype | None
             f"{f.name!r} ({f.kind})",
         )
         for f, v in zip(record.finals, values, strict=True)
+        if v is not None
+    ]
+
+
+def _twin_swaps(twins: TwinReplay, dtype: torch.dtype | None) -> list[Swap]:
+    return [
+        (old, _real(old, value, dtype, True), f"{name!r} ({kind_of(old)})")
+        for old, value, name in twins.places
     ]
 
 
@@ -156,23 +193,6 @@ def _swap_all(pairs: list[Swap], undo: list[Undo]) -> None:
                 f"call materialize again."
             )
         undo.append(_swapper(placeholder, new))
-
-
-def _refuse_twins(found: list[tuple[str, Record]]) -> None:
-    """A deferred layer declared inside a recording would be constructed after every
-    recorded draw instead of at its declaration: values unlike eager's. Refused
-    before anything is allocated."""
-    for name, record in found:
-        if record.twins:
-            raise RecordError(
-                f"materialize: the construction recorded by deferred_init at "
-                f"{name or '<root>'!r} declares deferred layer(s) {', '.join(record.twins)}; "
-                f"replaying it cannot yet construct them at their place in program order, "
-                f"so the values would not be eager construction's. Nothing was allocated. "
-                f"Expected: explicit sizes inside deferred_init. Fix: give those layers "
-                f"their sizes (torch.nn instead of deferinit.nn), or declare the deferred "
-                f"layers outside the deferred_init factory."
-            )
 
 
 def replay_recorded(
@@ -206,8 +226,8 @@ def replay_recorded(
         ``module``, its placeholders now holding real values (same objects).
 
     Raises:
-        RecordError: a deferred layer was declared inside the recorded construction
-            (not replayable yet); nothing is allocated.
+        RecordError: a deferred layer declared inside the recorded construction has
+            no sizes yet; nothing is allocated.
         ReplayError: an operation failed on ``device``, a value read during
             construction came out differently, or a value cannot be put in place;
             every placeholder is as before.
@@ -216,15 +236,26 @@ def replay_recorded(
     log: list[Undo] = [] if undo is None else undo
     mark = len(log)
     found = records(module)
-    _refuse_twins(found)
+    for name, record in found:
+        check_twins(module, name, record)
+    names = {id(sub): name for name, sub in module.named_modules()}
     try:
         pairs: list[Swap] = []
         for name, record in found:
-            values = replay(record, target, seed, f"{name}." if name else "")
-            pairs += _swaps(record, values, dtype)
+            if not awaiting_replay(module.get_submodule(name), seed):
+                continue  # every value loaded already: nothing to draw or fill
+            twins = None
+            if seed is None:
+                twins = TwinReplay(target, names)
+                twins.skip = {id(f.placeholder) for f in record.finals}
+            values = replay(record, target, seed, f"{name}." if name else "", twins)
+            made = _swaps(record, values, dtype)
+            if twins is not None:
+                made += _twin_swaps(twins, dtype)
+            pairs += made
             if advance is not None:
-                advance(sum(v.numel() * v.element_size() for v in values))
-            del values
+                advance(sum(new.numel() * new.element_size() for _, new, _ in made))
+            del values, made
         _swap_all(pairs, log)
         for name, record in found:
             owner = module.get_submodule(name)

@@ -17,13 +17,24 @@ views are not recorded at all, a literal keeps its (small) value.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
-__all__ = ["Final", "Op", "Plan", "Record", "TensorRef", "map_refs", "refs_in"]
+__all__ = [
+    "Declared",
+    "Final",
+    "Op",
+    "Plan",
+    "Queued",
+    "Record",
+    "TensorRef",
+    "map_refs",
+    "refs_in",
+]
 
 
 class TensorRef(NamedTuple):
@@ -68,6 +79,21 @@ class Op(NamedTuple):
     random: bool
     literal: torch.Tensor | None = None
     guard: Any = None  # a value read steered by random numbers: (expected value, where)
+    event: Declared | Queued | None = None  # a deferred layer's place in program order
+
+
+class Declared(NamedTuple):
+    """A deferred layer was declared here: replay constructs it here, sizes known."""
+
+    layer: nn.Module
+
+
+class Queued(NamedTuple):
+    """An init call was queued here on a deferred layer's placeholder: replay runs it
+    here, on the layer's fresh tensor (``call`` as ``_declare._pending`` keeps it)."""
+
+    placeholder: torch.Tensor
+    call: Any
 
 
 class Final(NamedTuple):
@@ -101,9 +127,6 @@ class Record:
     ops: list[Op] = field(default_factory=list)
     externals: dict[int, torch.Tensor] = field(default_factory=dict)
     finals: list[Final] = field(default_factory=list)
-    # Deferred layers declared inside (qualified name, class): replay cannot yet
-    # construct them at their place in program order, so it refuses (see _replay).
-    twins: list[str] = field(default_factory=list)
     plan: Plan | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -117,11 +140,13 @@ class Record:
         state["ops"] = [op._replace(func=_overload(op.func)) for op in state["ops"]]
         self.__dict__.update(state)
 
-    def make_plan(self) -> Plan:
-        """Liveness in one backward pass: final storages live to the end; an operation
-        is needed if it draws random numbers or writes a live storage, and then what it
-        reads or writes is live before it."""
-        live = {f.ref.storage for f in self.finals}
+    def make_plan(self, wanted: Iterable[Final] | None = None) -> Plan:
+        """Liveness in one backward pass: the storages of ``wanted`` finals (default:
+        all) live to the end; an operation is needed if it draws random numbers, is a
+        deferred layer's event, or writes a live storage, and then what it reads or
+        writes is live before it. Only the plan of all finals is kept."""
+        chosen = self.finals if wanted is None else list(wanted)
+        live = {f.ref.storage for f in chosen}
         keep = set(live)
         needed = [False] * len(self.ops)
         free_after: list[list[int]] = [[] for _ in self.ops]
@@ -129,7 +154,7 @@ class Record:
         for index in range(len(self.ops) - 1, -1, -1):
             op = self.ops[index]
             touched = op.reads | op.writes | {sid for sid, _ in op.creates}
-            must = op.random or op.guard is not None
+            must = op.random or op.guard is not None or op.event is not None
             if not (must or (touched - op.reads) & live or op.writes & live):
                 continue
             needed[index] = True
@@ -138,8 +163,14 @@ class Record:
             fresh = [sid for sid in touched if sid not in last_seen]
             free_after[index].extend(sorted(fresh))
             last_seen.update(fresh)
-        self.plan = Plan(needed, free_after)
-        return self.plan
+        plan = Plan(needed, free_after)
+        if wanted is None:
+            self.plan = plan
+        return plan
+
+    def events(self) -> list[Declared | Queued]:
+        """The deferred layers declared, and init calls queued on them, in order."""
+        return [op.event for op in self.ops if op.event is not None]
 
 
 def _name_of(func: Any) -> str | None:

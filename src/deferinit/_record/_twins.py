@@ -1,0 +1,135 @@
+"""Deferred layers declared inside a recorded construction, replayed in their place.
+
+While ``deferred_init`` records, a deferred twin (``dnn.Linear(256)``) cannot be
+constructed: its sizes are unknown. The record keeps its place instead
+(:class:`~._tape.Declared`), and the place of every init call queued on its
+placeholders (:class:`~._tape.Queued`). Once ``di.build(model, example,
+device="meta")`` or a checkpoint has given the sizes, the exact replay constructs
+the layer right there — its own ``__init__`` draws between the draws around it,
+as eager construction with every size written out would — and runs each queued
+call where it was made. Under ``seed=`` order does not matter, so the twins are
+left to ``di.materialize``'s own rebuild (each tensor from its own generator).
+
+>>> import torch
+>>> from torch import nn
+>>> import deferinit as di
+>>> from deferinit import nn as dnn
+>>> def mixed() -> nn.Module:
+...     return nn.Sequential(nn.Linear(3, 4), dnn.Linear(2))
+>>> _ = torch.manual_seed(0)
+>>> eager = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+>>> model = di.build(di.deferred_init(mixed), (1, 3), device="meta")
+>>> _ = torch.manual_seed(0)
+>>> torch.equal(di.materialize(model)[1].weight, eager[1].weight)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._become._initialize import apply_registered
+from .._declare._deferred import Deferred
+from .._declare._pending import run_pending
+from .._declare._signature import constructor_call
+from .._declare._state import declared_defaults
+from .._naming import label
+from .._tensors import is_meta, tensors_by_name
+from ._errors import RecordError, ReplayError
+from ._tape import Declared, Queued, Record
+
+__all__ = ["TwinReplay", "check_twins", "twin_tensors"]
+
+
+def _declared(record: Record) -> list[nn.Module]:
+    return [e.layer for e in record.events() if isinstance(e, Declared)]
+
+
+def twin_tensors(record: Record) -> list[torch.Tensor]:
+    """The meta tensors of the deferred layers declared in ``record`` that the exact
+    replay fills (each object once; a tensor the record itself holds is its own)."""
+    finals = {id(f.placeholder) for f in record.finals}
+    seen: set[int] = set()
+    found: list[torch.Tensor] = []
+    for layer in _declared(record):
+        if isinstance(layer, Deferred):
+            continue
+        for t in tensors_by_name(layer).values():
+            if is_meta(t) and id(t) not in finals and id(t) not in seen:
+                seen.add(id(t))
+                found.append(t)
+    return found
+
+
+def check_twins(root: nn.Module, name: str, record: Record) -> None:
+    """Before anything is allocated: every layer declared in the recording has its
+    sizes (a deferred one inside the model is refused earlier, by materialize)."""
+    inside = {id(m) for m in root.modules()}
+    for layer in _declared(record):
+        if isinstance(layer, Deferred):
+            where = "in the model" if id(layer) in inside else "and then dropped from the model"
+            raise RecordError(
+                f"materialize: the construction recorded at {name or '<root>'!r} declared "
+                f"{label(layer)} {where}; it is still deferred, so its sizes are unknown "
+                f"and eager construction's draws cannot be replayed in order. Nothing was "
+                f"allocated. Fix: give it its sizes (torch.nn instead of deferinit.nn), or "
+                f"build the model first with di.build(model, example, device='meta')."
+            )
+
+
+class TwinReplay:
+    """Constructs each declared layer at its event, with the sizes it was built with,
+    and runs the queued init calls on its fresh tensors; collects what to put under
+    which meta object.
+
+    Args:
+        device: where the replay constructs.
+        names: qualified names of the model's modules, by id (for initializers and
+            messages).
+    """
+
+    def __init__(self, device: torch.device, names: dict[int, str]) -> None:
+        self.device = device
+        self.names = names
+        self.fresh: dict[int, torch.Tensor] = {}  # placeholder id -> fresh tensor
+        self.places: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self.skip: set[int] = set()  # tensors the record itself fills
+
+    def run(self, event: Declared | Queued) -> None:
+        if isinstance(event, Declared):
+            self._construct(event.layer)
+        else:
+            self._call(event)
+
+    def _construct(self, layer: nn.Module) -> None:
+        state = layer.__dict__["_di"]
+        args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
+        name = self.names.get(id(layer), "")
+        with declared_defaults(state, self.device):
+            if "device" in kwargs:
+                kwargs["device"] = self.device
+            fresh: nn.Module = state.deferred._di_cls(*args, **kwargs)
+            if state.init is not None:
+                apply_registered(fresh, state.init, recurse=True, name=name)
+        new = tensors_by_name(fresh)
+        for leaf, old in tensors_by_name(layer).items():
+            value = new.get(leaf)
+            if value is None:
+                raise ReplayError(
+                    f"materialize: {label(layer)} has tensor {leaf!r}, which constructing "
+                    f"it again did not make. The model was left on meta. Fix: do not add "
+                    f"tensors to a deferred layer after its declaration."
+                )
+            self.fresh[id(old)] = value
+            if is_meta(old) and id(old) not in self.skip:
+                self.places.append((old, value, f"{name + '.' if name else ''}{leaf}"))
+
+    def _call(self, event: Queued) -> None:
+        if id(event.placeholder) not in self.fresh:
+            raise ReplayError(
+                "materialize: an init call was queued on a deferred layer's tensor that "
+                "the replay did not construct. The model was left on meta. Fix: make "
+                "the call on a layer declared inside the deferred_init factory."
+            )
+        run_pending([event.call], self.fresh)
