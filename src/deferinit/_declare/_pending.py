@@ -26,6 +26,7 @@ from ._recording import HOOKS
 
 __all__ = [
     "Call",
+    "owner_of",
     "pending_calls",
     "run_pending",
     "set_owner",
@@ -48,6 +49,13 @@ _DATA = torch.Tensor.data
 def set_owner(tensor: torch.Tensor, layer: nn.Module, name: str) -> None:
     """Remember which layer a placeholder belongs to, for error messages."""
     tensor.__dict__[_OWNER] = (weakref.ref(layer), name)
+
+
+def owner_of(tensor: torch.Tensor) -> tuple[nn.Module | None, str]:
+    """The deferred layer a placeholder belongs to (``None`` if unknown or gone) and
+    the tensor's name within it."""
+    note = tensor.__dict__.get(_OWNER)
+    return (note[0](), note[1]) if note else (None, "")
 
 
 def pending_calls(tensor: torch.Tensor) -> list[Call]:

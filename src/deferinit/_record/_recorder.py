@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from .._declare._pending import owner_of
 from ._errors import RecordError, where
 from ._tape import Declared, Op, Queued, Record, TensorRef, map_refs, refs_in
 from ._values import Values
@@ -200,7 +201,7 @@ class Recorder(TorchDispatchMode):
                 f"(torch.nn instead of deferinit.nn), or register the init with "
                 f"di.initialize(layer, init)."
             )
-        self._event(Queued(placeholder, call))
+        self._event(Queued(placeholder, call, *owner_of(placeholder)))
 
     def _event(self, event: Declared | Queued) -> None:
         empty: frozenset[int] = frozenset()

@@ -24,7 +24,7 @@ caller's part too (``di.materialize`` saves them before this runs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -36,6 +36,7 @@ from ._deferred_init import RECORD_KEY
 from ._engine import Engine
 from ._errors import RecordError, ReplayError
 from ._seeded import draw_owners, seed_of
+from ._sharded import Normal, Sharded, Target, holders, place_sharded, targets
 from ._tape import Record
 from ._twins import TwinReplay, check_twins, twin_tensors
 
@@ -71,8 +72,12 @@ def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Te
     [(3, 2), (3,)]
     """
     found: list[torch.Tensor] = []
-    for _, record in records(module):
-        found += [f.placeholder for f in record.finals if is_meta(f.placeholder)]
+    for name, record in records(module):
+        for where in targets(module.get_submodule(name), record):
+            if isinstance(where, Normal):
+                found.append(where.placeholder)
+            elif isinstance(where, Sharded):
+                found.append(where.current)
         if seed is None:
             found += twin_tensors(record)
     return found
@@ -81,29 +86,75 @@ def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Te
 Swap = tuple[torch.Tensor, torch.Tensor, str]  # (placeholder, real object, name for errors)
 
 
+Keep = Callable[[torch.Tensor], torch.Tensor]  # what to keep of a complete full value
+
+
+def _last_uses(record: Record, needed: list[bool]) -> tuple[dict[int, int], dict[int, int]]:
+    """(storage -> index of the last needed operation writing it, storage -> index of
+    the last needed operation touching it)."""
+    written: dict[int, int] = {}
+    touched: dict[int, int] = {}
+    for index, op in enumerate(record.ops):
+        if not needed[index]:
+            continue
+        made = op.writes | {sid for sid, _ in op.creates}
+        for sid in made:
+            written[sid] = index
+        for sid in made | op.reads:
+            touched[sid] = index
+    return written, touched
+
+
 def replay(
     record: Record,
     device: torch.device,
     seed: int | None = None,
     prefix: str = "",
     twins: TwinReplay | None = None,
+    keep: Sequence[Keep | None] | None = None,
 ) -> list[torch.Tensor | None]:
-    """The real value of every final tensor of ``record`` still on meta (in
-    ``record.finals`` order; ``None`` for one that holds values already), running
-    the needed operations and freeing each intermediate storage after the last
-    operation that touches it. With ``seed``, random operations draw from
-    per-tensor generators (see ``_seeded``), never from the default ones. With
-    ``twins``, the deferred layers declared in the recording are constructed, and
-    their queued init calls run, at their places (see ``_twins``)."""
-    wanted = [is_meta(f.placeholder) for f in record.finals]
-    if all(wanted):
+    """The real value of final tensors of ``record`` (in ``record.finals`` order),
+    running the needed operations and freeing each intermediate storage after the
+    last operation that touches it.
+
+    ``keep[i]`` says what to do with final ``i``: ``None``, leave it (it holds values
+    already; the result is ``None``); a function, apply it to the full value as soon
+    as that is complete (this rank's slice), then free the full storage once nothing
+    later reads it. By default every final still on meta is kept whole, to the end.
+    With ``seed``, random operations draw from per-tensor generators (see
+    ``_seeded``), never from the default ones. With ``twins``, the deferred layers
+    declared in the recording are constructed, and their queued init calls run, at
+    their places (see ``_twins``)."""
+    finals = record.finals
+    if keep is None:
+        keep = [_whole if is_meta(f.placeholder) else None for f in finals]
+    if all(k is not None for k in keep):
         plan = record.plan or record.make_plan()
     else:
-        plan = record.make_plan(f for f, w in zip(record.finals, wanted, strict=True) if w)
+        plan = record.make_plan(f for f, k in zip(finals, keep, strict=True) if k is not None)
+    # Finals kept in part: taken after their storage's last write, freed after its last use.
+    partial = {i for i, k in enumerate(keep) if k is not None and k is not _whole}
+    written, touched = _last_uses(record, plan.needed) if partial else ({}, {})
+    whole_storages = {f.ref.storage for f, k in zip(finals, keep, strict=True) if k is _whole}
+    take_after: dict[int, list[int]] = {}
+    drop_after: dict[int, list[int]] = {}
+    for i in partial:
+        sid = finals[i].ref.storage
+        take_after.setdefault(written.get(sid, -1), []).append(i)
+        if sid not in whole_storages:
+            drop_after.setdefault(touched.get(sid, -1), []).append(sid)
+    values: list[torch.Tensor | None] = [None] * len(finals)
     engine = Engine(device, record.default_device, record.externals)
     owners = draw_owners(record, prefix) if seed is not None else {}
     generators: dict[str, torch.Generator] = {}
+
+    def settle(index: int) -> None:
+        for i in take_after.get(index, ()):
+            values[i] = keep[i](engine.tensor(finals[i].ref))  # type: ignore[misc]
+        engine.free(drop_after.get(index, ()))
+
     with torch.no_grad():
+        settle(-1)  # externals given to the construction, never written
         for index, op in enumerate(record.ops):
             if not plan.needed[index]:
                 continue
@@ -127,10 +178,16 @@ def replay(
                     f"meta. Fix: check that the construction runs eagerly on {device}."
                 ) from error
             engine.free(plan.free_after[index])
-        return [
-            engine.tensor(final.ref) if w else None
-            for final, w in zip(record.finals, wanted, strict=True)
-        ]
+            settle(index)
+        for i, k in enumerate(keep):
+            if k is _whole:
+                values[i] = engine.tensor(finals[i].ref)
+        return values
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``keep`` marker: the final is kept whole, to the end."""
+    return t
 
 
 def _real(
@@ -146,8 +203,19 @@ def _real(
     return value.requires_grad_(grad)
 
 
+def _keep(where: Target, device: torch.device, dtype: torch.dtype | None) -> Keep | None:
+    if where is None:
+        return None
+    if isinstance(where, Sharded):
+        return where.keep(device, dtype)
+    return _whole
+
+
 def _swaps(
-    record: Record, values: list[torch.Tensor | None], dtype: torch.dtype | None
+    record: Record,
+    where: list[Target],
+    values: list[torch.Tensor | None],
+    dtype: torch.dtype | None,
 ) -> list[Swap]:
     return [
         (
@@ -155,8 +223,8 @@ def _swaps(
             _real(f.placeholder, v, dtype, f.kind != "attribute"),
             f"{f.name!r} ({f.kind})",
         )
-        for f, v in zip(record.finals, values, strict=True)
-        if v is not None
+        for f, w, v in zip(record.finals, where, values, strict=True)
+        if isinstance(w, Normal) and v is not None
     ]
 
 
@@ -242,20 +310,32 @@ def replay_recorded(
     try:
         pairs: list[Swap] = []
         for name, record in found:
-            if not awaiting_replay(module.get_submodule(name), seed):
-                continue  # every value loaded already: nothing to draw or fill
+            owner = module.get_submodule(name)
+            where = targets(owner, record)
             twins = None
             if seed is None:
                 twins = TwinReplay(target, names)
                 twins.skip = {id(f.placeholder) for f in record.finals}
-            values = replay(record, target, seed, f"{name}." if name else "", twins)
-            made = _swaps(record, values, dtype)
+            if all(w is None for w in where) and not (twins and twin_tensors(record)):
+                continue  # every value loaded already: nothing to draw or fill
+            keep = [_keep(w, target, dtype) for w in where]
+            values = replay(record, target, seed, f"{name}." if name else "", twins, keep)
+            twin_made = _twin_swaps(twins, dtype) if twins is not None else []
+            made = _swaps(record, where, values, dtype) + twin_made
+            done = sum(v.numel() * v.element_size() for v in values if v is not None)
+            done += sum(n.numel() * n.element_size() for _, n, _ in twin_made)
+            for w, v in zip(where, values, strict=True):
+                if isinstance(w, Sharded) and v is not None:
+                    place_sharded(w, v, log)  # type: ignore[arg-type]
             if twins is not None:
-                made += _twin_swaps(twins, dtype)
+                held = holders(module)
+                for sharded, value in twins.sharded:
+                    w = Sharded(sharded, held[id(sharded)])
+                    place_sharded(w, w.keep(target, dtype)(value), log)  # type: ignore[arg-type]
             pairs += made
             if advance is not None:
-                advance(sum(new.numel() * new.element_size() for _, new, _ in made))
-            del values, made
+                advance(done)
+            del values, made, twin_made
         _swap_all(pairs, log)
         for name, record in found:
             owner = module.get_submodule(name)

@@ -94,6 +94,8 @@ class Queued(NamedTuple):
 
     placeholder: torch.Tensor
     call: Any
+    layer: nn.Module | None  # the deferred layer it belongs to, and its name there:
+    leaf: str  # sharding may put another object at that name before replay
 
 
 class Final(NamedTuple):

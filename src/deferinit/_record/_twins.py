@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .._become._initialize import apply_registered
 from .._declare._deferred import Deferred
@@ -93,7 +94,9 @@ class TwinReplay:
         self.device = device
         self.names = names
         self.fresh: dict[int, torch.Tensor] = {}  # placeholder id -> fresh tensor
+        self.by_name: dict[tuple[int, str], torch.Tensor] = {}  # (layer id, leaf) -> fresh
         self.places: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self.sharded: list[tuple[DTensor, torch.Tensor]] = []  # (sharded meta tensor, full)
         self.skip: set[int] = set()  # tensors the record itself fills
 
     def run(self, event: Declared | Queued) -> None:
@@ -122,14 +125,21 @@ class TwinReplay:
                     f"tensors to a deferred layer after its declaration."
                 )
             self.fresh[id(old)] = value
-            if is_meta(old) and id(old) not in self.skip:
+            self.by_name[(id(layer), leaf)] = value
+            if isinstance(old, DTensor):
+                if is_meta(old):  # FSDP2 / tensor parallel: this rank keeps its slice
+                    self.sharded.append((old, value))
+            elif is_meta(old) and id(old) not in self.skip:
                 self.places.append((old, value, f"{name + '.' if name else ''}{leaf}"))
 
     def _call(self, event: Queued) -> None:
-        if id(event.placeholder) not in self.fresh:
+        value = self.by_name.get(
+            (id(event.layer), event.leaf), self.fresh.get(id(event.placeholder))
+        )
+        if value is None:
             raise ReplayError(
                 "materialize: an init call was queued on a deferred layer's tensor that "
                 "the replay did not construct. The model was left on meta. Fix: make "
                 "the call on a layer declared inside the deferred_init factory."
             )
-        run_pending([event.call], self.fresh)
+        run_pending([event.call], {**self.fresh, id(event.placeholder): value})
