@@ -40,6 +40,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     RowwiseParallel,
     parallelize_module,
 )
@@ -77,9 +78,9 @@ def prepared(variant: str, layers: int, width: int, world: int) -> nn.Module:
     net = di.deferred_init(mlp, layers, width)
     if variant == "tp":
         mesh = init_device_mesh("cpu", (world,))
-        plan = {f"{i}.0": ColwiseParallel() for i in range(layers)}
+        plan: dict[str, ParallelStyle] = {f"{i}.0": ColwiseParallel() for i in range(layers)}
         plan.update({f"{i}.1": RowwiseParallel() for i in range(layers)})
-        parallelize_module(net, mesh, plan)  # type: ignore[arg-type]
+        parallelize_module(net, mesh, plan)
     return net
 
 

@@ -103,7 +103,8 @@ def rank_main() -> None:
                 assert local.untyped_storage().nbytes() == local.numel() * local.element_size()
         model(torch.randn(2, 8)).sum().backward()
 
-        check(f"{mode} seed", full(di.materialize(recorded(mode, mesh, False), seed=3)), single_seeded)
+        seeded = di.materialize(recorded(mode, mesh, twin=False), seed=3)
+        check(f"{mode} seed", full(seeded), single_seeded)
 
         mixed = recorded(mode, mesh, twin=True)
         torch.manual_seed(0)
