@@ -251,6 +251,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "            pass",
         ("tests/test_pending_init.py",),
     ),
+    Mutant(
+        "recorded-twins-after-replay",
+        "deferred_init: twins declared in a recording are constructed at their place",
+        "_record/_replay.py",
+        "                    twins.run(op.event)",
+        "                    pass",
+        ("tests/test_record_twins.py",),
+    ),
+    Mutant(
+        "recorded-load-overwritten",
+        "deferred_init: materialize never overwrites values loaded into a recorded model",
+        "_record/_sharded.py",
+        "        return Normal(placeholder) if is_meta(placeholder) else None\n    current",
+        "        return Normal(placeholder)\n    current",
+        ("tests/test_record_twins.py",),
+    ),
 )
 
 
