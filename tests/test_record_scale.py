@@ -1,5 +1,5 @@
 """Scale: the 70B-shaped decoder (plain torch.nn layers, explicit sizes) records in a
-fresh interpreter without allocating its parameters."""
+fresh interpreter without allocating its parameters (its time: benchmarks/record_cost.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def test_a_70b_shaped_decoder_records_in_under_1_gib_and_10_seconds() -> None:
+def test_a_70b_shaped_decoder_records_on_meta_in_under_1_gib() -> None:
+    # Its time is measured by benchmarks/record_cost.py, never asserted here.
     code = "import test_record_support as s; s.record_70b()"
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", code],
@@ -23,6 +24,4 @@ def test_a_70b_shaped_decoder_records_in_under_1_gib_and_10_seconds() -> None:
     ).stdout
     assert "parameters: 70.55e9, devices: ['meta']" in out
     peak = float(re.search(r"peak RSS: (\d+) MiB", out).group(1))  # type: ignore[union-attr]
-    seconds = float(re.search(r"record time: ([\d.]+) s", out).group(1))  # type: ignore[union-attr]
     assert peak < 1024, out
-    assert seconds < 10, out
