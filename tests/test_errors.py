@@ -7,7 +7,6 @@ and a corrected input after which it must equal the eager layer bitwise.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -312,11 +311,9 @@ class _CountedRepr(float):
 def test_a_huge_list_as_first_input_fails_fast_with_a_bounded_message() -> None:
     huge = [_CountedRepr(0.5)] * 10**6
     layer = dnn.Linear(4)
-    start = time.perf_counter()
     with pytest.raises(di.InferenceError, match=r"got a list of 1000000 items \(\[0\.5, ") as info:
         layer(huge)
-    assert time.perf_counter() - start < 2.0  # the whole repr took seconds
-    assert _CountedRepr.calls <= 10
+    assert _CountedRepr.calls <= 10  # never the repr of the whole list (that took seconds)
     assert len(str(info.value)) < 400
     assert not di.is_built(layer)
 
