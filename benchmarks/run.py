@@ -64,6 +64,7 @@ class Plan:
     sharded: tuple[str, ...]  # sharded_materialize.py arguments
     rnn: tuple[int, int]  # rounds, runs per round
     import_reps: int
+    recorded_cost: tuple[str, ...] = ("--quick",)  # record_cost.py arguments
 
 
 PLANS = {
@@ -105,6 +106,7 @@ PLANS = {
         sharded=("--rounds", "5"),
         rnn=(9, 3),
         import_reps=7,
+        recorded_cost=("--rounds", "7"),
     ),
 }
 
@@ -303,6 +305,41 @@ def sharded(plan: Plan) -> Figures:
     }
 
 
+def _json_child(script: str, *args: str) -> dict[str, float]:
+    command = [sys.executable, "-W", "ignore", str(HERE / script), "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    figures: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
+    return figures
+
+
+def recorded(plan: Plan) -> Figures:
+    """``di.deferred_init``: record + materialize of a Hugging Face Llama vs eager, the
+    70B-shaped record, and one rank's materialize of a recorded model sharded with
+    FSDP2 / tensor parallelism (each in its own interpreter)."""
+    cost = _json_child("record_cost.py", *plan.recorded_cost)
+    shards = _json_child("recorded_sharded.py", *plan.sharded)
+    _note(
+        f"recorded: single {shards['single_s']:.3f} s, FSDP2 rank {shards['fsdp_s']:.3f} s; "
+        f"MLP single {shards['single_mlp_s']:.3f} s, TP rank {shards['tp_s']:.3f} s; "
+        f"record {cost['record_bytes_per_op']:.0f} bytes per operation"
+    )
+    return {
+        "hf_record_materialize_ratio_vs_eager": cost["hf_record_materialize_ratio_vs_eager"],
+        "record_70b_s": cost["record_70b_s"],
+        "record_70b_peak_rss_mib": cost["record_70b_peak_rss_mib"],
+        "recorded_fsdp_ratio_vs_single": shards["fsdp_ratio_vs_single"],
+        "recorded_fsdp_peak_extra_ratio_vs_largest_tensor": shards[
+            "fsdp_peak_extra_ratio_vs_largest_tensor"
+        ],
+        "recorded_tp_ratio_vs_single": shards["tp_ratio_vs_single"],
+        "recorded_tp_peak_extra_ratio_vs_largest_tensor": shards[
+            "tp_peak_extra_ratio_vs_largest_tensor"
+        ],
+    }
+
+
 def imports(plan: Plan) -> Figures:
     m = import_overhead.measure(reps=plan.import_reps)
     _note(f"import torch alone: {m['torch_s']:.3f} s")
@@ -352,6 +389,19 @@ GROUPS = (
         sharded,
     ),
     Group("rnn", ("rnn_build_ratio_vs_eager",), rnn),
+    Group(
+        "recorded",
+        (
+            "hf_record_materialize_ratio_vs_eager",
+            "record_70b_s",
+            "record_70b_peak_rss_mib",
+            "recorded_fsdp_ratio_vs_single",
+            "recorded_fsdp_peak_extra_ratio_vs_largest_tensor",
+            "recorded_tp_ratio_vs_single",
+            "recorded_tp_peak_extra_ratio_vs_largest_tensor",
+        ),
+        recorded,
+    ),
     Group("import", ("import_overhead_s", "import_overhead_mib"), imports),
 )
 
@@ -393,6 +443,12 @@ BARS: dict[str, Bar] = {
     "sharded_exact_ratio_vs_single": Bar("≤ 1.3", _at_most(1.3)),
     "sharded_exact_peak_extra_ratio_vs_largest_tensor": Bar("≈ 1 (≤ 1.5)", _at_most(1.5)),
     "rnn_build_ratio_vs_eager": Bar("≤ 3", _at_most(3.0)),
+    "record_70b_s": Bar("< 10", _below(10.0)),
+    "record_70b_peak_rss_mib": Bar("< 1024", _below(1024.0)),
+    "recorded_fsdp_ratio_vs_single": Bar("≤ 1.3", _at_most(1.3)),
+    "recorded_fsdp_peak_extra_ratio_vs_largest_tensor": Bar("≈ 1 (≤ 1.5)", _at_most(1.5)),
+    "recorded_tp_ratio_vs_single": Bar("≤ 1.3", _at_most(1.3)),
+    "recorded_tp_peak_extra_ratio_vs_largest_tensor": Bar("≈ 1 (≤ 1.5)", _at_most(1.5)),
     "import_overhead_s": Bar("≤ 0.1 (issue 11)", _at_most(0.1)),
     "import_overhead_mib": Bar("≤ 10 (issue 11)", _at_most(10.0)),
 }
