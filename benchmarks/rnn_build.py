@@ -11,7 +11,8 @@ far smaller: ``--batch 1024``).
   one forward on a batch;
 * ``deferinit``: construct it with ``dnn.Linear(28)`` as the head and
   ``di.build(model, batch)`` (the shape-only pass: the real recurrent layer runs
-  beside the deferred head without computing anything).
+  beside the deferred head without computing anything, on meta copies of its
+  weights, its kernel answered from the shapes of its arguments).
 
 CPU, one thread; interleaved rounds, the order alternating; one sample is the mean
 of ``reps`` runs; median of the rounds. Bar (docs/design.md §5): deferinit / eager <= 3.

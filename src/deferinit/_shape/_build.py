@@ -14,6 +14,7 @@ the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import types
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -36,10 +37,14 @@ from .._errors import NotBuiltError
 from .._naming import names_by_id, qualified_name, root_scope
 from .._random import Drawing
 from .._tensors import has_meta_tensors
+from ._recurrent import RecurrentShapes
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 
 M = TypeVar("M", bound=nn.Module)
+
+_META = torch.device("meta")
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @dataclass
@@ -103,18 +108,22 @@ def shape_pass(
     tensors draw nothing, and a real tensor the forward makes (noise drawn on
     the CPU, say) draws from a private throwaway generator.
 
-    A model of placeholders and meta tensors is first run on the meta device, which
-    computes shapes fastest; if its forward needs more (it makes tensors on the
-    default device, say), or the model holds real weights, it runs under torch's
-    FakeTensorMode, in which real weights take part unchanged.
+    The pass first runs on the meta device, which computes shapes fastest: the
+    shadow holds a meta copy of every real parameter and buffer (ties kept), so
+    real weights do not keep it off meta. If its forward needs more (it makes
+    tensors on the default device, reads a value, or the model holds tensors a
+    meta copy cannot stand for), it runs under torch's FakeTensorMode, in which
+    real parameters take part unchanged. On either, torch's recurrent kernels are
+    answered from their arguments' shapes (:class:`RecurrentShapes`).
     """
     with BUILD_LOCK:
-        home = _home(module)
-        if home.type == "meta":
+        if _meta_copyable(module):
             try:
-                return _run(module, args, kwargs, None, home, outputs)
+                return _run(module, args, kwargs, None, _META, outputs)
             except Exception:  # noqa: S110 - retried below, where the error is raised
                 pass
+        home = _home(module)
+        if home.type == "meta":
             home = torch.get_default_device()
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         return _run(module, args, kwargs, mode, home, outputs)
@@ -204,7 +213,7 @@ def _run(
     try:
         with root_scope(copy):
             if mode is None:
-                _run_on_meta(copy, args, kwargs)
+                _run_on_meta(copy, copies, args, kwargs)
             else:
                 _run_on_fakes(copy, copies, args, kwargs, mode, home)
         names = names_by_id(copy) | names  # layers the pass constructed inside blocks
@@ -237,15 +246,58 @@ def _record_outputs(copy: nn.Module, names: Mapping[int, str], into: dict[str, A
         sub.register_forward_hook(hook)
 
 
-def _run_on_meta(copy: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-    meta = torch.device("meta")
+def _run_on_meta(
+    copy: nn.Module,
+    copies: Mapping[int, nn.Module],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> None:
+    _meta_copies(copies.values())
+    meta_args = _fake(args, contextlib.nullcontext(), _META)
+    meta_kwargs = _fake(dict(kwargs), contextlib.nullcontext(), _META)
     # A forward may still make real tensors (noise drawn on the CPU): their random
     # numbers come from a private generator, never from the default ones.
-    with Drawing(0), torch.no_grad():
-        copy(
-            *_fake(args, contextlib.nullcontext(), meta),
-            **_fake(dict(kwargs), contextlib.nullcontext(), meta),
-        )
+    with Drawing(0), RecurrentShapes(), torch.no_grad():
+        copy(*meta_args, **meta_kwargs)
+
+
+def _meta_copyable(module: nn.Module) -> bool:
+    """Whether a meta copy can stand for every real tensor below ``module`` in the
+    shape pass: plain strided tensors and Parameters can; tensor subclasses
+    (DTensor shards, say), sparse and quantized tensors are left to FakeTensorMode."""
+    with torch._C.DisableTorchFunctionSubclass():  # plain attribute reads on Parameters
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if isinstance(t, UninitializedTensorMixin):
+                continue
+            if type(t) not in _PLAIN or t.layout != torch.strided or t.is_quantized:
+                return False
+    return True
+
+
+def _meta_copies(modules: Iterable[nn.Module]) -> None:
+    """Put a meta copy (same shape, strides, dtype, class and ``requires_grad``)
+    in the copies' tables for every real parameter and buffer, one per tensor so
+    that ties stay ties: the pass stays on meta and the real tensors are neither
+    read nor written. An RNN's forward finds its weights changed and takes the
+    copies as its flat weights, in the shadow only."""
+    made: dict[int, torch.Tensor] = {}
+    with torch._C.DisableTorchFunctionSubclass():
+        for sub in modules:
+            for table in (sub._parameters, sub._buffers):
+                for name, t in table.items():
+                    if t is None or isinstance(t, UninitializedTensorMixin):
+                        continue
+                    if t.device.type == "meta":
+                        continue
+                    copy = made.get(id(t))
+                    if copy is None:
+                        copy = torch.empty_strided(
+                            tuple(t.shape), t.stride(), dtype=t.dtype, device=_META
+                        )
+                        if isinstance(t, nn.Parameter):
+                            copy = nn.Parameter(copy, requires_grad=t.requires_grad)
+                        made[id(t)] = copy
+                    table[name] = copy  # type: ignore[assignment]
 
 
 def _run_on_fakes(
@@ -259,7 +311,7 @@ def _run_on_fakes(
     _stand_ins(copies.values(), mode, home)
     fake_args = _fake(args, mode, home)
     fake_kwargs = _fake(dict(kwargs), mode, home)
-    with mode, torch.no_grad():
+    with mode, RecurrentShapes(), torch.no_grad():
         copy(*fake_args, **fake_kwargs)
 
 
