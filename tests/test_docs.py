@@ -95,7 +95,18 @@ def _skipped_cases() -> list[Any]:
     ]
 
 
+# torch's warnings about its own code, which the pages reach (as tests/test_compile_export.py
+# explains): importing inductor at the first torch.compile uses torch.jit.script_method, and
+# Dynamo probes ``.grad`` of non-leaf activations at a graph break (the first call builds).
+TORCH_OWN_WARNINGS = [
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning",
+]
+
+
 @pytest.mark.parametrize("path", FILES, ids=_name)
+@pytest.mark.filterwarnings(TORCH_OWN_WARNINGS[0])
+@pytest.mark.filterwarnings(TORCH_OWN_WARNINGS[1])
 def test_every_python_block_of_the_page_runs(path: Path) -> None:
     blocks = make_notebook.read_blocks(path.read_text(encoding="utf-8"))
     namespace: dict[str, Any] = {"__name__": "__main__"}
@@ -233,6 +244,8 @@ def _torchrun_env() -> Iterator[Any]:
     saved = dict(os.environ)
 
     def start() -> None:
+        if os.environ.get("RANK") == "0" and "MASTER_PORT" in os.environ:
+            return  # an earlier block of this page started it
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
