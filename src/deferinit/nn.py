@@ -12,6 +12,11 @@ twin touches this file only: its entry in ``TWINS``, its ``_twin`` line at the e
 and its name in ``__all__``; a rule that ``di.dim`` cannot express goes beside
 ``Trailing`` and ``PerChannel`` below.
 
+``RANK_GENERIC`` makes ``Conv``, ``ConvTranspose``, ``BatchNorm`` and
+``InstanceNorm``: they also infer ``spatial_dims`` from a batched input's rank and
+become exactly the 1d, 2d or 3d torch class (``dnn.Conv(16, 3)`` fed ``(N, C, H,
+W)`` becomes an ``nn.Conv2d``).
+
 >>> import torch
 >>> from deferinit import nn as dnn
 >>> layer = dnn.Linear(256)
@@ -30,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
 from torch import nn as _nn
 
 from ._declare._deferred import Deferred, make_deferred
@@ -44,24 +50,29 @@ from ._declare._rules import (
     size_at,
     tensor_argument,
 )
-from ._declare._signature import forward_signature, public_signature
+from ._declare._signature import constructor_args_of, forward_signature, public_signature
 
 __all__ = [
+    "RANK_GENERIC",
     "TWINS",
     "AdaptiveLogSoftmaxWithLoss",
+    "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "Bilinear",
+    "Conv",
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "ConvTranspose",
     "ConvTranspose1d",
     "ConvTranspose2d",
     "ConvTranspose3d",
     "GRU",
     "GRUCell",
     "GroupNorm",
+    "InstanceNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
@@ -75,6 +86,7 @@ __all__ = [
     "RNN",
     "RNNCell",
     "SyncBatchNorm",
+    "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
 ]
@@ -219,6 +231,8 @@ TWINS: dict[type[_nn.Module], dict[str, Rule]] = {
         "kdim": SizeIfDiffers("key", "query", "embed_dim"),
         "vdim": SizeIfDiffers("value", "query", "embed_dim"),
     },
+    # forward(src, tgt): src is (S, E), (S, N, E) or with batch_first (N, S, E); E last.
+    _nn.Transformer: {"d_model": dim(-1, arg="src", ndim=(2, 3))},
     _nn.TransformerEncoderLayer: {"d_model": dim(-1, arg="src", ndim=(2, 3))},
     _nn.TransformerDecoderLayer: {"d_model": dim(-1, arg="tgt", ndim=(2, 3))},
     _nn.AdaptiveLogSoftmaxWithLoss: {"in_features": dim(-1, ndim=(1, 2))},
@@ -299,6 +313,180 @@ RNNCell: type[Deferred] = _twin(_nn.RNNCell)
 LSTMCell: type[Deferred] = _twin(_nn.LSTMCell)
 GRUCell: type[Deferred] = _twin(_nn.GRUCell)
 MultiheadAttention: type[Deferred] = _twin(_nn.MultiheadAttention)
+Transformer: type[Deferred] = _twin(_nn.Transformer)
 TransformerEncoderLayer: type[Deferred] = _twin(_nn.TransformerEncoderLayer)
 TransformerDecoderLayer: type[Deferred] = _twin(_nn.TransformerDecoderLayer)
 AdaptiveLogSoftmaxWithLoss: type[Deferred] = _twin(_nn.AdaptiveLogSoftmaxWithLoss)
+
+
+# Rank-generic twins: ``Conv``, ``ConvTranspose``, ``BatchNorm``, ``InstanceNorm``.
+#
+# One more argument is inferred, ``spatial_dims`` (1, 2 or 3), read off a batched
+# input's rank (N, C, *spatial). The "real class" of such a twin is a factory
+# (below) whose construction returns the torch class of that rank, so the layer
+# becomes exactly ``nn.Conv2d`` and everything else (build on meta, materialize,
+# reset, build configs) goes through the same generic path as every other twin.
+
+
+@dataclass(frozen=True)
+class SpatialDims(Rule):
+    """``spatial_dims`` of a rank-generic twin: which of the 1d, 2d and 3d classes
+    of ``family`` a batched input of each rank (``ranks``: pairs of input rank and
+    spatial dims) builds. Unbatched input is refused: ``(C, H, W)`` is both a
+    batched 1d and an unbatched 2d input."""
+
+    family: str  # "Conv": the explicit classes are dnn.Conv1d, dnn.Conv2d, dnn.Conv3d
+    ranks: tuple[tuple[int, int], ...]
+    tensor: str | None = "weight"  # the saved tensor whose rank tells it (None: none does)
+
+    def infer(self, call: Call, options: Mapping[str, Any]) -> int:
+        x = tensor_argument(call, 0)
+        for rank, spatial in self.ranks:
+            if x.dim() == rank:
+                return spatial
+        raise RuleError(self._expected(), describe(x))
+
+    def _expected(self) -> str:
+        ranks = ", ".join(str(rank) for rank, _ in self.ranks[:-1])
+        ranks = f"{ranks} or {self.ranks[-1][0]}"
+        explicit = f"dnn.{self.family}1d, dnn.{self.family}2d or dnn.{self.family}3d"
+        return (
+            f"a batched input (N, C, *spatial) of {ranks} dimensions (an unbatched input "
+            f"is ambiguous: for it use {explicit} explicitly)"
+        )
+
+    def provisional(self, size: int, options: Mapping[str, Any]) -> int:
+        return 2
+
+    def from_shapes(self, shapes: Mapping[str, tuple[int, ...]], options: Mapping[str, Any]) -> int:
+        """The value read off a checkpoint's tensor shapes (by name within the layer):
+        a convolution's weight is (out, in / groups, *kernel); the norms' tensors are
+        the same for every rank, so a checkpoint cannot tell."""
+        one, two, three = (f"{self.family}{n}d" for n in (1, 2, 3))
+        if self.tensor is None:
+            raise RuleError(
+                f"an input, or spatial_dims=... given explicitly ({one}, {two} and {three} "
+                f"hold tensors of the same shapes)",
+                "only saved tensors",
+            )
+        shape = shapes.get(self.tensor)
+        if shape is None or not 3 <= len(shape) <= 5:
+            shown = "none" if shape is None else f"one of shape {shape}"
+            raise RuleError(f"a saved {self.tensor} of 3, 4 or 5 dimensions", shown)
+        return len(shape) - 2
+
+    def describe(self) -> str:
+        return "the rank of the input"
+
+    def origin(self, forward: inspect.Signature | None) -> str:
+        name = argument_name(0, forward) or "input"
+        shown = ", ".join(f"{rank}-d: {self.family}{n}d" for rank, n in self.ranks)
+        return f"``{name}.dim()`` ({shown})"
+
+
+class _ByRank(_nn.Module):
+    """The real class of a rank-generic twin: constructing it with ``spatial_dims``
+    constructs the torch class of that rank instead (never an instance of this)."""
+
+    classes: tuple[type[_nn.Module], ...]  # the 1d, 2d and 3d torch classes
+
+    def __new__(cls, *args: Any, spatial_dims: int, **kwargs: Any) -> Any:
+        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+            names = ", ".join(c.__name__ for c in cls.classes)
+            raise ValueError(f"spatial_dims must be 1, 2 or 3 (for {names}), got {spatial_dims!r}")
+        return cls.classes[spatial_dims - 1](*args, **kwargs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Never runs: it names the forward argument the rules read (``input``)."""
+        raise NotImplementedError
+
+
+# Module-level names, so that pickle finds them (a placeholder pickles its class
+# as "make it again from this real class and these rules").
+class _AnyConv(_ByRank):
+    classes = (_nn.Conv1d, _nn.Conv2d, _nn.Conv3d)
+
+
+class _AnyConvTranspose(_ByRank):
+    classes = (_nn.ConvTranspose1d, _nn.ConvTranspose2d, _nn.ConvTranspose3d)
+
+
+class _AnyBatchNorm(_ByRank):
+    classes = (_nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d)
+
+
+class _AnyInstanceNorm(_ByRank):
+    classes = (_nn.InstanceNorm1d, _nn.InstanceNorm2d, _nn.InstanceNorm3d)
+
+
+_CONV_RANKS = ((3, 1), (4, 2), (5, 3))
+
+# factory -> rules, as TWINS (spatial_dims first: a wrong rank is reported as such).
+RANK_GENERIC: dict[type[_ByRank], dict[str, Rule]] = {
+    _AnyConv: {
+        "spatial_dims": SpatialDims("Conv", _CONV_RANKS),
+        "in_channels": dim(1, ndim=(3, 4, 5)),
+    },
+    _AnyConvTranspose: {
+        "spatial_dims": SpatialDims("ConvTranspose", _CONV_RANKS),
+        "in_channels": dim(1, ndim=(3, 4, 5)),
+    },
+    # BatchNorm1d takes (N, C) and (N, C, L); no BatchNorm takes unbatched input.
+    _AnyBatchNorm: {
+        "spatial_dims": SpatialDims("BatchNorm", ((2, 1), *_CONV_RANKS), tensor=None),
+        "num_features": dim(1, ndim=(2, 3, 4, 5)),
+    },
+    _AnyInstanceNorm: {
+        "spatial_dims": SpatialDims("InstanceNorm", _CONV_RANKS, tensor=None),
+        "num_features": dim(1, ndim=(3, 4, 5)),
+    },
+}
+
+
+def _rank_signature(classes: tuple[type[_nn.Module], ...]) -> inspect.Signature:
+    """The arguments the three classes share (annotations only where they agree),
+    then ``spatial_dims`` by keyword."""
+    signatures = [inspect.signature(c.__init__) for c in classes]
+    shapes = {tuple((p.name, p.kind, p.default) for p in s.parameters.values()) for s in signatures}
+    if len(shapes) != 1:
+        raise TypeError(f"{', '.join(c.__name__ for c in classes)} take different arguments")
+    params = []
+    for p in list(signatures[1].parameters.values())[1:]:
+        same = all(s.parameters[p.name].annotation == p.annotation for s in signatures)
+        params.append(p if same else p.replace(annotation=inspect.Parameter.empty))
+    params.append(inspect.Parameter("spatial_dims", inspect.Parameter.KEYWORD_ONLY, annotation=int))
+    return inspect.Signature(params)
+
+
+def _unranked_repr(self: Deferred) -> str:
+    # The arguments as given: the layout's repr would show the provisional rank's
+    # torch repr (``kernel_size=(3, 3)`` for a layer that may become a Conv1d).
+    return f"{self._get_name()}({', '.join(constructor_args_of(type(self), self._di))})"
+
+
+def _rank_generic_twin(factory: type[_ByRank], name: str) -> Any:
+    factory.__name__ = name  # the layer's name in reprs, summaries and errors
+    rules = RANK_GENERIC[factory]
+    twin = make_deferred(factory, rules, _rank_signature(factory.classes))
+    twin.__module__, twin.__qualname__ = __name__, name
+    twin.__repr__ = _unranked_repr  # type: ignore[method-assign, assignment]
+    one, two, three = (c.__name__ for c in factory.classes)
+    forward = forward_signature(twin)
+    inferred = "\n".join(f"    {n}: inferred from {r.origin(forward)}" for n, r in rules.items())
+    twin.__doc__ = (
+        f"Deferred ``torch.nn.{one}``, ``{two}`` or ``{three}``, chosen by the rank of "
+        f"the first (batched) input; it then becomes exactly that class (``type(layer) is "
+        f"torch.nn.{two}``). An unbatched input is ambiguous and refused: use "
+        f"``dnn.{one}``, ``dnn.{two}`` or ``dnn.{three}`` for it.\n\n"
+        f"Inferred at the first forward (give one by keyword to fix it; both to build at "
+        f"once):\n\n{inferred}\n\n"
+        f"Every other argument is torch's, with torch's names and defaults: "
+        f"``{name}{public_signature(twin)}``.\n"
+    )
+    return twin
+
+
+Conv: type[Deferred] = _rank_generic_twin(_AnyConv, "Conv")
+ConvTranspose: type[Deferred] = _rank_generic_twin(_AnyConvTranspose, "ConvTranspose")
+BatchNorm: type[Deferred] = _rank_generic_twin(_AnyBatchNorm, "BatchNorm")
+InstanceNorm: type[Deferred] = _rank_generic_twin(_AnyInstanceNorm, "InstanceNorm")

@@ -10,7 +10,7 @@ and as ``None`` in JSON.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +29,8 @@ __all__ = [
     "table_cells",
     "tensor_dict",
 ]
+
+_LAZY_SHOWN = 8  # Lazy modules named in the footer
 
 _HEADERS = ("name", "layer", "arguments", "output", "parameters", "count", "state")
 
@@ -59,12 +61,14 @@ def footer_lines(
     buffers: Iterable[TensorInfo],
     *,
     output: Any,
+    lazy: Sequence[str] = (),
 ) -> list[str]:
     """The lines under the table: parameter counts, bytes by dtype and the output.
 
     ``parameters`` and ``buffers`` are the distinct tensors the totals count; those of
     unknown size add ``+ ?`` to their figures. ``output`` is the model's output shapes
-    or ``None``.
+    or ``None``. ``lazy`` names the torch ``nn.Lazy*`` modules, which only
+    ``di.adopt`` lets examples size.
     """
     parameters, buffers = list(parameters), list(buffers)
     unknown = totals["unknown"]
@@ -76,12 +80,20 @@ def footer_lines(
         f"({totals['trainable']:,}{more_trainable} trainable)"
     ]
     if unknown:
-        lines[0] += f"; {unknown} of unknown size (pass example inputs to infer them)"
+        how = "call di.adopt(model), then pass" if lazy else "pass"
+        lines[0] += f"; {unknown} of unknown size ({how} example inputs to infer them)"
     lines.append("Parameter bytes: " + _bytes_text(totals["bytes"], _partial(parameters)))
     if totals["buffer_bytes"]:
         lines.append("Buffer bytes: " + _bytes_text(totals["buffer_bytes"], _partial(buffers)))
     if output is not None:
         lines.append(f"Output: {_text(output)}")
+    if lazy:
+        shown = ", ".join(name or "(root)" for name in lazy[:_LAZY_SHOWN])
+        more = f" and {len(lazy) - _LAZY_SHOWN} more" if len(lazy) > _LAZY_SHOWN else ""
+        lines.append(
+            f"torch.nn.Lazy* modules: {shown}{more}. Only their own first forward sizes "
+            f"them; call di.adopt(model) to make them deferinit layers."
+        )
     return lines
 
 

@@ -26,9 +26,12 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 from .._declare._deferred import Deferred
 from .._declare._layout import freeze
 from .._declare._placeholder import placeholder_tensors
+from .._declare._rules import Rule
 from .._declare._signature import constructor_call
+from .._lazy import waiting_lazy
 from .._shape._build import shape_pass
 from .._tensors import construct_on_meta
+from ..nn import SpatialDims
 from ._render import (
     dtype_name,
     footer_lines,
@@ -40,7 +43,11 @@ from ._render import (
     table_cells,
 )
 
-__all__ = ["Row", "Summary", "TensorInfo", "summary"]
+__all__ = ["LAZY", "Row", "Summary", "TensorInfo", "summary"]
+
+# The state of a torch nn.Lazy* module still waiting for its first forward: deferinit
+# cannot size it until di.adopt makes it a deferinit layer.
+LAZY = "lazy (di.adopt)"
 
 
 class _Unknown:
@@ -83,7 +90,7 @@ class Row:
     output: Any  # nested shapes (tuples of ints) from the shape pass, or None
     parameters: tuple[TensorInfo, ...]
     buffers: tuple[TensorInfo, ...]
-    state: str  # "deferred", "built" or "meta"
+    state: str  # "deferred", "built", "meta" or LAZY (a torch Lazy module)
 
     @property
     def count(self) -> int | None:
@@ -137,7 +144,8 @@ class Summary:
 
     def _footer(self) -> list[str]:
         params, buffers = self._unique(lambda r: r.parameters), self._unique(lambda r: r.buffers)
-        return footer_lines(self.totals(), params, buffers, output=self.output)
+        lazy = [row.name for row in self.rows if row.state == LAZY]
+        return footer_lines(self.totals(), params, buffers, output=self.output, lazy=lazy)
 
     def __str__(self) -> str:
         return plain_table(table_cells(self.rows, examples=self.examples), self._footer())
@@ -156,6 +164,9 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
     """A table of every layer below ``module``: qualified name, layer class, inferred
     arguments, output shape (when example inputs are given), parameter shapes and
     count, and state (``deferred``, ``built`` or ``meta``). Unknown sizes show as ``?``.
+    torch's own ``nn.Lazy*`` modules show as ``lazy (di.adopt)``: only their own first
+    forward sizes them, so example inputs give no shapes until ``di.adopt(model)``
+    has made them deferinit layers.
 
     Examples are what :func:`deferinit.build` takes (tensors, shapes, meta tensors):
     they run through a shape-only pass that infers every size and changes nothing.
@@ -181,7 +192,9 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
     examples = bool(example_args or example_kwargs)
     values: Mapping[str, Mapping[str, Any]] = {}
     outputs: Mapping[str, Any] = {}
-    if examples:
+    # A shape pass cannot run a Lazy module's own sizing (it would even write to its
+    # uninitialized tensors); the footer says to call di.adopt.
+    if examples and not any(waiting_lazy(sub) for sub in module.modules()):
         seen = shape_pass(module, example_args, example_kwargs, outputs=True)
         values, outputs = seen.values, seen.outputs
     rows = [
@@ -216,8 +229,10 @@ def _row(name: str, layer: nn.Module, inferred: Mapping[str, Any], output: Any) 
     params = tuple(_info(n, t) for n, t in layer._parameters.items() if t is not None)
     buffers = tuple(_info(n, t) for n, t in layer._buffers.items() if t is not None)
     everything = [*layer.parameters(), *layer.buffers()]
-    if any(isinstance(t, UninitializedTensorMixin) for t in everything):
-        kind = "deferred"  # e.g. torch's own nn.LazyLinear
+    if waiting_lazy(layer):
+        kind = LAZY
+    elif any(isinstance(t, UninitializedTensorMixin) for t in everything):
+        kind = "deferred"
     elif any(t.device.type == "meta" for t in everything):
         kind = "meta"
     else:
@@ -311,9 +326,7 @@ def _partial_shapes(layer: Deferred) -> _TensorSpecs:
     if layout is None:
         return specs
     doubled = {
-        n: state.explicit[n]
-        if n in state.explicit
-        else r.provisional(2 * layout.size, state.options)
+        n: state.explicit[n] if n in state.explicit else _moved(r, layout.size, state.options)
         for n, r in cls._di_rules.items()
     }
     # Some layers reject the doubled size: every size is then unknown.
@@ -327,6 +340,15 @@ def _partial_shapes(layer: Deferred) -> _TensorSpecs:
             shape = tuple(a if a == b else None for a, b in zip(base, moved, strict=True))
         specs[tensor.name] = (shape, tensor.dtype, tensor.requires_grad, tensor.is_parameter)
     return specs
+
+
+def _moved(rule: Rule, size: int, options: Mapping[str, Any]) -> Any:
+    """The value of an unknown argument for the second construction of
+    :func:`_partial_shapes`: the provisional one at twice the size, and another rank
+    for a rank-generic twin's ``spatial_dims`` (the rank of its weight moves too)."""
+    if isinstance(rule, SpatialDims):
+        return 1 if rule.provisional(size, options) != 1 else 2
+    return rule.provisional(2 * size, options)
 
 
 def _shapes(output: Any) -> Any:
