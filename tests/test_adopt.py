@@ -554,18 +554,12 @@ def test_refuse_lazy_bounds_the_list_it_names() -> None:
         refuse_lazy(net, "di.materialize")
 
 
-_WIRED = pytest.mark.xfail(
-    strict=True,
-    reason="refuse_lazy is not yet called at the top of this entry point (owned by the lead)",
-)
-
-
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda net: di.build(net, (2, 3)), id="build", marks=_WIRED),
-        pytest.param(lambda net: di.materialize(net), id="materialize", marks=_WIRED),
-        pytest.param(lambda net: di.initialize(net, lambda m: None), id="initialize", marks=_WIRED),
+        pytest.param(lambda net: di.build(net, (2, 3)), id="build"),
+        pytest.param(lambda net: di.materialize(net), id="materialize"),
+        pytest.param(lambda net: di.initialize(net, lambda m: None), id="initialize"),
     ],
 )
 def test_entry_points_refuse_models_holding_lazy_modules(call: Callable[[nn.Module], Any]) -> None:

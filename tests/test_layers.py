@@ -191,6 +191,27 @@ def _transformer_cases(cls: type[nn.Module]) -> list[Case]:
     ]
 
 
+def _full_transformer_cases() -> list[Case]:
+    # batch_first: torch warns at the construction of a sequence-first nn.Transformer
+    # (no nested-tensor fast path), and this table constructs at collection;
+    # tests/test_twin_coverage.py covers sequence-first inputs.
+    small = {"nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 16}
+    return [
+        Case(
+            "Transformer",
+            nn.Transformer,
+            {**small, "dropout": 0.0, "batch_first": True},
+            {"d_model": 8},
+            lambda: (r(3, 5, 8), r(3, 4, 8)),
+            unbatched=lambda: (r(5, 8), r(4, 8)),
+            wrong=lambda: (r(8), r(8)),
+            wrong_match="cannot infer d_model .*expected a 2-d or 3-d tensor",
+            changed=lambda: (r(3, 5, 6), r(3, 4, 6)),
+            changed_arg="d_model",
+        ),
+    ]
+
+
 CASES: list[Case] = [
     Case(
         "Linear",
@@ -353,6 +374,7 @@ CASES: list[Case] = [
     ),
     *_transformer_cases(nn.TransformerEncoderLayer),
     *_transformer_cases(nn.TransformerDecoderLayer),
+    *_full_transformer_cases(),
     Case(
         "AdaptiveLogSoftmaxWithLoss",
         nn.AdaptiveLogSoftmaxWithLoss,

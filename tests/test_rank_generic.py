@@ -291,13 +291,6 @@ def test_rank_rules_are_frozen_values_that_pickle(factory: type[nn.Module]) -> N
 # -- checkpoints: sizes from saved shapes -----------------------------------------------
 
 
-_RANK_FROM_SHAPES = pytest.mark.xfail(
-    strict=True,
-    reason="needs Rule.from_shapes read by _checkpoint/_sizes.infer_from_shapes (requested)",
-)
-
-
-@_RANK_FROM_SHAPES
 @pytest.mark.parametrize("spatial", [1, 2, 3])
 def test_checkpoint_gives_the_convolutions_rank_from_its_weight(
     spatial: int, assert_same_state: AssertSameState
@@ -311,7 +304,6 @@ def test_checkpoint_gives_the_convolutions_rank_from_its_weight(
     assert_same_state(net, saved)
 
 
-@_RANK_FROM_SHAPES
 def test_checkpoint_cannot_tell_a_norms_rank_and_says_so() -> None:
     net = nn.Sequential(dnn.BatchNorm())
     with pytest.raises(

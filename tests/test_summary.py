@@ -181,7 +181,10 @@ def test_explicit_sizes_plain_torch_layers_and_torch_lazy_layers() -> None:
     rows = _rows(di.summary(net))
     assert (_args(rows["0"]), rows["0"].state) == ({"in_features": "3"}, "built")
     assert (_args(rows["1"]), rows["1"].state) == ({}, "built")
-    assert (_shapes(rows["2"]), rows["2"].state) == ({"weight": None, "bias": None}, "deferred")
+    assert (_shapes(rows["2"]), rows["2"].state) == (
+        {"weight": None, "bias": None},
+        "lazy (di.adopt)",
+    )
 
 
 def test_frozen_tied_and_mixed_dtype_parameters_in_the_totals() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, InferenceError
+from .._lazy import refuse_lazy
 from .._naming import qualified_name
 from .._tensors import has_meta_tensors
 
@@ -57,6 +58,7 @@ def initialize(module: M, init: Initializer | None = None, *, force_reinit: bool
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.initialize expects an nn.Module, got {type(module).__name__}")
+    refuse_lazy(module, "di.initialize")
     _check(init)
     with BUILD_LOCK:
         _visit(module, "", init, force_reinit, set())

@@ -26,6 +26,7 @@ from .._become._become import become
 from .._declare._deferred import Deferred
 from .._declare._layout import probe_shapes
 from .._declare._placeholder import placeholder_tensors
+from .._declare._rules import MISSING, RuleError
 from .._declare._signature import constructor_call
 from .._naming import label
 from .._swap import exchange_or_raise
@@ -91,9 +92,28 @@ def infer_from_shapes(
         args, kwargs = constructor_call(cls, arguments, values)
         return probe_shapes(lambda: cls._di_cls(*args, **kwargs))
 
-    base_shapes = state.layout.shapes
     values = dict(state.explicit)
     problems: list[str] = []
+    # Values a rule reads off the saved shapes directly (a rank-generic twin's
+    # spatial_dims is its weight's rank), before the linear relations below, whose
+    # probes construct the layer with them.
+    read_off = False
+    for name, rule in cls._di_rules.items():
+        if name in values:
+            continue
+        try:
+            read = rule.from_shapes(shapes, state.options)
+        except RuleError as error:
+            problems.append(
+                f"{name} cannot be read off it: expected {error.expected}, got {error.got}"
+            )
+            continue
+        if read is not MISSING:
+            values[name] = base[name] = read
+            read_off = True
+    if problems:
+        return values, problems
+    base_shapes = shapes_for(base) if read_off else state.layout.shapes
     for name in cls._di_rules:
         if name in values:
             continue

@@ -184,6 +184,12 @@ class Rule:
         """A stand-in value used to construct the layer on ``meta`` before build."""
         return size
 
+    def from_shapes(self, shapes: Mapping[str, tuple[int, ...]], options: Mapping[str, Any]) -> Any:
+        """The value read directly off a checkpoint's tensor shapes (by name within
+        the layer), ``MISSING`` to solve it from how the shapes move with it, or
+        raise ``RuleError`` when a checkpoint cannot tell it."""
+        return MISSING
+
     def describe(self) -> str:
         """Where the value comes from, for error messages."""
         return repr(self)

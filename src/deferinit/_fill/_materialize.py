@@ -37,6 +37,7 @@ from torch import nn
 
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, NotBuiltError, UnrecordedInitWarning
+from .._lazy import refuse_lazy
 from .._naming import root_scope
 from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
@@ -120,6 +121,7 @@ def materialize(
     'cpu'
     """
     target = _target(module, device, dtype)
+    refuse_lazy(module, "di.materialize")
     with BUILD_LOCK, root_scope(module):
         steps = _fillable_steps(module, seed)
         _warn_unrecorded(steps)

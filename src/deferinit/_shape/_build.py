@@ -34,6 +34,7 @@ from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._state import declared_defaults
 from .._errors import NotBuiltError
+from .._lazy import refuse_lazy
 from .._naming import names_by_id, qualified_name, root_scope
 from .._random import Drawing
 from .._tensors import has_meta_tensors
@@ -372,6 +373,7 @@ def build(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.build expects an nn.Module, got {type(module).__name__}")
+    refuse_lazy(module, "di.build")
     with BUILD_LOCK, root_scope(module):
         seen = shape_pass(module, example_args, example_kwargs)
         unreached = [
