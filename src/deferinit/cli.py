@@ -2,8 +2,8 @@
 
 Subcommands:
 
-- ``deferinit demo``: walk through deferred initialization (延后初始化) on the
-  classic d2l MLP.
+- ``deferinit demo [--lang en|zh]``: walk through deferred initialization (延后初始化),
+  step by step, in English or Chinese (default: the locale's language).
 - ``deferinit summary FILE_OR_MODULE:FACTORY --input-shape 2,20``: print
   :func:`deferinit.summary` of the model a Python factory returns.
 
@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._present._demo import run_demo
+from ._present._demo import LANGUAGES, default_language, run_demo
 from ._present._summary import summary
 
 __all__ = ["main"]
@@ -35,8 +36,21 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(sys.stdout)
+    language = args.lang or default_language()
+    if isinstance(sys.stdout, io.TextIOWrapper) and not _can_print("延后初始化"):
+        # A terminal that cannot show Chinese (the English story names 延后初始化 too):
+        # show what it cannot as escapes rather than fail.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    run_demo(sys.stdout, language)
     return 0
+
+
+def _can_print(text: str) -> bool:
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 class _UsageError(Exception):
@@ -166,10 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
-        help="walk through deferred initialization on the d2l MLP",
-        description="Walk through deferred initialization (延后初始化) on the d2l MLP: "
-        "sizes shown as '?', an initializer that runs at the first forward, the build, "
-        "and the error for a changed input size.",
+        help="walk through deferred initialization (延后初始化), step by step",
+        description="Walk through deferred initialization (延后初始化), step by step, after "
+        "d2l's chapter: sizes shown as '?', an initializer that runs at the first forward, "
+        "the build, the error for a changed input size, LeNet at two resolutions, a custom "
+        "block, a model larger than memory, any model recorded, torch.nn.Lazy* adopted.",
+    )
+    demo.add_argument(
+        "--lang",
+        choices=LANGUAGES,
+        default=None,
+        help="en (English) or zh (中文); default: zh when LC_ALL, LC_MESSAGES or LANG "
+        "starts with zh, else en",
     )
     demo.set_defaults(handler=_demo)
     table = commands.add_parser(
