@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint check bench bench-quick mutate clean
+.PHONY: setup demo test test-torch lint check bench bench-quick mutate clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,22 @@ demo: setup
 # deferinit package; fails under 90%. Exit code 5 (no tests ran) fails.
 test: setup
 	$(PY) -m pytest src tests --cov=deferinit --cov-report=term-missing:skip-covered --cov-fail-under=90
+
+# The same suite on another torch release, in a venv of its own (.venv-torch-VERSION):
+#   make test-torch TORCH_VERSION=2.14.0
+# Installs that torch first, then this package with its dev extra, checks the venv holds
+# that release, and runs `make test` there. Results: docs/torch-versions.md.
+TORCH_VERSION ?=
+TORCH_VENV     = .venv-torch-$(TORCH_VERSION)
+
+test-torch:
+	@if [ -z "$(TORCH_VERSION)" ]; then \
+		echo "make test-torch: which torch? e.g. make test-torch TORCH_VERSION=2.14.0" >&2; exit 2; fi
+	$(MAKE) --no-print-directory setup VENV=$(TORCH_VENV) TORCH="torch==$(TORCH_VERSION)"
+	$(TORCH_VENV)/bin/python -c "import sys, torch; v, want = torch.__version__.split('+')[0], \
+		'$(TORCH_VERSION)'.split('+')[0]; sys.exit(None if v in (want, want + '.0') else \
+		f'make test-torch: $(TORCH_VENV) holds torch {torch.__version__}, not $(TORCH_VERSION)')"
+	COVERAGE_FILE=$(TORCH_VENV)/.coverage $(MAKE) --no-print-directory test VENV=$(TORCH_VENV)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -44,4 +60,4 @@ mutate: setup
 	$(PY) tools/mutate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .venv-torch-* .pytest_cache .mypy_cache .ruff_cache .coverage
