@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-torch lint check bench bench-quick mutate clean
+.PHONY: setup demo test test-torch lint docs check bench bench-quick mutate clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The documentation site (mkdocs.yml, docs/) into site/; warnings are errors.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 check: lint test
 
 # Every figure of the performance table, side by side in one run (--quick: under 4 minutes).
@@ -60,4 +64,4 @@ mutate: setup
 	$(PY) tools/mutate.py
 
 clean:
-	rm -rf $(VENV) .venv-torch-* .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .venv-torch-* site .pytest_cache .mypy_cache .ruff_cache .coverage
