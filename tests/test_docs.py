@@ -307,6 +307,22 @@ def test_api_page_documents_every_public_name() -> None:
         assert public.name in entries, f"docs/api.md has no '::: {public.name}'"
 
 
+def test_the_api_page_shows_doctest_sessions_as_code_and_roles_as_code() -> None:
+    griffe_extension = _load("deferinit_docs_griffe", ROOT / "docs" / "_griffe.py")
+    docstring = "Fill it; see :func:`deferinit.build`.\n\n>>> f(\n...     1)\n2\n\nThen more."
+    assert griffe_extension.markdown_docstring(docstring).splitlines() == [
+        "Fill it; see `deferinit.build`.",
+        "",
+        "```pycon",
+        ">>> f(",
+        "...     1)",
+        "2",
+        "```",
+        "",
+        "Then more.",
+    ]
+
+
 #: Public names whose docstrings have no ``>>>`` example yet (their modules are
 #: not this suite's to edit). New public names must come with an example.
 NO_EXAMPLE_YET = {
