@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -18,11 +19,14 @@ from torch.nn.modules import module as torch_module
 from .._random import Generators, Mode
 
 __all__ = [
+    "IN_WORKER",
     "Fallback",
     "RegisteredStorageMode",
+    "hooks_installed",
     "named_tensors",
     "registration_order",
     "registrations",
+    "saved_generators",
     "storage_key",
     "written_args",
     "written_storages",
@@ -78,26 +82,84 @@ def written_storages() -> Iterator[set[int]]:
         yield written
 
 
+class _Hooks:
+    """torch's global registration hooks, installed while any thread records
+    registrations: counted, so that worker threads filling layers at the same time
+    (``seed=``) never add or remove a hook while another thread's module is running
+    the hooks (a dictionary changing size during iteration)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.handles: list[Any] = []
+        self.local = threading.local()  # .lists: this thread's open recordings
+
+    def record(self, module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            for seen in getattr(self.local, "lists", ()):
+                seen.append(tensor)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.handles = [
+                    torch_module.register_module_parameter_registration_hook(self.record),
+                    torch_module.register_module_buffer_registration_hook(self.record),
+                ]
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    for handle in self.handles:
+                        handle.remove()
+                    self.handles = []
+
+
+_HOOKS = _Hooks()
+
+# Held by a thread that starts workers: the hooks stay installed until it is done.
+hooks_installed = _HOOKS.installed
+
+
 @contextlib.contextmanager
 def registrations() -> Iterator[list[torch.Tensor]]:
     """Every parameter and buffer registered on any module by this thread, in order
     (torch's registration hooks are global: other threads' modules are not ours)."""
     seen: list[torch.Tensor] = []
-    thread = threading.get_ident()
-
-    def hook(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-        if tensor is not None and threading.get_ident() == thread:
-            seen.append(tensor)
-
-    handles = [
-        torch_module.register_module_parameter_registration_hook(hook),
-        torch_module.register_module_buffer_registration_hook(hook),
-    ]
+    lists: list[list[torch.Tensor]] = getattr(_HOOKS.local, "lists", [])
+    _HOOKS.local.lists = [*lists, seen]
     try:
-        yield seen
+        with _HOOKS.installed():
+            yield seen
     finally:
-        for handle in handles:
-            handle.remove()
+        _HOOKS.local.lists = lists
+
+
+class _LeftAlone(Generators):
+    """In a worker thread the process-wide generators are neither saved nor
+    restored: another worker may be lending the default one to a draw
+    (:func:`deferinit._random.draw`), and what a worker runs draws only from
+    private generators."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def restore(self) -> None:
+        pass
+
+
+# Set in the worker threads of a parallel seed= materialize.
+IN_WORKER: ContextVar[bool] = ContextVar("deferinit_fill_worker", default=False)
+
+
+def saved_generators(device: torch.device) -> Generators:
+    """The random generators as they are now, to put back after a dry run or a
+    replay (in a worker thread: left alone, see :class:`_LeftAlone`)."""
+    return _LeftAlone(device) if IN_WORKER.get() else Generators(device)
 
 
 def registration_order(

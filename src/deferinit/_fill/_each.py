@@ -2,10 +2,13 @@
 initialization would give it.
 
 A layer's constructor (or ``reset_parameters``) initializes all of its tensors
-together. To hand out one tensor's full value while touching memory only for that
-tensor (FSDP2 shards: each rank keeps a slice of every parameter), the
-initialization is run once per group of wanted tensors under :class:`_Mirror`, a
-dispatch mode in which
+together. To hand out each tensor's value while holding about one tensor's memory
+(FSDP2 and tensor-parallel shards: each rank keeps a slice of every parameter),
+the initialization runs once, each tensor written on a stand-in and its wanted
+part kept as soon as the next tensor is written (:mod:`deferinit._fill._once`).
+
+Where that one run cannot be followed, it runs once per group of wanted tensors
+instead, under :class:`_Mirror`, a dispatch mode in which
 
 * operations on the *wanted* tensors, and on scratch tensors the initialization
   computes with, run as usual;
@@ -18,7 +21,7 @@ dispatch mode in which
 
 So the generator advances exactly as in one eager initialization, whose values the
 wanted tensors get bitwise, and extra memory peaks at the wanted group (at most the
-largest tensor of the layer) plus one throw-away fill. Whatever the mode cannot
+largest tensor of the layer) plus one throw-away fill. Whatever the mirror cannot
 follow (a value read from another tensor of the layer, a tensor subclass) raises
 :class:`Fallback`, and that group is initialized with the whole layer instead:
 more memory, never different values.
@@ -42,28 +45,15 @@ from ._dispatch import (
     named_tensors,
     registration_order,
     registrations,
+    saved_generators,
     written_args,
 )
-from ._streams import seeded_whole
+from ._once import METADATA, Keep, Scratch, once
+from ._streams import seeded_whole, streams
 
 __all__ = ["each_tensor"]
 
 aten = torch.ops.aten
-
-# Operations that read only a tensor's size, strides, dtype and device.
-_METADATA = {
-    aten.new_empty.default,
-    aten.new_empty_strided.default,
-    aten.new_zeros.default,
-    aten.new_ones.default,
-    aten.new_full.default,
-    aten.empty_like.default,
-    aten.zeros_like.default,
-    aten.ones_like.default,
-    aten.full_like.default,
-    aten.rand_like.default,
-    aten.randn_like.default,
-}
 
 
 class _Mirror(RegisteredStorageMode):
@@ -89,7 +79,7 @@ class _Mirror(RegisteredStorageMode):
         schema = func._schema
         written = written_args(schema, args, kwargs)
         aliasing = [r for r in schema.returns if r.alias_info is not None]
-        if (not written and aliasing) or func in _METADATA:
+        if (not written and aliasing) or func in METADATA:
             return func(*args, **kwargs)  # a view or a new tensor: no data is read
         if not written or any(id(w) not in others for w in written):
             raise Fallback(f"{func} reads the value of another tensor of the layer")
@@ -176,11 +166,16 @@ def each_tensor(
     seeds: Callable[[str], int] | None = None,
     *,
     construct: Callable[[], nn.Module] | None = None,
+    keep: Keep | None = None,
+    scratch: Scratch | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, full value)`` for each wanted tensor of the module ``make``
-    creates and initializes, a few at a time (never more bytes at once than the
-    largest of them).
+    """Yield ``(name, value)`` for each wanted tensor of the module ``make``
+    creates and initializes, never holding more than about one tensor's bytes
+    besides what is kept: ``keep(name, full value)`` (default: the full value), as
+    each tensor is produced.
 
+    One run of the initialization where :func:`~deferinit._fill._once.once` can
+    follow it, else a run per group of tensors (the mirror, :class:`_Mirror`).
     Without ``seeds`` every value is what one run of ``make`` from the current
     generator state gives, and the generators (torch's CPU and target device's,
     Python's ``random``) end where that run leaves them. With ``seeds`` the tensor
@@ -192,7 +187,8 @@ def each_tensor(
     ``construct`` builds the module without running what initializes it beyond its
     constructor (a registered initializer): the dry runs on meta, which learn the
     registration order and sizes, use it, so that user code runs only where its
-    values are used (default: ``make``).
+    values are used (default: ``make``). ``scratch`` lends the memory tensors are
+    written in before their part is kept (default: new for this call).
 
     >>> import torch
     >>> from torch import nn
@@ -203,22 +199,43 @@ def each_tensor(
     ...     lambda: nn.Linear(3, 2), ["weight"], torch.device("cpu"))]
     [('weight', True)]
     """
-    generators = Generators(device)
+    generators = saved_generators(device)
     dry = make if construct is None else construct
     order = registration_order(dry, generators)
-    groups = _plan_groups(dry, names, order, seeds, generators)
+    kept = keep if keep is not None else _whole
     source = _Source(make, device, seeds, construct, generators)
     try:
-        for group in groups:
-            values = source.group(group, order)
-            for name in group:
+        values = source.once(names, order, kept, scratch)
+        if values is None:
+            yield from _by_groups(source, dry, names, order, kept)
+        else:
+            for name in names:
                 yield name, values.pop(0)  # popped: the caller may free each one
-            del values
-        if not names and seeds is None:
-            with source.drawing(""), torch.device(device):
-                make()  # the generators advance as one initialization would
     finally:
         source.close()
+
+
+def _whole(name: str, value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def _by_groups(
+    source: _Source,
+    dry: Callable[[], nn.Module],
+    names: Sequence[str],
+    order: dict[str, int] | None,
+    keep: Keep,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`each_tensor`'s longer way: the initialization runs once per group."""
+    groups = _plan_groups(dry, names, order, source.seeds, source.generators)
+    for group in groups:
+        values = source.group(group, order)
+        for name in group:
+            yield name, keep(name, values.pop(0))
+        del values
+    if not names and source.seeds is None:
+        with source.drawing(""), torch.device(source.device):
+            source.make()  # the generators advance as one initialization would
 
 
 class _Source:
@@ -250,6 +267,25 @@ class _Source:
             self.generators.restore()
             return contextlib.nullcontext()
         return Drawing(self.seeds(name))
+
+    def once(
+        self,
+        names: Sequence[str],
+        order: dict[str, int] | None,
+        keep: Keep,
+        scratch: Scratch | None,
+    ) -> list[torch.Tensor] | None:
+        """Every kept value from one run (:func:`once`), or ``None`` where that run
+        cannot be followed (the generators are rewound by the longer way)."""
+        if not names or order is None or any(name not in order for name in names):
+            return None
+        if self.seeds is not None and self.device.type != "cpu":
+            return None  # per-tensor streams in one run: CPU only, as seeded_whole
+        stream = None if self.seeds is None else streams(order, self.seeds, names)
+        try:
+            return once(self.make, names, order, self.device, keep, stream, scratch)
+        except Fallback:
+            return None
 
     def group(self, group: list[str], order: dict[str, int] | None) -> list[torch.Tensor]:
         """The values of ``group``'s tensors, in its order."""

@@ -1,79 +1,150 @@
 """Filling one layer's meta tensors, the two ways ``di.materialize`` knows.
 
-* :func:`rebuild`: a layer deferinit built on meta is constructed again for real
+* :class:`Rebuild`: a layer deferinit built on meta is constructed again for real
   with the arguments it was built with, so its own ``__init__`` draws the random
   numbers in eager order.
-* :func:`reset_on_stand_in`: a module declared under ``torch.device("meta")`` runs
+* :class:`ResetOnStandIn`: a module declared under ``torch.device("meta")`` runs
   its ``reset_parameters`` and registered initializer on a stand-in with fresh
   tensors.
 
 Either way user code runs on a copy, never on the model's own tensors, so that a
-failure can always be undone, and the values are placed under the model's own
-objects (:mod:`deferinit._fill._placing`).
+failure can always be undone. A :class:`Fill` computes the values
+(:meth:`Fill.values`, which touches nothing of the model, so that ``seed=`` can
+compute several layers at once in worker threads), then places them under the
+model's own objects (:meth:`Fill.place`, :mod:`deferinit._fill._placing`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .._become._initialize import apply_registered, mark_initialized
+from .._become._initialize import Registration, apply_registered, mark_initialized
 from .._declare._pending import pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
-from .._random import Generators
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
-from ._dispatch import storage_key, written_storages
+from ._dispatch import saved_generators, storage_key, written_storages
 from ._each import each_tensor
-from ._placing import Owners, place_by_name, place_under_object
+from ._once import Scratch
+from ._placing import Owners, local_part, place_by_name
 from ._streams import seeded_whole
 
-__all__ = ["rebuild", "reset_on_stand_in"]
+__all__ = ["Fill", "Rebuild", "ResetOnStandIn"]
 
 Seeds = Callable[[str], int] | None  # a tensor's generator seed by its name (seed=)
 
 
-def rebuild(
-    layer: nn.Module,
-    prefix: str,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Seeds,
-    owners: Owners,
-) -> None:
+class Fill:
+    """One layer's meta tensors (``old``, by name below ``module``, which sits at
+    ``prefix``): their values, computed by ``make`` (constructed and initialized;
+    ``construct``: constructed only, for dry runs on meta), then placed."""
+
+    recurse = True  # the registered initializer ran on the submodules too
+
+    def __init__(
+        self,
+        module: nn.Module,
+        prefix: str,
+        old: dict[str, torch.Tensor],
+        make: Callable[[], nn.Module],
+        construct: Callable[[], nn.Module],
+        registered: Registration | None,
+    ) -> None:
+        self.module = module
+        self.prefix = prefix
+        self.old = old
+        self.make = make
+        self.construct = construct
+        self.registered = registered
+
+    def values(
+        self, device: torch.device, dtype: torch.dtype | None, seeds: Seeds, scratch: Scratch
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, value)`` for every tensor of ``old``: the whole value, or for a
+        sharded tensor this rank's slice (:func:`local_part`). Reads the model,
+        never changes it. ``scratch`` lends the memory in which a tensor is written
+        before its slice is kept."""
+        keep = functools.partial(self._keep, device, dtype)
+        sharded = any(isinstance(t, DTensor) for t in self.old.values())
+        if seeds is None and not sharded:
+            new = self._made(device)
+            for name in self.old:
+                yield name, new[name]
+            return
+        # seed= in one run with a generator per tensor, at the cost of one
+        # initialization. Sharded tensors take this path only where a registered
+        # initializer must run once per layer (the whole layer is then held for a
+        # moment); otherwise one tensor at a time, for memory.
+        if seeds is not None and (not sharded or self.registered is not None):
+            whole = seeded_whole(self.make, device, seeds, construct=self.construct)
+            if whole is not None:
+                new = tensors_by_name(whole)
+                _check_known(self.module, self.prefix, self.old, new)
+                for name in self.old:
+                    yield name, keep(name, new[name])
+                return
+        self._dry_run(device)
+        names = list(self.old)
+        yield from each_tensor(
+            self.make, names, device, seeds, construct=self.construct, keep=keep, scratch=scratch
+        )
+
+    def _keep(
+        self, device: torch.device, dtype: torch.dtype | None, name: str, full: torch.Tensor
+    ) -> torch.Tensor:
+        return local_part(self.old[name], full, device, dtype)
+
+    def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every tensor of one real run of ``make``, by name."""
+        raise NotImplementedError
+
+    def _dry_run(self, device: torch.device) -> None:
+        """Checks before going one tensor at a time."""
+
+    def place(
+        self, name: str, value: torch.Tensor, dtype: torch.dtype | None, owners: Owners
+    ) -> None:
+        """One of :meth:`values` under the model's tensor (undoably)."""
+        place_by_name(self.module, name, self.old[name], value, dtype, owners, self.prefix)
+
+    def finish(self) -> None:
+        """After every value is placed: the registered initializer counts as run."""
+        if self.registered is not None:
+            mark_initialized(self.module, recurse=self.recurse)
+
+
+class Rebuild(Fill):
     """A layer deferinit built on meta: constructed again for real with the arguments
     it was built with, its registered initializer applied to that copy (user code
     never holds the model's own tensors mid-way, so a failure can always be undone),
     and the values placed under the layer's tensors."""
-    again = _ConstructAgain(layer, prefix)
-    construct, make = again.construct, again.make
-    old = {n: t for n, t in tensors_by_name(layer).items() if is_meta(t)}
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+
+    def __init__(self, layer: nn.Module, prefix: str) -> None:
+        again = _ConstructAgain(layer, prefix)
+        old = {n: t for n, t in tensors_by_name(layer).items() if is_meta(t)}
+        super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
+
+    def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
         with torch.device(device):
-            new = tensors_by_name(make())
-        _check_known(layer, prefix, old, new)
-        for name, tensor in old.items():
-            place_by_name(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    elif not _place_whole(
-        layer, prefix, old, make, construct, device, dtype, seeds, owners, again.registered
-    ):
-        generators = Generators(device)
-        try:  # a dry run: each_tensor needs every name to be one the layer makes
-            _check_known(layer, prefix, old, tensors_by_name(construct_on_meta(construct)))
+            new = tensors_by_name(self.make())
+        _check_known(self.module, self.prefix, self.old, new)
+        return new
+
+    def _dry_run(self, device: torch.device) -> None:
+        generators = saved_generators(device)
+        try:  # each_tensor needs every name to be one the layer makes
+            made = tensors_by_name(construct_on_meta(self.construct))
         finally:
             generators.restore()
-        for name, value in each_tensor(make, list(old), device, seeds, construct=construct):
-            place_by_name(layer, name, old[name], value, device, dtype, owners, prefix)
-            del value
-    if again.registered is not None:
-        mark_initialized(layer)
+        _check_known(self.module, self.prefix, self.old, made)
 
 
 class _ConstructAgain:
@@ -118,35 +189,6 @@ class _ConstructAgain:
                 apply_registered(module, self.registered, recurse=True, name=self.prefix)
                 _check_unchanged(self.layer, self.prefix, names, set(tensors_by_name(module)))
         return module
-
-
-def _place_whole(
-    layer: nn.Module,
-    prefix: str,
-    old: dict[str, torch.Tensor],
-    make: Callable[[], nn.Module],
-    construct: Callable[[], nn.Module],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Seeds,
-    owners: Owners,
-    registered: object,
-) -> bool:
-    """``seed=`` in one run with a generator per tensor: the values each_tensor gives,
-    at the cost of one initialization. Sharded tensors take this path only where a
-    registered initializer must run once per layer (the whole layer is then held
-    for a moment); otherwise they go one tensor at a time, for memory."""
-    sharded = any(isinstance(t, DTensor) for t in old.values())
-    if seeds is None or (sharded and registered is None):
-        return False
-    whole = seeded_whole(make, device, seeds, construct=construct)
-    if whole is None:
-        return False
-    new = tensors_by_name(whole)
-    _check_known(layer, prefix, old, new)
-    for name, tensor in old.items():
-        place_by_name(layer, name, tensor, new[name], device, dtype, owners, prefix)
-    return True
 
 
 def _check_known(
@@ -196,40 +238,30 @@ def _unset_error(module: nn.Module, name: str, unset: list[str], registered: boo
 Declared = list[tuple[bool, str, torch.Tensor | None]]
 
 
-def reset_on_stand_in(
-    module: nn.Module,
-    name: str,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    seeds: Seeds,
-    owners: Owners,
-) -> None:
+class ResetOnStandIn(Fill):
     """A module declared on meta: its own initialization (``reset_parameters``, then
     a registered initializer) runs on a stand-in whose own tensors are fresh, in
     their declared dtype and strides, and only the meta tensors take its values:
     tensors that are real already (loaded, or tied to a filled one) keep theirs.
     A meta tensor that this initialization does not set (a buffer computed in
     ``__init__``, which never ran for real) is an error, not garbage."""
-    declared: Declared = [(True, leaf, t) for leaf, t in module._parameters.items()]
-    declared += [(False, leaf, t) for leaf, t in module._buffers.items()]
-    old = _meta_under_first_name(declared)
-    construct = functools.partial(_stand_in, module, declared)
-    registered = module.__dict__.get("_di_meta_init")
-    make = functools.partial(_initialized_stand_in, module, name, declared, set(old), registered)
-    if seeds is None and not any(isinstance(t, DTensor) for t in old.values()):
+
+    recurse = False  # the module's own tensors only
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        declared: Declared = [(True, leaf, t) for leaf, t in module._parameters.items()]
+        declared += [(False, leaf, t) for leaf, t in module._buffers.items()]
+        old = _meta_under_first_name(declared)
+        registered = module.__dict__.get("_di_meta_init")
+        construct = functools.partial(_stand_in, module, declared)
+        make = functools.partial(
+            _initialized_stand_in, module, name, declared, set(old), registered
+        )
+        super().__init__(module, name, old, make, construct, registered)
+
+    def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
         with torch.device(device):
-            new = own_tensors(make())
-        for leaf, tensor in old.items():
-            qualified = f"{name}.{leaf}" if name else leaf
-            place_under_object(module, tensor, new[leaf], dtype, qualified)
-    elif not _place_whole(
-        module, name, old, make, construct, device, dtype, seeds, owners, registered
-    ):
-        for leaf, value in each_tensor(make, list(old), device, seeds, construct=construct):
-            place_by_name(module, leaf, old[leaf], value, device, dtype, owners, name)
-            del value
-    if registered is not None:
-        mark_initialized(module, recurse=False)
+            return own_tensors(self.make())
 
 
 def _meta_under_first_name(declared: Declared) -> dict[str, torch.Tensor]:

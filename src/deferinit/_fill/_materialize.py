@@ -15,9 +15,11 @@ parameter objects keep their identity (whatever else refers to them); at
 most one layer's worth of extra memory at a time; all or nothing (any error puts
 every tensor back on meta).
 
-Sharded (FSDP2) tensors and ``seed=`` go one tensor at a time instead
-(:func:`deferinit._fill._each.each_tensor`): a rank keeps only its slice of each value,
-and a seeded tensor's value depends only on the seed and its qualified name.
+Sharded (FSDP2, tensor parallel) tensors go one tensor at a time instead
+(:func:`deferinit._fill._each.each_tensor`): a rank keeps only its slice of each
+value, in one run of each layer's initialization. With ``seed=`` a tensor's value
+depends only on the seed and its qualified name, so layers are computed by as many
+threads as ``torch.get_num_threads()`` (:mod:`deferinit._fill._parallel`).
 
 This module plans the steps and holds the undo log; filling one layer is
 :mod:`deferinit._fill._layers`.
@@ -42,7 +44,7 @@ from .._naming import root_scope
 from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
 from .._tensors import is_meta, own_tensors
-from ._layers import rebuild, reset_on_stand_in
+from ._parallel import Step, filled_in_order, threads_for
 from ._placing import UNDO, Undo, sharded_owners
 
 __all__ = ["materialize"]
@@ -103,11 +105,16 @@ def materialize(
     converts floating-point tensors, as ``module.to(dtype)`` would after eager
     construction. With ``seed`` every tensor is initialized alone, from a generator
     seeded with ``seed`` and its qualified name (below ``module``): its values do
-    not depend on order, on the rest of the model, on which layers were deferred or
-    on how many ranks share it; the global generator is left alone. Parameters
-    sharded with FSDP2 (``fully_shard``) get the matching slice of the value a
-    single process computes, and each rank allocates only its shard (plus one
-    full tensor at a time while it is initialized).
+    not depend on order, on the rest of the model, on which layers were deferred,
+    on how many ranks share it or on how many threads compute it; the global
+    generator is left alone. On the CPU, ``seed=`` computes independent layers in
+    ``torch.get_num_threads()`` threads at once (``torch.set_num_threads(1)``: one
+    at a time); layers whose code is not torch's own (a registered initializer, a
+    class of your own) are computed by the calling thread alone. Parameters sharded
+    with FSDP2 (``fully_shard``) or tensor parallelism (``parallelize_module``) get
+    the matching slice of the value a single process computes, and each rank
+    allocates only its shard (plus one full tensor at a time while it is
+    initialized).
     ``progress`` forces the progress bar on or off (default: on when stderr is a
     terminal and more than 1 GiB is allocated). Returns ``module``.
 
@@ -213,10 +220,15 @@ def _fill_all_or_nothing(
     try:
         # Recorded constructions first (di.deferred_init), in program order.
         replay_recorded(root, device=target, dtype=dtype, seed=seed, undo=undo, advance=advance)
-        for kind, name, sub in steps:
-            fill = rebuild if kind == "rebuild" else reset_on_stand_in
-            fill(sub, name, target, dtype, _seeds(seed, name), owners)
-            advance(_bytes(sub))
+        planned = [Step(kind, name, sub, _seeds(seed, name)) for kind, name, sub in steps]
+        threads = threads_for(seed is not None, target)
+        with filled_in_order(planned, target, dtype, threads) as filled:
+            for done in filled:
+                for name, value in done.values:
+                    done.fill.place(name, value, dtype, owners)
+                    del value
+                done.fill.finish()
+                advance(_bytes(done.step.module))
     except BaseException as error:
         lost = [why for action in reversed(undo) if (why := action()) is not None]
         generators.restore()

@@ -28,6 +28,7 @@ __all__ = [
     "UNDO",
     "Owners",
     "Undo",
+    "local_part",
     "place_by_name",
     "place_under_object",
     "sharded_owners",
@@ -124,46 +125,57 @@ def _put_back(table: dict[str, Any], leaf: str, before: torch.Tensor) -> None:
     table[leaf] = before
 
 
+def local_part(
+    old: torch.Tensor, full: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """What this rank keeps of ``full``, the single-process value of the tensor ``old``:
+    for a sharded (DTensor) tensor a copy of its own slice, on ``device`` and in the
+    dtype it will have; any other tensor's value is kept whole, as it is.
+
+    >>> import torch
+    >>> full = torch.arange(4.0)
+    >>> local_part(torch.empty(4), full, torch.device("cpu"), None) is full
+    True
+    """
+    if not isinstance(old, DTensor):
+        return full
+    shape, offset = compute_local_shape_and_global_offset(
+        old.shape, old.device_mesh, old.placements
+    )
+    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+    want = dtype if dtype is not None and full.is_floating_point() else old.dtype
+    # copy=True: a slice along dim 0 is a view, which would keep the full tensor alive.
+    return full.detach()[index].to(device=device, dtype=want, copy=True).contiguous()
+
+
 def place_by_name(
     layer: nn.Module,
     name: str,
     old: torch.Tensor,
     value: torch.Tensor,
-    device: torch.device,
     dtype: torch.dtype | None,
     owners: Owners,
     prefix: str,
 ) -> None:
     """``value`` into the tensor ``name`` of ``layer`` (which sits at ``prefix``):
     under its own object (:func:`place_under_object`), or, for a sharded tensor,
-    this rank's slice under every name it has (:func:`_place_shard_slice`)."""
+    where ``value`` is this rank's :func:`local_part`, as a new sharded tensor under
+    every name it has (:func:`_place_shard`)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name)
     if isinstance(old, DTensor):
         places = owners.get(id(old), [(owner, leaf)])
         if is_meta(old):  # a tied tensor is filled once, under its first name
-            _place_shard_slice(places, old, value, device, dtype)
+            _place_shard(places, old, value)
     else:
         place_under_object(owner, old, value, dtype, f"{prefix}.{name}" if prefix else name)
 
 
-def _place_shard_slice(
-    places: list[tuple[nn.Module, str]],
-    sharded: DTensor,
-    full: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype | None,
+def _place_shard(
+    places: list[tuple[nn.Module, str]], sharded: DTensor, local: torch.Tensor
 ) -> None:
-    """A sharded (FSDP2 / DTensor) tensor: this rank keeps only its own shard, a
-    copy of the matching slice of the single-process value, under every name the
-    tensor has."""
-    shape, offset = compute_local_shape_and_global_offset(
-        sharded.shape, sharded.device_mesh, sharded.placements
-    )
-    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-    want = dtype if dtype is not None and full.is_floating_point() else sharded.dtype
-    # copy=True: a slice along dim 0 is a view, which would keep the full tensor alive.
-    local = full.detach()[index].to(device=device, dtype=want, copy=True).contiguous()
+    """A sharded (FSDP2 / DTensor) tensor: this rank's ``local`` slice of the
+    single-process value becomes a sharded tensor under every name the tensor has."""
     value = DTensor.from_local(
         local,
         sharded.device_mesh,

@@ -6,36 +6,44 @@ by tensor).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._random import RANDOM, Generators, draw
+from .._random import RANDOM, draw
 from ._dispatch import (
     Fallback,
     RegisteredStorageMode,
     registration_order,
     registrations,
+    saved_generators,
     written_args,
 )
 
-__all__ = ["seeded_whole"]
+__all__ = ["seeded_whole", "streams"]
 
 
 class _Streams(RegisteredStorageMode):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
     alone, never from the default one (other threads' draws cannot shift it); any
-    other random operation gives up (:class:`Fallback`)."""
+    other random operation gives up (:class:`Fallback`). A registered tensor with
+    no name in ``names`` (one whose value nobody wants) draws from a spare
+    generator, or gives up too where ``spare`` is false."""
 
     def __init__(
-        self, seen: list[torch.Tensor], names: dict[int, str], seeds: Callable[[str], int]
+        self,
+        seen: list[torch.Tensor],
+        names: dict[int, str],
+        seeds: Callable[[str], int],
+        spare: bool = False,
     ) -> None:
         super().__init__(seen)
         self.names = names  # registration position -> qualified name
         self.seeds = seeds
+        self.spare = spare
         self.generators: dict[int, torch.Generator] = {}  # position -> its own
 
     def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -45,12 +53,13 @@ class _Streams(RegisteredStorageMode):
         if len(written) != 1:
             raise Fallback(f"{func} is not a fill of one tensor")
         position = self.position(written[0])
-        if position is None or position not in self.names:
+        if position is None or (position not in self.names and not self.spare):
             raise Fallback(f"{func} fills a tensor the layer does not register")
         generator = self.generators.get(position)
         if generator is None:
             generator = torch.Generator(written[0].device)
-            generator.manual_seed(self.seeds(self.names[position]))
+            if position in self.names:
+                generator.manual_seed(self.seeds(self.names[position]))
             self.generators[position] = generator
         return draw(generator, func, args, kwargs)
 
@@ -80,17 +89,29 @@ def seeded_whole(
     """
     if device.type != "cpu":
         return None
-    generators = Generators(device)
+    generators = saved_generators(device)
     order = registration_order(make if construct is None else construct, generators)
     if order is None:
         return None
-    names: dict[int, str] = {}
-    for name, position in order.items():
-        names.setdefault(position, name)
     try:
-        with registrations() as seen, torch.device(device), _Streams(seen, names, seeds):
+        with registrations() as seen, torch.device(device), streams(order, seeds)(seen):
             return make()
     except Fallback:
         return None
     finally:
         generators.restore()
+
+
+def streams(
+    order: dict[str, int], seeds: Callable[[str], int], wanted: Sequence[str] | None = None
+) -> Callable[[list[torch.Tensor]], _Streams]:
+    """The dispatch mode, given the registrations list, in which each registered
+    tensor draws from its own generator, seeded with ``seeds`` of its name (the
+    first of its names in ``order``, the registration positions). With ``wanted``,
+    only those names are seeded; the other tensors draw from spare generators."""
+    names: dict[int, str] = {}
+    for name, position in order.items():
+        if wanted is None or name in wanted:
+            names.setdefault(position, name)
+    spare = wanted is not None
+    return lambda seen: _Streams(seen, names, seeds, spare)
