@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import types
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,8 +36,9 @@ from .._declare._state import declared_defaults
 from .._errors import NotBuiltError
 from .._lazy import refuse_lazy
 from .._naming import names_by_id, qualified_name, root_scope
-from .._random import Drawing
+from .._random import Drawing, Generators
 from .._tensors import has_meta_tensors
+from ._config import BUILT_FROM, plan
 from ._recurrent import RecurrentShapes
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
@@ -45,6 +46,7 @@ __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 M = TypeVar("M", bound=nn.Module)
 
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
@@ -352,13 +354,20 @@ def build(
     module: M,
     *example_args: Any,
     device: torch.device | str | None = None,
+    config: Mapping[str, Any] | None = None,
     **example_kwargs: Any,
 ) -> M:
-    """Build every deferred layer below ``module`` from a shape-only pass.
+    """Build every deferred layer below ``module`` from a shape-only pass, or from
+    a build config.
 
     Examples may be tensors, shapes (tuples of ints or ``torch.Size``, float32),
     or meta/fake tensors (``torch.empty(2, 16, dtype=torch.long, device="meta")``
     for token ids). Nothing is computed and no activation memory is used.
+    ``config=`` (what :func:`deferinit.build_config` returned for the same model,
+    JSON included) gives every layer's inferred arguments instead: no examples, no
+    checkpoint, no forward; a config that does not fit the model (an unknown or
+    missing layer, another class, other argument names) is a ``DeferredInitError``
+    listing every difference.
     Layers are constructed in registration order, as eager code would, so the
     model equals the eager one under the same seed. ``device="meta"`` builds
     without allocating any parameter (then :func:`deferinit.materialize`).
@@ -370,11 +379,22 @@ def build(
     >>> net = di.build(nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10)), (2, 20))
     >>> net[0], di.is_built(net)
     (Linear(in_features=20, out_features=256, bias=True), True)
+    >>> again = nn.Sequential(dnn.Linear(256), nn.ReLU(), dnn.Linear(10))
+    >>> di.build(again, config=di.build_config(net), device="meta")[2]
+    Linear(in_features=256, out_features=10, bias=True)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.build expects an nn.Module, got {type(module).__name__}")
     refuse_lazy(module, "di.build")
+    if config is not None and (example_args or example_kwargs):
+        raise TypeError(
+            "di.build takes examples or config=, not both: the config already gives "
+            "every inferred size"
+        )
     with BUILD_LOCK, root_scope(module):
+        if config is not None:
+            _build_from_config(module, config, device)
+            return module
         seen = shape_pass(module, example_args, example_kwargs)
         unreached = [
             name
@@ -389,19 +409,52 @@ def build(
                 f"built. Fix: pass examples that run through them, or give their sizes "
                 f"explicitly (e.g. dnn.Linear(10, in_features=256))."
             )
-        _construct_in_registration_order(module, seen, device)
+
+        def sized(name: str, layer: Deferred) -> tuple[dict[str, Any], str | None] | None:
+            if name not in seen.values:
+                return None
+            return seen.values[name], seen.built_from[name]
+
+        _construct_in_registration_order(module, sized, device)
     return module
 
 
-def _construct_in_registration_order(
-    module: nn.Module, seen: ShapePass, device: torch.device | str | None
+def _build_from_config(
+    module: nn.Module, config: Mapping[str, Any], device: torch.device | str | None
 ) -> None:
-    """Construct every layer the pass sized, in registration order, each followed
-    by its registered initializer, as if the eager code initialized each layer
-    where it constructs it; the first forward and ``di.materialize`` initialize
-    in the same order, so all three give the same values. A block is initialized
-    once the deferred layers it constructs are built too. Any failure (Ctrl-C
-    included) undoes every layer."""
+    """Every difference the model as it stands shows is reported before anything
+    is built; those only the build can show (layers a block constructs) undo it."""
+    checked = plan(module, config)
+    checked.raise_if_any()
+
+    def sized(name: str, layer: Deferred) -> tuple[dict[str, Any], str | None] | None:
+        values = checked.values_of(name, layer)
+        return None if values is None else (values, BUILT_FROM)
+
+    _construct_in_registration_order(module, sized, device, finish=checked.finish)
+
+
+# The sizes of a deferred layer met by the walk (by qualified name), and the input
+# they came from; None leaves it deferred.
+Sizes = Callable[[str, Deferred], tuple[dict[str, Any], str | None] | None]
+
+
+def _construct_in_registration_order(
+    module: nn.Module,
+    sizes: Sizes,
+    device: torch.device | str | None,
+    *,
+    finish: Callable[[], None] | None = None,
+) -> None:
+    """Construct every deferred layer ``sizes`` sizes, in registration order, each
+    followed by its registered initializer, as if the eager code initialized each
+    layer where it constructs it; the first forward and ``di.materialize``
+    initialize in the same order, so all three give the same values. A block is
+    initialized once the deferred layers it constructs are built too. ``finish``
+    runs last, while every build can still be undone. Any failure (Ctrl-C
+    included) undoes every layer and puts the random generators back, so that a
+    corrected call gives eager's values."""
+    generators = Generators(torch.device(device) if device is not None else _CPU)
     done: list[Transaction] = []
     waiting: list[tuple[str, nn.Module]] = []  # built, their deferred children not yet
     try:
@@ -410,15 +463,22 @@ def _construct_in_registration_order(
         # eager's registration order.
         for name, sub in module.named_modules():
             _initialize_finished(waiting, name)
-            if isinstance(sub, Deferred) and name in seen.values:
-                values, built_from = seen.values[name], seen.built_from[name]
+            if not isinstance(sub, Deferred):
+                continue
+            sized = sizes(name, sub)
+            if sized is not None:
+                values, built_from = sized
                 # Held: a forward from another thread waits until it is initialized.
                 done.append(become(sub, values, built_from=built_from, device=device, hold=True))
                 waiting.append((name, sub))
         _initialize_finished(waiting, None)
+        if finish is not None:
+            finish()
     except BaseException:
         for txn in reversed(done):
             txn.rollback()
+        if done:
+            generators.restore()
         raise
 
 
