@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -332,20 +333,49 @@ NO_EXAMPLE_YET = {
     "deferinit.NotBuiltError",
     "deferinit.Rule",
     "deferinit.UnrecordedInitWarning",
-    "deferinit.adopt",
     "deferinit.build_config",
     "deferinit.deferred_init",
     "deferinit.is_built",
-    "deferinit.nn.TWINS",
-    *(f"deferinit.nn.{n}" for n in dnn.__all__ if n != "TWINS"),
+    *(f"deferinit.nn.{n}" for n in dnn.__all__),  # one generated docstring (nn._docstring)
+}
+
+#: (public name, argument) pairs whose docstring does not name the argument yet.
+ARGUMENT_NOT_NAMED_YET = {
+    ("deferinit.Deferred", "args"),
+    ("deferinit.Deferred", "kwargs"),
+    ("deferinit.build", "example_args"),
+    ("deferinit.build", "example_kwargs"),
+    ("deferinit.build_config", "module"),
+    ("deferinit.defer", "rules"),
+    ("deferinit.summary", "example_args"),
+    ("deferinit.summary", "example_kwargs"),
 }
 
 
-def test_every_public_name_has_a_docstring() -> None:
-    for public in _public_names():
+def _code_names() -> list[_Public]:
+    """The public classes and functions (not data such as ``nn.TWINS``)."""
+    return [p for p in _public_names() if inspect.isclass(p.obj) or inspect.isfunction(p.obj)]
+
+
+def test_every_public_class_and_function_has_a_docstring() -> None:
+    for public in _code_names():
         assert inspect.getdoc(public.obj), f"{public.name} has no docstring"
 
 
 def test_public_names_without_an_example_are_only_the_known_ones() -> None:
-    missing = {p.name for p in _public_names() if ">>>" not in (inspect.getdoc(p.obj) or "")}
+    missing = {p.name for p in _code_names() if ">>>" not in (inspect.getdoc(p.obj) or "")}
     assert missing <= NO_EXAMPLE_YET, f"add a >>> example to: {sorted(missing - NO_EXAMPLE_YET)}"
+
+
+def test_docstrings_name_every_argument_but_the_known_ones() -> None:
+    unnamed = set()
+    for public in _code_names():
+        obj = public.obj
+        if not callable(obj) or (inspect.isclass(obj) and issubclass(obj, BaseException)):
+            continue  # an error class takes its message
+        doc = inspect.getdoc(obj) or ""
+        for argument in inspect.signature(obj).parameters:
+            if not re.search(rf"\b{re.escape(argument)}\b", doc):
+                unnamed.add((public.name, argument))
+    new = sorted(unnamed - ARGUMENT_NOT_NAMED_YET)
+    assert not new, f"docstrings that do not name these arguments: {new}"
