@@ -360,9 +360,10 @@ def build(
     """Build every deferred layer below ``module`` from a shape-only pass, or from
     a build config.
 
-    Examples may be tensors, shapes (tuples of ints or ``torch.Size``, float32),
-    or meta/fake tensors (``torch.empty(2, 16, dtype=torch.long, device="meta")``
-    for token ids). Nothing is computed and no activation memory is used.
+    The examples, ``example_args`` and ``example_kwargs``, are what the forward
+    takes, each a tensor, a shape (a tuple of ints or ``torch.Size``, float32), or
+    a meta/fake tensor (``torch.empty(2, 16, dtype=torch.long, device="meta")`` for
+    token ids). Nothing is computed and no activation memory is used.
     ``config=`` (what :func:`deferinit.build_config` returned for the same model,
     JSON included) gives every layer's inferred arguments instead: no examples, no
     checkpoint, no forward; a config that does not fit the model (an unknown or
