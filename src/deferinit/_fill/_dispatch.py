@@ -22,6 +22,7 @@ __all__ = [
     "IN_WORKER",
     "Fallback",
     "RegisteredStorageMode",
+    "dry_run",
     "hooks_installed",
     "named_tensors",
     "registration_order",
@@ -169,6 +170,15 @@ def registration_order(
     (meta tensors neither allocate nor draw random numbers; whatever the code draws
     elsewhere is given back). ``None`` where the dry run fails, e.g. initialization
     code that reads a value (``.item()``): then whole layers only."""
+    ran = dry_run(make, generators)
+    return None if ran is None else ran[0]
+
+
+def dry_run(
+    make: Callable[[], nn.Module], generators: Generators
+) -> tuple[dict[str, int], set[str]] | None:
+    """:func:`registration_order`, and every name of a tensor the module holds
+    (registered or not); ``None`` where the dry run fails."""
     try:
         with registrations() as seen, torch.device("meta"):
             module = make()
@@ -179,7 +189,9 @@ def registration_order(
     position: dict[int, int] = {}
     for i, t in enumerate(seen):
         position.setdefault(id(t), i)
-    return {n: position[id(t)] for n, t in named_tensors(module).items() if id(t) in position}
+    tensors = named_tensors(module)
+    order = {n: position[id(t)] for n, t in tensors.items() if id(t) in position}
+    return order, set(tensors)
 
 
 class RegisteredStorageMode(Mode):

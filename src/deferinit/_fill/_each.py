@@ -42,8 +42,8 @@ from .._tensors import construct_on_meta
 from ._dispatch import (
     Fallback,
     RegisteredStorageMode,
+    dry_run,
     named_tensors,
-    registration_order,
     registrations,
     saved_generators,
     written_args,
@@ -168,6 +168,7 @@ def each_tensor(
     construct: Callable[[], nn.Module] | None = None,
     keep: Keep | None = None,
     scratch: Scratch | None = None,
+    known: Callable[[set[str] | None], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, value)`` for each wanted tensor of the module ``make``
     creates and initializes, never holding more than about one tensor's bytes
@@ -188,7 +189,9 @@ def each_tensor(
     constructor (a registered initializer): the dry runs on meta, which learn the
     registration order and sizes, use it, so that user code runs only where its
     values are used (default: ``make``). ``scratch`` lends the memory tensors are
-    written in before their part is kept (default: new for this call).
+    written in before their part is kept (default: new for this call). ``known``
+    is given the names of every tensor the dry run on meta made (``None`` where it
+    failed) before anything runs for real; it raises to refuse.
 
     >>> import torch
     >>> from torch import nn
@@ -201,7 +204,10 @@ def each_tensor(
     """
     generators = saved_generators(device)
     dry = make if construct is None else construct
-    order = registration_order(dry, generators)
+    ran = dry_run(dry, generators)
+    if known is not None:
+        known(None if ran is None else ran[1])
+    order = None if ran is None else ran[0]
     kept = keep if keep is not None else _whole
     source = _Source(make, device, seeds, construct, generators)
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -91,10 +91,15 @@ class Fill:
                 for name in self.old:
                     yield name, keep(name, new[name])
                 return
-        self._dry_run(device)
-        names = list(self.old)
         yield from each_tensor(
-            self.make, names, device, seeds, construct=self.construct, keep=keep, scratch=scratch
+            self.make,
+            list(self.old),
+            device,
+            seeds,
+            construct=self.construct,
+            keep=keep,
+            scratch=scratch,
+            known=functools.partial(self._known, device),
         )
 
     def _keep(
@@ -106,8 +111,9 @@ class Fill:
         """Every tensor of one real run of ``make``, by name."""
         raise NotImplementedError
 
-    def _dry_run(self, device: torch.device) -> None:
-        """Checks before going one tensor at a time."""
+    def _known(self, device: torch.device, made: set[str] | None) -> None:
+        """Checks, before going one tensor at a time, of the names a dry run on meta
+        made (``None``: the dry run failed)."""
 
     def place(
         self, name: str, value: torch.Tensor, dtype: torch.dtype | None, owners: Owners
@@ -138,13 +144,14 @@ class Rebuild(Fill):
         _check_known(self.module, self.prefix, self.old, new)
         return new
 
-    def _dry_run(self, device: torch.device) -> None:
-        generators = saved_generators(device)
-        try:  # each_tensor needs every name to be one the layer makes
-            made = tensors_by_name(construct_on_meta(self.construct))
-        finally:
-            generators.restore()
-        _check_known(self.module, self.prefix, self.old, made)
+    def _known(self, device: torch.device, made: set[str] | None) -> None:
+        if made is None:  # construct again, for the error the dry run met
+            generators = saved_generators(device)
+            try:
+                made = set(tensors_by_name(construct_on_meta(self.construct)))
+            finally:
+                generators.restore()
+        _check_known(self.module, self.prefix, self.old, made)  # each name one it makes
 
 
 class _ConstructAgain:
@@ -192,7 +199,7 @@ class _ConstructAgain:
 
 
 def _check_known(
-    layer: nn.Module, prefix: str, old: dict[str, torch.Tensor], made: dict[str, torch.Tensor]
+    layer: nn.Module, prefix: str, old: dict[str, torch.Tensor], made: Collection[str]
 ) -> None:
     """Every meta tensor of a rebuilt layer must be one its constructor makes: one
     added after the build (a reparametrization applied on meta) has no known value."""

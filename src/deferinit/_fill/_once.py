@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import arg_tree_leaves, tree_map_only
 
 from .._random import RANDOM
 from ._dispatch import (
@@ -153,8 +153,7 @@ class _Once(RegisteredStorageMode):
         self.kept: dict[str, torch.Tensor] = {}
 
     def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        tensors: list[torch.Tensor] = []
-        tree_map_only(torch.Tensor, tensors.append, (args, kwargs))
+        tensors = [t for t in arg_tree_leaves(*args, **kwargs) if isinstance(t, torch.Tensor)]
         positions = {id(t): p for t in tensors if (p := self.position(t)) is not None}
         if not positions:
             return func(*args, **kwargs)
@@ -172,7 +171,8 @@ class _Once(RegisteredStorageMode):
                 raise Fallback(f"{func} reads a tensor of the layer that was set aside")
         if target is not None:
             self._activate(func, target, positions[id(target)], positions)
-        args, kwargs = tree_map_only(torch.Tensor, self._redirect, (args, kwargs))
+        if self.active in positions.values():
+            args, kwargs = tree_map_only(torch.Tensor, self._redirect, (args, kwargs))
         out = func(*args, **kwargs)
         if target is not None and aliasing:
             return target  # the layer's own tensor, not the stand-in
