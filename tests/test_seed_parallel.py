@@ -157,6 +157,22 @@ def test_user_code_runs_in_the_calling_thread_and_values_match_one_thread(
     assert initialized_by == [threading.get_ident()]
 
 
+def test_an_initializer_mapping_to_torch_init_functions_runs_in_workers(
+    threads: Callable[[int], None], computed_by: list[int]
+) -> None:
+    def make() -> nn.Module:
+        model = di.build(nn.Sequential(*(dnn.Linear(16) for _ in range(4))), (2, 8), device="meta")
+        return di.initialize(model, {"*.weight": nn.init.xavier_uniform_, "*.bias": nn.init.ones_})
+
+    threads(1)
+    want = seeded(make)
+    threads(2)
+    computed_by.clear()
+    assert_equal(seeded(make), want)
+    assert len(computed_by) == 4
+    assert all(torch.equal(v, torch.ones(16)) for k, v in want.items() if k.endswith("bias"))
+
+
 def test_layers_sharing_a_tensor_stay_tied_and_match_one_thread(
     threads: Callable[[int], None],
 ) -> None:

@@ -10,25 +10,28 @@ worker threads, each tensor from its own generator (a CPU random fill runs on on
 thread, so each worker keeps torch's intra-op threads at one).
 
 A worker runs only torch's own code: layers whose class comes from torch, with no
-registered initializer, no init call waiting on their placeholders, declared under
-the current default dtype (switching it would switch it for every thread), and
-sharing no tensor with another layer. Any other layer is computed by the calling
-thread while no worker runs, as without ``seed=``. Workers change nothing of the
-model and touch no process-wide generator; the calling thread places their values
-in order, so a failure anywhere undoes everything, as in one thread.
+registered initializer (or a mapping to ``torch.nn.init`` functions, such as
+``{"*.weight": nn.init.xavier_uniform_}``), no init call waiting on their
+placeholders, declared under the current default dtype (switching it would switch
+it for every thread), and sharing no tensor with another layer. Any other layer
+is computed by the calling thread while no worker runs, as without ``seed=``.
+Workers change nothing of the model and touch no process-wide generator; the
+calling thread places their values in order, so a failure anywhere undoes
+everything, as in one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .._become._initialize import Registration
 from .._declare._pending import pending_calls
 from .._tensors import own_tensors, tensors_by_name
 from ._dispatch import IN_WORKER, hooks_installed
@@ -166,6 +169,14 @@ def _torch_own(code: object) -> bool:
     return str(getattr(code, "__module__", "")).startswith("torch.")
 
 
+def _torch_init(registered: Registration | None) -> bool:
+    """No registered initializer, or a mapping to ``torch.nn.init`` functions."""
+    if registered is None:
+        return True
+    init = registered.init
+    return isinstance(init, Mapping) and all(_torch_own(fn) for fn in init.values())
+
+
 def _anywhere(step: Step, shared: set[int]) -> bool:
     """Whether the step runs only torch's own code and touches no state that
     another thread could see (see the module's docstring)."""
@@ -175,11 +186,11 @@ def _anywhere(step: Step, shared: set[int]) -> bool:
     if step.kind == "rebuild":
         state = step.module.__dict__["_di"]
         return (
-            state.init is None
+            _torch_init(state.init)
             and state.dtype is torch.get_default_dtype()
             and not any(pending_calls(t) for t in tensors)
             and _torch_own(state.deferred._di_cls)
         )
     registered = step.module.__dict__.get("_di_meta_init")
     reset: Callable[[], None] | None = getattr(type(step.module), "reset_parameters", None)
-    return registered is None and _torch_own(reset)
+    return _torch_init(registered) and _torch_own(reset)
