@@ -20,6 +20,7 @@ references, and no C++ weak reference (checked by torch itself).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import torch
 
@@ -71,12 +72,17 @@ def exchange(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
-def exchange_or_raise(a: torch.Tensor, b: torch.Tensor, what: str, fix: str) -> None:
+def exchange_or_raise(
+    a: torch.Tensor, b: torch.Tensor, what: str | Callable[[], str], fix: str
+) -> None:
     """:func:`exchange`, raising a :class:`DeferredInitError` where it is unsound.
     ``what`` names the tensor and the step (``"di.load_state_dict: parameter 'fc.weight'
-    of Linear"``); ``fix`` says how to get past it."""
+    of Linear"``), or makes that text only when needed (naming a layer walks the model:
+    doing it for every swap made large builds quadratic); ``fix`` says how to get past it."""
     why = exchange(a, b)
     if why is not None:
+        if callable(what):
+            what = what()
         raise DeferredInitError(
             f"{what} cannot be given its new data under its own object: {why}. deferinit "
             f"never hands out a new object in its place (an optimizer or any other "

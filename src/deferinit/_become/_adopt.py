@@ -105,10 +105,11 @@ def adopt_placeholders(
             built.requires_grad_(placeholder.requires_grad)
             # Python weak references (RNNs keep them to their weights, users to
             # anything) do not block this swap: the object keeps its identity.
+            named = f"{kind_of(placeholder)} {name!r}"
             exchange_or_raise(
                 placeholder,
                 built,
-                f"building {label(module)}: {kind_of(placeholder)} {name!r}",
+                lambda named=named: f"building {label(module)}: {named}",
                 "drop those references (del them) and build the layer again. The layer "
                 "is left unbuilt.",
             )
