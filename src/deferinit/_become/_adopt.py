@@ -4,6 +4,7 @@ before the build are kept and checked against the layer being built."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,7 +110,7 @@ def adopt_placeholders(
             exchange_or_raise(
                 placeholder,
                 built,
-                lambda named=named: f"building {label(module)}: {named}",
+                functools.partial(_building, module, named),
                 "drop those references (del them) and build the layer again. The layer "
                 "is left unbuilt.",
             )
@@ -126,3 +127,8 @@ def adopt_placeholders(
     # initializer, if any, runs next).
     run_pending(calls)
     return ties
+
+
+def _building(module: nn.Module, tensor: str) -> str:
+    """The start of a failed swap's message (naming the layer walks the model)."""
+    return f"building {label(module)}: {tensor}"
