@@ -275,6 +275,14 @@ class NoisyBlock(nn.Module):
 LazyNoisy = di.defer(NoisyBlock, dim=di.dim(-1))
 
 
+class MakesTensor(nn.Module):
+    """A forward that makes a tensor on the default device: meta cannot run it, so the
+    shape pass falls back to FakeTensorMode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.ones(x.shape[-1])
+
+
 def shape_passes_that_allocate_nothing() -> list[Callable[[], Any]]:
     """Every way deferinit runs a shape-only pass, none of which constructs a real
     tensor (so none may draw a random number from the default generators). The
@@ -284,13 +292,16 @@ def shape_passes_that_allocate_nothing() -> list[Callable[[], Any]]:
     plain = nn.Sequential(dnn.Linear(16), nn.ReLU(), dnn.Linear(4))
     # a forward that draws on CPU, and a dropout, in training mode
     noisy = nn.Sequential(LazyNoisy(), dnn.Linear(4))
-    # real eager weights beside deferred layers: the pass runs under FakeTensorMode
+    # real eager weights beside deferred layers: the pass runs on meta copies of them
     mixed = nn.Sequential(nn.Linear(8, 8), LazyNoisy(), nn.Dropout(), dnn.Linear(4))
+    # a forward meta cannot run: the pass runs under FakeTensorMode
+    fake = nn.Sequential(nn.Linear(8, 8), MakesTensor(), LazyNoisy(), nn.Dropout(), dnn.Linear(4))
     summarized = nn.Sequential(nn.Linear(8, 8), LazyNoisy(), dnn.Linear(4))
     return [
         lambda: di.build(plain, (2, 8), device="meta"),
         lambda: di.build(noisy, (2, 8), device="meta"),
         lambda: di.build(mixed, x, device="meta"),
+        lambda: di.build(fake, x, device="meta"),
         lambda: di.summary(summarized, x),
         lambda: di.summary(nn.Sequential(LazyNoisy(), dnn.Linear(4)), (2, 8)),
     ]
