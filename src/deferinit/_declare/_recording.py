@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HOOKS", "Hooks"]
+__all__ = ["HOOKS", "RECORD_KEY", "Hooks", "holds_record"]
+
+RECORD_KEY = "_di_record"  # where a record lives in the recorded module's __dict__
+
+
+def holds_record(module: nn.Module) -> bool:
+    """Whether a construction recorded by ``di.deferred_init`` below ``module`` still
+    waits for ``di.materialize`` to replay it."""
+    return any(RECORD_KEY in sub.__dict__ for sub in module.modules())
 
 
 class Hooks(threading.local):

@@ -23,19 +23,20 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .._declare._recording import HOOKS
+from .._declare._recording import HOOKS, RECORD_KEY
+from .._errors import NotBuiltError
+from .._tensors import is_meta
 from ._errors import RecordError
 from ._placeholders import swap_in_placeholders
 from ._recorder import Recorder
 from ._tape import Record, TensorRef
 
-__all__ = ["RECORD_KEY", "deferred_init", "recording"]
+__all__ = ["RECORD_KEY", "deferred_init", "recording"]  # RECORD_KEY re-exported
 
 M = TypeVar("M", bound=nn.Module)
-RECORD_KEY = "_di_record"  # where the record lives in the module's __dict__
 
 _DATA_PTR = "Accessing the data pointer of FakeTensor"
 _state = threading.local()  # dispatch modes are per thread, so is "recording now"
@@ -106,4 +107,25 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     record.finals = swap_in_placeholders(module, describe)
     record.make_plan()
     module.__dict__[RECORD_KEY] = record
+    module.register_forward_pre_hook(_before_materialize)
     return module
+
+
+def _before_materialize(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward on real data before ``di.materialize`` is refused with the fix, instead
+    of torch's "Tensor on device meta is not on the expected device" from somewhere
+    inside. Shape-only passes (meta or fake inputs: ``di.build(..., device="meta")``)
+    pass, and so does everything once nothing is left on meta."""
+    record = module.__dict__.get(RECORD_KEY)
+    if record is None:
+        return
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    if not inputs or all(is_meta(a) or isinstance(a, FakeTensor) for a in inputs):
+        return
+    if any(is_meta(f.placeholder) for f in record.finals):
+        raise NotBuiltError(
+            f"{type(module).__name__} was recorded by di.deferred_init and its tensors are "
+            f"still on meta (no values yet), so it cannot run on data. Fix: "
+            f"di.materialize(model) first (after di.build(model, example, device='meta') "
+            f"if it holds deferred layers), or load its values with di.load_state_dict."
+        )

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .._declare._recording import RECORD_KEY
 from ._errors import RecordError
 from ._tape import Final, TensorRef
 
 __all__ = ["swap_in_placeholders"]
 
 _TABLES = (("_parameters", "parameter"), ("_buffers", "buffer"))
-_SKIP = {"_parameters", "_buffers", "_modules", "_di_record"}
+_SKIP = {"_parameters", "_buffers", "_modules", RECORD_KEY}
 
 
 class _Swapper:

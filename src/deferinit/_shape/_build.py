@@ -23,7 +23,11 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._become._become import become, release
@@ -32,8 +36,9 @@ from .._become._initialize import run_registered
 from .._become._memo import SHAPE_PASS, ShapeRecorder
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._recording import holds_record
 from .._declare._state import declared_defaults
-from .._errors import NotBuiltError
+from .._errors import DeferredInitError, InferenceError, NotBuiltError
 from .._lazy import refuse_lazy
 from .._naming import names_by_id, qualified_name, root_scope
 from .._random import Drawing, Generators
@@ -387,6 +392,14 @@ def build(
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.build expects an nn.Module, got {type(module).__name__}")
     refuse_lazy(module, "di.build")
+    if holds_record(module) and (device is None or torch.device(device).type != "meta"):
+        raise DeferredInitError(
+            f"di.build: {type(module).__name__} holds a construction recorded by "
+            f"di.deferred_init, which di.materialize replays in program order: its deferred "
+            f"layers must be built on meta, so that the replay constructs them at their "
+            f"place. Nothing was built. Fix: di.build(model, example, device='meta'), then "
+            f"di.materialize(model)."
+        )
     if config is not None and (example_args or example_kwargs):
         raise TypeError(
             "di.build takes examples or config=, not both: the config already gives "
@@ -396,7 +409,16 @@ def build(
         if config is not None:
             _build_from_config(module, config, device)
             return module
-        seen = shape_pass(module, example_args, example_kwargs)
+        try:
+            seen = shape_pass(module, example_args, example_kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException) as error:
+            raise InferenceError(
+                f"di.build: the forward of {type(module).__name__} reads tensor values "
+                f"({error.func}), which a shape-only pass does not have: it runs on meta "
+                f"or fake tensors. Nothing was built. Fix: build with a first forward on "
+                f"real data (model(example)), or keep value-dependent steps out of the "
+                f"forward."
+            ) from None
         unreached = [
             name
             for name, sub in module.named_modules()
