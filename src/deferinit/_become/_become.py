@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
 
 from .._declare._deferred import BUILD_LOCK, Deferred
@@ -38,7 +39,7 @@ from ._hooks import (
 )
 from ._initialize import run_registered
 from ._memo import SHAPE_PASS, ShapeRecorder, from_spec, memo_key, output_spec
-from ._transaction import Transaction, hook_tables
+from ._transaction import HOOK_TABLES, Transaction
 
 __all__ = ["become", "build_and_run", "release"]
 
@@ -105,9 +106,12 @@ def _take_over(
             ties = adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
-    for key in hook_tables(module.__dict__):
-        table = module.__dict__[key]
-        theirs = new.get(key, {})
+    ours = module.__dict__
+    for key in HOOK_TABLES:
+        table = ours.get(key)
+        if table is None:
+            continue
+        theirs = new.get(key)
         if theirs:
             own[key] = list(theirs)
             merged = [*theirs.items(), *table.items()]  # the layer's own hooks first, as eager
@@ -177,15 +181,16 @@ def _build_and_run(
         if not isinstance(module, Deferred):  # another thread built it meanwhile
             return module.forward(*args, **kwargs)
         values = module.infer(args, kwargs)
-        built_from = ", ".join(describe(a) for a in args) or "keyword arguments"
+        built_from = _described(args)
         recorder = SHAPE_PASS.get()
         if recorder is not None:
             return _record_shapes(module, values, built_from, recorder, args, kwargs, own_hooks)
         state = module._di
         txn = become(module, values, built_from=built_from, hold=True)
         try:
-            with declared_defaults(state):
-                run_registered(module)
+            if state.init is not None:
+                with declared_defaults(state):
+                    run_registered(module)
             # The initializer's, or an own hook's, error (or Ctrl-C) goes on unchanged.
             args, kwargs = run_own_pre_hooks(module, args, kwargs, own_hooks)
         except BaseException:
@@ -208,6 +213,13 @@ def _build_and_run(
         if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             undo_if_a_hook_fails(module, txn)
         return output
+
+
+def _described(args: tuple[Any, ...]) -> str:
+    """The input a build's sizes come from, for messages."""
+    if len(args) == 1:  # most layers; no generator to join
+        return describe(args[0])
+    return ", ".join(describe(a) for a in args) or "keyword arguments"
 
 
 def _forward_failed(
@@ -270,4 +282,8 @@ def _build_and_run_for_compile(
 # Never traced by torch.compile: building changes the module itself, so it runs
 # eagerly (a graph break) and the compiled code is re-specialized to the built layer.
 # Only under compilation: the wrapper costs microseconds on every eager first forward.
-_build_and_run_eagerly = torch.compiler.disable(_build_and_run_for_compile)
+# _disable_dynamo is torch.compiler.disable importing torch._dynamo at its first
+# call, not here (torch uses it so, for torch.manual_seed): ``import deferinit``
+# must not load the compiler (about a second and 70 MiB), which only a compiled
+# model needs, and which is loaded by then.
+_build_and_run_eagerly = _disable_dynamo(_build_and_run_for_compile)
