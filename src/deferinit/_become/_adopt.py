@@ -1,10 +1,19 @@
 """The placeholders take over the real layer's fresh tensors, keeping their
 identity (an optimizer made before the build holds them), and ties assigned
-before the build are kept and checked against the layer being built."""
+before the build are kept and checked against the layer being built.
+
+A placeholder that nothing but its layer holds (no optimizer, no variable, no weak
+reference, no waiting init call: the common first forward) has no identity
+anyone could tell apart from the fresh tensor's, so the layer simply keeps its
+fresh tensor, as eager construction leaves it: taking over costs more than the
+layer's own forward on small layers.
+"""
 
 from __future__ import annotations
 
 import functools
+import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +43,11 @@ def check_ties(
     """A real tensor assigned to the placeholder before the build (a tie such as
     ``head.weight = emb.weight``) is kept, so it must fit the layer being built:
     checked before anything changes."""
+    if not module._modules and all(
+        t is None or isinstance(t, UninitializedTensorMixin)
+        for t in (*module._parameters.values(), *module._buffers.values())
+    ):
+        return  # the common flat layer with no tie
     for name, tensor in placeholder_tensors(module):
         if isinstance(tensor, UninitializedTensorMixin):
             continue
@@ -57,10 +71,15 @@ def adopt_placeholders(
     run the init calls that waited on them (on real values; on meta they wait on for
     ``di.materialize``); returns the names that held a real tensor (ties), which the
     layer keeps."""
+    unseen = frozenset() if keep_device else _unseen(module, real)
+    if unseen and len(unseen) == len(module._parameters) + len(module._buffers):
+        return []  # the common first forward: every fresh tensor stays
     ties: list[str] = []
     became: list[torch.Tensor] = []
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
+        if name in unseen:
+            continue
         owner_name, _, leaf = name.rpartition(".")
         try:
             owner = real.get_submodule(owner_name) if owner_name else real
@@ -123,12 +142,57 @@ def adopt_placeholders(
         removed = take_pending(tensor, keep_queue=tensor.is_meta)
         txn.notes.append((tensor, removed))
         calls += removed.get(QUEUE, [])
-    # Right after construction, in the order they were made (the registered
-    # initializer, if any, runs next).
-    run_pending(calls)
+    if calls:
+        # Right after construction, in the order they were made (the registered
+        # initializer, if any, runs next).
+        run_pending(calls)
     return ties
 
 
 def _building(module: nn.Module, tensor: str) -> str:
     """The start of a failed swap's message (naming the layer walks the model)."""
     return f"building {label(module)}: {tensor}"
+
+
+def _references(table: Mapping[str, Any], leaf: str) -> int:
+    return sys.getrefcount(table[leaf])
+
+
+# What _references counts for a tensor that only its table holds (calibrated here,
+# by the same code, since the count of the call's own temporaries varies by Python).
+_ALONE = _references({"t": object()}, "t")
+
+
+def _unseen(module: nn.Module, real: nn.Module) -> frozenset[str]:
+    """The names of a flat layer (no holders) with nothing to take over: no
+    placeholder there (``None``), or one that nothing else holds, weakly or not,
+    or waits on, whose fresh tensor has its kind, dtype, device and
+    ``requires_grad`` and is held under that name only. The layer keeps those fresh
+    tensors: no one can tell them from the placeholders taking them over.
+    """
+    if module._modules:
+        return frozenset()
+    fresh = [t for t in (*real._parameters.values(), *real._buffers.values()) if t is not None]
+    if len({id(t) for t in fresh}) != len(fresh):  # tied within the layer
+        return frozenset()
+    unseen = []
+    for ours, theirs in ((module._parameters, real._parameters), (module._buffers, real._buffers)):
+        for leaf in ours:
+            if ours[leaf] is None:  # nothing to take over (``bias=False``)
+                unseen.append(leaf)
+                continue
+            # Counted before this frame holds the placeholder itself.
+            if _references(ours, leaf) != _ALONE:
+                continue
+            placeholder, value = ours[leaf], theirs.get(leaf)
+            if (
+                isinstance(placeholder, UninitializedTensorMixin)
+                and type(value) is placeholder.cls_to_become  # type: ignore[attr-defined]
+                and not weakref.getweakrefcount(placeholder)
+                and QUEUE not in placeholder.__dict__
+                and value.dtype == placeholder.dtype  # type: ignore[union-attr]
+                and value.device == placeholder.device  # type: ignore[union-attr]
+                and value.requires_grad == placeholder.requires_grad  # type: ignore[union-attr]
+            ):
+                unseen.append(leaf)
+    return frozenset(unseen)

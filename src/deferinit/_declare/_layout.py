@@ -1,10 +1,16 @@
 """Learning what a layer will own before its sizes are known.
 
-The real class is constructed on ``meta`` with provisional sizes: that costs no
-memory and no random numbers, and tells the placeholder every parameter and
-buffer name, dtype and ``requires_grad`` flag, and the submodule tree that
-``state_dict`` keys will follow. Layouts are cached by the declared arguments,
-so declaring the same layer again constructs nothing.
+The names, dtypes and ``requires_grad`` flags of every parameter and buffer, and
+the submodule tree that ``state_dict`` keys will follow, are what a placeholder
+needs at once. For the common ``torch.nn`` layers they follow from the
+constructor arguments alone (:data:`KNOWN`, checked against torch's classes by
+the tests). Any other class is constructed on ``meta`` with provisional sizes:
+that costs no memory and no random numbers. Layouts are cached by the declared
+arguments, so declaring the same layer again constructs nothing.
+
+The provisional shapes and ``extra_repr`` (for checkpoint inference and reprs)
+come from that meta construction too; a known layout makes it only when first
+asked, since most models are built before anyone prints or loads them.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import functools
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from ._deferred import Deferred
 
 __all__ = [
+    "KNOWN",
     "LAYOUT_CACHE_SIZE",
     "PROVISIONAL_SIZES",
     "Layout",
@@ -59,24 +66,144 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Everything a placeholder needs to stand in for the layer."""
+class Probed:
+    """What the meta construction at a provisional size shows."""
 
-    tensors: tuple[TensorSpec, ...]
-    modules: tuple[str, ...]  # qualified submodule names, registration order
     size: int  # the provisional size that constructed
     first_repr: str | None  # extra_repr at the provisional size, if the class has one
     shapes: Mapping[str, tuple[int, ...]]  # provisional shapes, for checkpoint inference
+
+
+class Layout:
+    """Everything a placeholder needs to stand in for the layer.
+
+    ``size``, ``first_repr`` and ``shapes`` come from a meta construction
+    (:class:`Probed`), made when first read where the layout was known without one.
+    """
+
+    __slots__ = ("_probe", "_probed", "_repr_text", "modules", "tensors")
+
+    def __init__(
+        self,
+        tensors: tuple[TensorSpec, ...],
+        modules: tuple[str, ...],  # qualified submodule names, registration order
+        probed: Probed | Callable[[], Probed],
+    ) -> None:
+        self.tensors = tensors
+        self.modules = modules
+        self._probed = probed if isinstance(probed, Probed) else None
+        self._probe = None if isinstance(probed, Probed) else probed
+        self._repr_text: str | None = None
+
+    def probed(self) -> Probed:
+        """The meta construction's facts, made now if not yet."""
+        found = self._probed
+        if found is None:
+            assert self._probe is not None  # one of the two is always set
+            self._probed = found = self._probe()
+        return found
+
+    @property
+    def size(self) -> int:
+        return self.probed().size
+
+    @property
+    def first_repr(self) -> str | None:
+        return self.probed().first_repr
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return self.probed().shapes
+
+    def __reduce__(self) -> Any:
+        # Pickled and copied with what the meta construction shows, not how to make it.
+        return (Layout, (self.tensors, self.modules, self.probed()))
+
+    def __repr__(self) -> str:
+        return f"Layout(tensors={self.tensors!r}, modules={self.modules!r})"
 
     def repr_text(self, construct: Callable[[int], nn.Module]) -> str | None:
         """``extra_repr`` with ``?`` for every number that moves with the stand-in
         size: worked out on first use (it constructs the layer once more), since
         most models are built before anyone prints them."""
-        cached: str | None = self.__dict__.get("_repr_text")
+        cached = self._repr_text
         if cached is None and self.first_repr is not None:
-            cached = _repr_text(self.first_repr, construct, self.size)
-            object.__setattr__(self, "_repr_text", cached)
+            self._repr_text = cached = _repr_text(self.first_repr, construct, self.size)
         return cached
+
+
+# The tensors of torch layers whose layout follows from their arguments alone, in
+# registration order: (name, is a parameter, the flag arguments that must all be
+# true for it to exist (else the layer registers None there), holds a count
+# (torch.long, whatever the dtype)). A flag the class does not take is true, as in
+# torch's shared base classes (_NormBase's ``bias``). tests/test_known_layouts.py
+# holds each row against the class constructed on meta.
+Row = tuple[str, bool, tuple[str, ...], bool]
+_WEIGHT_BIAS: tuple[Row, ...] = (("weight", True, (), False), ("bias", True, ("bias",), False))
+_NORM: tuple[Row, ...] = (
+    ("weight", True, ("affine",), False),
+    ("bias", True, ("affine", "bias"), False),
+    ("running_mean", False, ("track_running_stats",), False),
+    ("running_var", False, ("track_running_stats",), False),
+    ("num_batches_tracked", False, ("track_running_stats",), True),
+)
+_AFFINE: tuple[Row, ...] = (
+    ("weight", True, ("elementwise_affine",), False),
+    ("bias", True, ("elementwise_affine", "bias"), False),
+)
+KNOWN: dict[type[nn.Module], tuple[Row, ...]] = {
+    nn.Linear: _WEIGHT_BIAS,
+    nn.Bilinear: _WEIGHT_BIAS,
+    nn.Conv1d: _WEIGHT_BIAS,
+    nn.Conv2d: _WEIGHT_BIAS,
+    nn.Conv3d: _WEIGHT_BIAS,
+    nn.ConvTranspose1d: _WEIGHT_BIAS,
+    nn.ConvTranspose2d: _WEIGHT_BIAS,
+    nn.ConvTranspose3d: _WEIGHT_BIAS,
+    nn.BatchNorm1d: _NORM,
+    nn.BatchNorm2d: _NORM,
+    nn.BatchNorm3d: _NORM,
+    nn.SyncBatchNorm: _NORM,
+    nn.InstanceNorm1d: _NORM,
+    nn.InstanceNorm2d: _NORM,
+    nn.InstanceNorm3d: _NORM,
+    nn.GroupNorm: (("weight", True, ("affine",), False), ("bias", True, ("affine", "bias"), False)),
+    nn.LayerNorm: _AFFINE,
+    nn.RMSNorm: _AFFINE[:1],
+    nn.PReLU: (("weight", True, (), False),),
+}
+
+
+def _known_layout(cls: type[Deferred], state: State) -> Layout | None:
+    """The layout of a layer of :data:`KNOWN`, from its arguments; else None."""
+    rows = KNOWN.get(cls._di_cls)
+    if rows is None:
+        return None
+    arguments, signature = state.arguments, cls._di_init_signature.parameters
+
+    def flag(name: str) -> Any:
+        if name in arguments:
+            return arguments[name]
+        parameter = signature.get(name)
+        return True if parameter is None else parameter.default
+
+    dtype = arguments.get("dtype") or state.dtype
+    tensors = tuple(
+        TensorSpec(
+            name,
+            is_parameter,
+            (torch.long if count else dtype) if all(flag(f) for f in flags) else None,
+            is_parameter and all(flag(f) for f in flags),
+            True,
+        )
+        for name, is_parameter, flags, count in rows
+    )
+    probe = functools.partial(_probe_later, cls, replace(state, layout=None))
+    return Layout(tensors, (), probe)
+
+
+def _probe_later(cls: type[Deferred], state: State) -> Probed:
+    return _probe_declared(cls, state).probed()
 
 
 # Lives as long as the process, so it must not grow with it: the layouts of the
@@ -92,9 +219,9 @@ def layout_of(cls: type[Deferred], state: State) -> Layout:
         key = (
             cls,
             state.dtype,
-            freeze(state.arguments),
-            freeze(state.options),
-            freeze(state.explicit),
+            _frozen(state.arguments),
+            _frozen(state.options),
+            _frozen(state.explicit),
         )
         layout = _LAYOUTS[key]
     except KeyError:
@@ -107,6 +234,21 @@ def layout_of(cls: type[Deferred], state: State) -> Layout:
         except KeyError:  # another thread evicted it meanwhile
             pass
         return layout
+    found = _known_layout(cls, state)
+    if found is None:
+        found = _probe_declared(cls, state)
+    if key is not None:
+        _LAYOUTS[key] = found
+        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+            try:
+                _LAYOUTS.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+    return found
+
+
+def _probe_declared(cls: type[Deferred], state: State) -> Layout:
+    """Construct the declared layer on meta (as at its declaration), or raise."""
     found: Layout | None
     if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
         found, error = probe_layout(provisional_constructor(cls, state))
@@ -119,13 +261,6 @@ def layout_of(cls: type[Deferred], state: State) -> Layout:
             f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
             f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
         ) from error
-    if key is not None:
-        _LAYOUTS[key] = found
-        while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-            try:
-                _LAYOUTS.popitem(last=False)
-            except KeyError:  # emptied by another thread
-                break
     return found
 
 
@@ -189,7 +324,7 @@ def _read_layout(module: nn.Module, size: int, construct: Callable[[int], nn.Mod
     first = None
     if type(module).extra_repr is not nn.Module.extra_repr and not module._modules:
         first = module.extra_repr()
-    return Layout(tuple(tensors), tuple(modules), size, first, shapes)
+    return Layout(tuple(tensors), tuple(modules), Probed(size, first, shapes))
 
 
 def _spec(name: str, t: torch.Tensor | None, is_parameter: bool, persistent: bool) -> TensorSpec:
@@ -209,6 +344,18 @@ def _repr_text(text: str, construct: Callable[[int], nn.Module], size: int) -> s
     if len(ours) != len(theirs):
         return re.sub(rf"\b{size}\b", "?", text)
     return "".join("?" if a != b else a for a, b in zip(ours, theirs, strict=True))
+
+
+_SCALARS = frozenset({int, bool, float, str, type(None)})
+
+
+def _frozen(arguments: dict[str, Any]) -> Any:
+    """:func:`freeze` of a dict of arguments, without a call per argument when each
+    is a plain scalar (most declarations); the same key either way."""
+    for value in arguments.values():
+        if type(value) not in _SCALARS:
+            return freeze(arguments)
+    return tuple([(k, (type(v), v)) for k, v in arguments.items()])
 
 
 def freeze(value: Any) -> Any:

@@ -114,25 +114,35 @@ def install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None
         parent, _, name = qualified.rpartition(".")
         module.get_submodule(parent)._modules[name] = Holder()
     # Real placeholders even inside di.build's fake pass (a block that constructs
-    # deferred children).
+    # deferred children); outside one (declaring is a hot path) nothing to unset.
+    if torch._C._get_dispatch_mode(_FAKE) is None:
+        _install(module, layout, device)
+        return
     with unset_fake_temporarily():
-        for spec in layout.tensors:
-            owner_name, _, leaf = spec.name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            # Assigned directly: register_* would refuse names that __getattr__ answers
-            # (a constructor argument named like a parameter, such as ``bias``).
-            tensor: Any = None
-            if spec.dtype is not None:
-                kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
-                # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-                tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
-                set_owner(tensor, module, spec.name)
-            if spec.is_parameter:
-                owner._parameters[leaf] = tensor
-            else:
-                owner._buffers[leaf] = tensor
-                if not spec.persistent:
-                    owner._non_persistent_buffers_set.add(leaf)
+        _install(module, layout, device)
+
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _install(module: nn.Module, layout: Layout, device: Any) -> None:
+    for spec in layout.tensors:
+        owner_name, _, leaf = spec.name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        # Assigned directly: register_* would refuse names that __getattr__ answers
+        # (a constructor argument named like a parameter, such as ``bias``).
+        tensor: Any = None
+        if spec.dtype is not None:
+            kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
+            # torch's stubs describe Parameter's signature, not UninitializedParameter's.
+            tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
+            set_owner(tensor, module, spec.name)
+        if spec.is_parameter:
+            owner._parameters[leaf] = tensor
+        else:
+            owner._buffers[leaf] = tensor
+            if not spec.persistent:
+                owner._non_persistent_buffers_set.add(leaf)
 
 
 def save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:

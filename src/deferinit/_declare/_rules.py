@@ -107,13 +107,11 @@ def describe(value: Any) -> str:
     """``value`` for an error message: tensors by shape and dtype, anything else by
     type and a bounded repr (fast for a list of a million items, and safe for an
     object whose ``repr`` raises)."""
+    if isinstance(value, torch.Tensor):
+        nested = "nested " if value.is_nested else ""
+        return f"{_DTYPE_TEXT[value.dtype]} {nested}tensor of shape {tuple(value.shape)}"
     if isinstance(value, PackedSequence):
         return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
-    if isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).removeprefix("torch.")
-        article = "an" if dtype.startswith("int") else "a"
-        nested = "nested " if value.is_nested else ""
-        return f"{article} {dtype} {nested}tensor of shape {tuple(value.shape)}"
     kind = type(value).__name__
     if isinstance(value, list | tuple | dict | set | frozenset | str | bytes):
         unit = (
@@ -126,6 +124,19 @@ def describe(value: Any) -> str:
         kind = f"{kind} of {len(value)} {unit}{'' if len(value) == 1 else 's'}"
     article = "an" if kind[:1].lower() in "aeiou" else "a"
     return f"{article} {kind} ({_REPR.repr(value)})"
+
+
+class _DtypeText(dict[torch.dtype, str]):
+    """``"a float32"``, ``"an int64"``: a dtype with its article, written once
+    (a build describes its input for messages it will most likely never show)."""
+
+    def __missing__(self, dtype: torch.dtype) -> str:
+        name = str(dtype).removeprefix("torch.")
+        self[dtype] = text = f"{'an' if name.startswith('int') else 'a'} {name}"
+        return text
+
+
+_DTYPE_TEXT = _DtypeText()
 
 
 class _BoundedRepr(reprlib.Repr):
