@@ -237,3 +237,11 @@ def test_checkpoint_loaded_after_a_meta_build_wins_over_waiting_calls() -> None:
     di.build(net, X, device="meta")
     di.load_state_dict(net, nn.Sequential(eager).state_dict())
     assert torch.equal(layer.weight, eager.weight)
+
+
+def test_copy_into_a_placeholder_waits_for_the_build() -> None:
+    layer = dnn.Linear(3)
+    with torch.no_grad():
+        layer.bias.data.copy_(torch.arange(3.0))
+    layer(torch.randn(2, 4))
+    assert torch.equal(layer.bias.detach(), torch.arange(3.0))

@@ -252,6 +252,9 @@ class Block(nn.Module):
 def test_twins_in_nested_blocks_and_a_registered_initializer_replay_in_order() -> None:
     torch.manual_seed(4)
     eager = nn.Sequential(Block(3), nn.Linear(4, 4), Block(4))
+    # A recorded (explicit) layer gets the registered initializer once the replay
+    # filled it, as a module declared on meta gets it at materialize.
+    uniform_small(eager[1])
     model: Any = di.deferred_init(lambda: nn.Sequential(Block(None), nn.Linear(4, 4), Block(None)))
     di.initialize(model, uniform_small)
     di.build(model, torch.Size([1, 3]), device="meta")
@@ -273,3 +276,23 @@ def test_a_twin_declared_in_a_recording_then_dropped_is_refused_before_allocatin
     with pytest.raises(RecordError, match=r"dropped from the model.*Nothing was allocated"):
         di.materialize(model)
     assert all(t.is_meta for t in model.parameters())
+
+
+def test_an_initializer_registered_on_a_recorded_model_runs_after_the_replay() -> None:
+    model: Any = di.deferred_init(lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    di.initialize(model, {"*weight": nn.init.ones_})
+    di.materialize(model)
+    assert torch.equal(model[0].weight, torch.ones(4, 3))
+    assert torch.equal(model[1].weight, torch.ones(2, 4))
+
+
+def test_a_later_initialize_none_replaces_an_earlier_initializer() -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(3, 4))
+    net = nn.Sequential(dnn.Linear(4))
+    di.initialize(net, {"*": nn.init.ones_})
+    di.build(net, torch.Size([1, 3]), device="meta")
+    di.initialize(net, None)  # the latest registration wins: the layer's own init
+    torch.manual_seed(0)
+    di.materialize(net)
+    assert differing(eager, net) == []

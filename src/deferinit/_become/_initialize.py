@@ -17,7 +17,7 @@ from .._lazy import refuse_lazy
 from .._naming import qualified_name
 from .._tensors import has_meta_tensors
 
-__all__ = ["Initializer", "initialize", "run_registered"]
+__all__ = ["Initializer", "initialize", "registered_for_meta", "run_registered"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -96,8 +96,8 @@ def _visit(
         if child is not None:
             _visit(child, prefix + child_name, init, force, seen)
     state = module.__dict__.get("_di")
-    if state is not None and init is not None:
-        state.init = Registration(init, prefix)  # kept for di.reset and di.materialize
+    if state is not None:  # kept for di.reset and di.materialize; the latest call wins
+        state.init = None if init is None else Registration(init, prefix)
     if has_meta_tensors(module):
         # Declared on meta: nothing to fill yet; di.materialize runs it.
         object.__setattr__(module, _META_INIT, None if init is None else Registration(init, prefix))
@@ -194,6 +194,13 @@ def apply_registered(
             init(module)
     for sub in module.modules() if recurse else [module]:
         object.__setattr__(sub, _DONE, True)
+
+
+def registered_for_meta(module: nn.Module) -> Registration | None:
+    """The initializer registered on a module declared on meta (``None``: none, or
+    its own ``reset_parameters``), waiting for ``di.materialize``."""
+    found: Registration | None = module.__dict__.get(_META_INIT)
+    return found
 
 
 def mark_initialized(module: nn.Module, *, recurse: bool = True) -> None:

@@ -42,7 +42,7 @@ _numbers = itertools.count()  # next() is atomic under the GIL
 QUEUE = "_di_pending"  # in the placeholder's __dict__, which survives becoming real
 _OWNER = "_di_owner"  # (weak reference to the deferred layer, name within it)
 # In-place by name, but not initialization: they stay torch's (allowed or refused).
-_NOT_INIT = {"requires_grad_", "share_memory_", "copy_", "retain_grad_", "set_", "resize_"}
+_NOT_INIT = {"requires_grad_", "share_memory_", "retain_grad_", "set_", "resize_"}
 _DATA = torch.Tensor.data
 
 

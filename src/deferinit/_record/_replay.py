@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .._become._initialize import apply_registered, mark_initialized, registered_for_meta
 from .._swap import exchange
 from .._tensors import is_meta, kind_of
 from ._deferred_init import RECORD_KEY
@@ -263,6 +264,25 @@ def _swap_all(pairs: list[Swap], undo: list[Undo]) -> None:
         undo.append(_swapper(placeholder, new))
 
 
+def _run_registered(
+    module: nn.Module, found: list[tuple[str, Record]], names: dict[int, str]
+) -> None:
+    """Initializers registered with ``di.initialize`` on recorded modules run on their
+    own tensors once the replay has filled them, in registration order, as
+    ``di.materialize`` runs them on modules declared on meta. Twins ran theirs at their
+    construction; a ``None`` registration (the module's own initialization) is what
+    the replay gave already."""
+    seen: set[int] = set()
+    for name, _ in found:
+        for sub in module.get_submodule(name).modules():
+            registered = registered_for_meta(sub)
+            if registered is None or "_di" in sub.__dict__ or id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            apply_registered(sub, registered, recurse=False, name=names.get(id(sub), ""))
+            mark_initialized(sub, recurse=False)
+
+
 def replay_recorded(
     module: M,
     *,
@@ -337,6 +357,7 @@ def replay_recorded(
                 advance(done)
             del values, made, twin_made
         _swap_all(pairs, log)
+        _run_registered(module, found, names)
         for name, record in found:
             owner = module.get_submodule(name)
             del owner.__dict__[RECORD_KEY]
