@@ -194,7 +194,7 @@ def _conv_net() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return deferred, eager, x
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # 2.14: FutureWarning
 @pytest.mark.parametrize("make", [_mlp, _conv_net], ids=["mlp", "conv-net"])
 def test_jit_script_of_a_built_model_equals_eagers(
     make: Callable[[], tuple[nn.Module, nn.Module, torch.Tensor]],
@@ -242,7 +242,7 @@ def test_an_evicted_guard_class_still_guards() -> None:
         again(torch.randn(2, 5))
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # 2.14: FutureWarning
 def test_jit_script_of_a_built_lstm_compiles_the_same_overloads_as_eagers() -> None:
     layer, eager = dnn.LSTM(4), nn.LSTM(3, 4)
     layer(torch.randn(5, 2, 3))

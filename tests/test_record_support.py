@@ -281,6 +281,15 @@ def deep_size(obj: object, seen: set[int] | None = None) -> int:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident set: ``VmHWM`` on Linux (``ru_maxrss`` would be the
+    parent's peak when that was larger: it survives exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
