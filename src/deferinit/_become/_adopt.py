@@ -172,19 +172,20 @@ def _unseen(module: nn.Module, real: nn.Module) -> frozenset[str]:
     """
     if module._modules:
         return frozenset()
-    fresh = [t for t in (*real._parameters.values(), *real._buffers.values()) if t is not None]
-    if len({id(t) for t in fresh}) != len(fresh):  # tied within the layer
-        return frozenset()
     unseen = []
     for ours, theirs in ((module._parameters, real._parameters), (module._buffers, real._buffers)):
         for leaf in ours:
             if ours[leaf] is None:  # nothing to take over (``bias=False``)
                 unseen.append(leaf)
                 continue
-            # Counted before this frame holds the placeholder itself.
-            if _references(ours, leaf) != _ALONE:
+            # Counted before this frame holds either tensor: the placeholder held by
+            # nothing else, the fresh tensor by nothing else in the layer (a tie
+            # within it, or a list such as an RNN's flat weights).
+            if _references(ours, leaf) != _ALONE or theirs.get(leaf) is None:
                 continue
-            placeholder, value = ours[leaf], theirs.get(leaf)
+            if _references(theirs, leaf) != _ALONE:
+                continue
+            placeholder, value = ours[leaf], theirs[leaf]
             if (
                 isinstance(placeholder, UninitializedTensorMixin)
                 and type(value) is placeholder.cls_to_become  # type: ignore[attr-defined]

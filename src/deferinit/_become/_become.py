@@ -164,9 +164,7 @@ def build_and_run(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any
     if torch.compiler.is_compiling():
         return _build_and_run_eagerly(module, args, kwargs)
     # Frame 2: whoever called the placeholder's forward.
-    return _build_and_run(
-        module, args, kwargs, own_hooks=own_hooks_to_run(sys._getframe(2), module)
-    )
+    return _build_and_run(module, args, kwargs, own_hooks=sys._getframe(2))
 
 
 def _build_and_run(
@@ -175,7 +173,7 @@ def _build_and_run(
     kwargs: dict[str, Any],
     *,
     watch_hooks: bool = True,
-    own_hooks: str = "none",
+    own_hooks: str | types.FrameType = "none",
 ) -> Any:
     with BUILD_LOCK:
         if not isinstance(module, Deferred):  # another thread built it meanwhile
@@ -186,11 +184,12 @@ def _build_and_run(
         if recorder is not None:
             return _record_shapes(module, values, built_from, recorder, args, kwargs, own_hooks)
         state = module._di
-        txn = become(module, values, built_from=built_from, hold=True)
+        txn = become(module, values, built_from=built_from, hold=state.init is not None)
         try:
             if state.init is not None:
                 with declared_defaults(state):
                     run_registered(module)
+            own_hooks = _resolved(own_hooks, module)
             # The initializer's, or an own hook's, error (or Ctrl-C) goes on unchanged.
             args, kwargs = run_own_pre_hooks(module, args, kwargs, own_hooks)
         except BaseException:
@@ -213,6 +212,15 @@ def _build_and_run(
         if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             undo_if_a_hook_fails(module, txn)
         return output
+
+
+def _resolved(own_hooks: str | types.FrameType, module: nn.Module) -> str:
+    """:func:`own_hooks_to_run` from the caller's frame (still waiting for this
+    call), read only when the built layer registered hooks of its own: without
+    any, every answer runs the same hooks."""
+    if isinstance(own_hooks, str):
+        return own_hooks
+    return own_hooks_to_run(own_hooks, module) if module.__dict__["_di"].own_hooks else "none"
 
 
 def _described(args: tuple[Any, ...]) -> str:
@@ -240,7 +248,7 @@ def _record_shapes(
     recorder: ShapeRecorder,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    own_hooks: str,
+    own_hooks: str | types.FrameType,
 ) -> Any:
     """di.build's shape-only pass: construct with fake tensors on the device the
     (fake) input is on, record the sizes, run; no initializer. Rolled back later.
@@ -253,6 +261,7 @@ def _record_shapes(
     device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
     txn = become(module, values, built_from=built_from, device=device, adopt=False)
     recorder.records.append((module, values, built_from, txn))
+    own_hooks = _resolved(own_hooks, module)
     args, kwargs = run_own_pre_hooks(module, args, kwargs, own_hooks)
     try:
         output = type(module).forward(module, *args, **kwargs)

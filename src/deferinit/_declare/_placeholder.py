@@ -126,9 +126,13 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 
 
 def _install(module: nn.Module, layout: Layout, device: Any) -> None:
+    flat = not layout.modules
     for spec in layout.tensors:
-        owner_name, _, leaf = spec.name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
+        if flat:
+            owner, leaf = module, spec.name
+        else:
+            owner_name, _, leaf = spec.name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
         # Assigned directly: register_* would refuse names that __getattr__ answers
         # (a constructor argument named like a parameter, such as ``bias``).
         tensor: Any = None
