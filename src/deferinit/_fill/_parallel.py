@@ -12,12 +12,12 @@ thread, so each worker keeps torch's intra-op threads at one).
 A worker runs only torch's own code: layers whose class comes from torch, with no
 registered initializer (or a mapping to ``torch.nn.init`` functions, such as
 ``{"*.weight": nn.init.xavier_uniform_}``), no init call waiting on their
-placeholders, declared under the current default dtype (switching it would switch
-it for every thread), and sharing no tensor with another layer. Any other layer
-is computed by the calling thread while no worker runs, as without ``seed=``.
-Workers change nothing of the model and touch no process-wide generator; the
-calling thread places their values in order, so a failure anywhere undoes
-everything, as in one thread.
+placeholders, no module or tensor among its constructor's arguments, declared
+under the current default dtype (switching it would switch it for every thread),
+and sharing no tensor with another layer. Any other layer is computed by the
+calling thread while no worker runs, as without ``seed=``. Workers change nothing
+of the model and touch no process-wide generator; the calling thread places their
+values in order, so a failure anywhere undoes everything, as in one thread.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import nn
 
 from .._become._initialize import Registration
 from .._declare._pending import pending_calls
+from .._declare._signature import constructor_call
 from .._tensors import own_tensors, tensors_by_name
 from ._dispatch import IN_WORKER, hooks_installed
 from ._layers import Fill, Rebuild, ResetOnStandIn, Seeds
@@ -185,11 +186,14 @@ def _anywhere(step: Step, shared: set[int]) -> bool:
         return False
     if step.kind == "rebuild":
         state = step.module.__dict__["_di"]
+        args, kwargs = constructor_call(state.deferred, state.arguments, state.values)
         return (
             _torch_init(state.init)
             and state.dtype is torch.get_default_dtype()
             and not any(pending_calls(t) for t in tensors)
             and _torch_own(state.deferred._di_cls)
+            # a module or tensor given to the constructor may be copied or used there
+            and not any(isinstance(a, nn.Module | torch.Tensor) for a in (*args, *kwargs.values()))
         )
     registered = step.module.__dict__.get("_di_meta_init")
     reset: Callable[[], None] | None = getattr(type(step.module), "reset_parameters", None)
