@@ -14,7 +14,10 @@ rounds (the order alternating):
   one thread;
 * ``eager N`` and ``seed= N``: eager construction and ``seed=0`` with torch's
   thread count set to every core (``--threads``): ``di.materialize(seed=)``
-  computes that many layers at once.
+  computes that many layers at once;
+* ``ceiling``: what that many threads gain on this machine now, deferinit aside
+  (each fills its own tensors against one thread filling them all): no ``seed=``
+  figure can beat it, and on a machine whose cores are busy it is near 1.
 
 Throughput ratio = eager seconds / materialize seconds (bars: ≥ 1.0 exact, ≥ 1.6
 ``seed=`` on 2 cores). Prints a table and the ratios; exits 0 whether or not a bar
@@ -30,6 +33,7 @@ import gc
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -81,6 +85,42 @@ def _materialized(
     model = di.build(factory(width, depth, deferred=True), (2, width), device="meta")
     build = time.perf_counter() - start
     return build, timed(lambda: di.materialize(model, seed=seed))
+
+
+def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
+    """What ``threads`` threads can gain on this machine now, deferinit aside: each
+    thread fills its own tensors from its own generator (a CPU random fill runs on
+    one thread), against one thread doing all of it; ratio of medians, interleaved.
+    On a machine whose cores are busy with other work this is near 1, and no
+    ``seed=`` figure can beat it."""
+    buffers = [torch.empty(numel).uniform_() for _ in range(threads)]
+
+    def work(i: int) -> None:
+        generator = torch.Generator().manual_seed(i)
+        for _ in range(4):
+            buffers[i].uniform_(generator=generator)
+
+    def serial() -> None:
+        for i in range(threads):
+            work(i)
+
+    def parallel() -> None:
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples: dict[str, list[float]] = {"serial": [], "parallel": []}
+        for r in range(max(3, repeat)):
+            for name in ("serial", "parallel") if r % 2 == 0 else ("parallel", "serial"):
+                samples[name].append(timed(serial if name == "serial" else parallel))
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(samples["serial"]) / statistics.median(samples["parallel"])
 
 
 def measure(
@@ -150,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ratio {name} throughput materialize seed= / eager, {n} threads: {parallel:.2f} "
                 f"(bar ≥ {BAR_PARALLEL} on 2 cores: {met})"
             )
+        limit = ceiling(n, repeat)
+        print(f"ceiling: {n} threads filling their own tensors / one thread: {limit:.2f}")
     finally:
         torch.set_num_threads(before)
     return 0
