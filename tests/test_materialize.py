@@ -11,7 +11,7 @@ values that depend only on the seed and its qualified name; ``progress=`` shows 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
+from deferinit._fill._dispatch import Fallback
 
 AssertSameState = Callable[[nn.Module, nn.Module], None]
 Factory = Callable[[], nn.Module]
@@ -587,6 +588,7 @@ def test_seed_runs_a_registered_initializer_only_where_its_values_are_used(
     if alone:  # each tensor initialized alone: once per tensor (weight, bias)
         monkeypatch.setattr("deferinit._fill._layers.seeded_whole", lambda *a, **k: None)
         monkeypatch.setattr("deferinit._fill._each.seeded_whole", lambda *a, **k: None)
+        monkeypatch.setattr("deferinit._fill._each.once", _no_one_run)
         calls.clear()
         got = di.materialize(model(), seed=0)
         assert calls == ["cpu"] * 6
@@ -794,3 +796,8 @@ def test_declared_empty_tensors_and_ties_inside_one_module_materialize() -> None
     assert model.b is model.a
     assert torch.equal(model.a, torch.ones(3))
     assert model.empty.weight.shape == (2, 0) and model.empty.weight.device.type == "cpu"
+
+
+def _no_one_run(*args: object, **kwargs: object) -> NoReturn:
+    """Stands in for the one-run pass: forces the run per group of tensors."""
+    raise Fallback("tensor by tensor")
