@@ -167,15 +167,7 @@ def guard_for(module: nn.Module, cls: type[nn.Module]) -> Guard:
 def _kind(cls: type[nn.Module]) -> type[Guard]:
     """The guard class for layers of ``cls`` (bounded: a process may define classes
     without end; an evicted class just gets a new guard class next time)."""
-    base: type[Guard] = Guard
-    try:
-        params = list(inspect.signature(cls.forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    if [p.name for p in params] == ["self", "input"] and all(
-        p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
-    ):
-        base = InputGuard
+    base: type[Guard] = InputGuard if _takes_one_input(cls.forward) else Guard
     call = base.__call__
     renamed = types.FunctionType(
         call.__code__, call.__globals__, "forward", call.__defaults__, call.__closure__
@@ -192,6 +184,34 @@ def _kind(cls: type[nn.Module]) -> type[Guard]:
         "__module__": cls.forward.__module__,
     }
     return type(f"{base.__name__}[{cls.__qualname__}]", (base,), namespace)
+
+
+def _takes_one_input(forward: Any) -> bool:
+    """Whether ``forward`` is ``forward(self, input)``: read off its code for a
+    plain function (a layer class's first build pays for this in a fresh
+    interpreter; ``inspect.signature`` costs tens of microseconds), else from its
+    signature."""
+    code = getattr(forward, "__code__", None)
+    if (
+        type(forward) is types.FunctionType
+        and code is not None
+        and "__wrapped__" not in vars(forward)
+    ):
+        return (
+            code.co_argcount == 2
+            and code.co_varnames[:2] == ("self", "input")
+            and not code.co_posonlyargcount
+            and not code.co_kwonlyargcount
+            and not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+            and not forward.__defaults__
+        )
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return [p.name for p in params] == ["self", "input"] and all(
+        p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
+    )
 
 
 def _outlive(guard_ref: weakref.ref[Guard], _dead: object) -> None:

@@ -19,7 +19,7 @@ import functools
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -176,30 +176,43 @@ KNOWN: dict[type[nn.Module], tuple[Row, ...]] = {
 
 def _known_layout(cls: type[Deferred], state: State) -> Layout | None:
     """The layout of a layer of :data:`KNOWN`, from its arguments; else None."""
-    rows = KNOWN.get(cls._di_cls)
+    real = cls._di_cls
+    rows = KNOWN.get(real)
     if rows is None:
         return None
     arguments, signature = state.arguments, cls._di_init_signature.parameters
-
-    def flag(name: str) -> Any:
-        if name in arguments:
-            return arguments[name]
-        parameter = signature.get(name)
-        return True if parameter is None else parameter.default
-
+    flags = []
+    for flag in sorted({f for _, _, needs, _ in rows for f in needs}):
+        if flag in arguments:
+            flags.append((flag, bool(arguments[flag])))
+        else:  # a flag the class does not take is true (see KNOWN)
+            parameter = signature.get(flag)
+            flags.append((flag, True if parameter is None else bool(parameter.default)))
     dtype = arguments.get("dtype") or state.dtype
-    tensors = tuple(
+    tensors = _known_tensors(real, dtype, tuple(flags))  # type: ignore[arg-type]  # classes hash
+    # The meta construction, made only when its facts are first read, as declared.
+    snapshot = State(cls, dict(arguments), dict(state.options), dict(state.explicit))
+    snapshot.dtype, snapshot.device = state.dtype, state.device
+    return Layout(tensors, (), functools.partial(_probe_later, cls, snapshot))
+
+
+@functools.lru_cache(maxsize=256)
+def _known_tensors(
+    real: type[nn.Module], dtype: torch.dtype, flags: tuple[tuple[str, bool], ...]
+) -> tuple[TensorSpec, ...]:
+    """The tensors of a :data:`KNOWN` class with these flags, in this dtype (the
+    same for every size, so shared by every declaration)."""
+    true = {flag for flag, value in flags if value}
+    return tuple(
         TensorSpec(
             name,
             is_parameter,
-            (torch.long if count else dtype) if all(flag(f) for f in flags) else None,
-            is_parameter and all(flag(f) for f in flags),
+            (torch.long if count else dtype) if true.issuperset(needs) else None,
+            is_parameter and true.issuperset(needs),
             True,
         )
-        for name, is_parameter, flags, count in rows
+        for name, is_parameter, needs, count in KNOWN[real]
     )
-    probe = functools.partial(_probe_later, cls, replace(state, layout=None))
-    return Layout(tensors, (), probe)
 
 
 def _probe_later(cls: type[Deferred], state: State) -> Probed:
