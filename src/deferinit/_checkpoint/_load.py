@@ -40,7 +40,7 @@ from .._naming import label, root_scope
 from .._tensors import own_tensors
 from ._commit import Write, commit, prepare
 from ._read import Source, read_source
-from ._sizes import infer_from_shapes, value_problem
+from ._sizes import counts_of, infer_from_shapes, saved_before_build, value_problem
 
 __all__ = ["load_state_dict"]
 
@@ -127,7 +127,9 @@ def _plan(
             problem = _fit(module, owner, key, target, value)
             if problem:
                 misfit.append(problem)
-            elif not is_lazy(value):
+            elif not is_lazy(value) and not (is_lazy(target) and isinstance(owner, Deferred)):
+                # (a count saved by torch's Lazy norm into a twin left deferred: its
+                # build gives the count, as torch's Lazy norm's first forward does)
                 writes.append(Write(owner, target, key, value))
         if prefix + _EXTRA_STATE in extra_keys and prefix + _EXTRA_STATE in state:
             extra.append((owner, state[prefix + _EXTRA_STATE]))
@@ -158,6 +160,8 @@ def _fit(
     if is_lazy(target):
         if is_lazy(value):
             return None  # saved before the build into a layer not built: stays deferred
+        if key.rpartition(".")[2] in counts_of(owner):
+            return None  # torch's Lazy norm saves its count real: the layer stays deferred
         if isinstance(owner, Deferred) or any(t is target for _, t in _slots(root, key)):
             return (
                 f"{where} stays unbuilt: the checkpoint does not determine its sizes "
@@ -241,13 +245,13 @@ def _build_from(
             for n, _ in placeholder_tensors(sub)
             if prefix + n in state and prefix + n not in bad
         }
-        lazy = sorted(prefix + n for n, v in mine.items() if is_lazy(v))
-        if not mine or len(lazy) == len(mine):
+        before, mixed = saved_before_build(sub, mine)
+        if not mine or before:
             continue  # nothing saved, or saved before a build: stays deferred
-        if lazy:
+        if mixed:
             problems.append(
                 f"{label(sub)} holds values for some of its tensors but placeholders "
-                f"(saved before a build, no values) for {', '.join(lazy)}"
+                f"(saved before a build, no values) for {', '.join(prefix + n for n in mixed)}"
             )
             continue
         shapes = {n: tuple(v.shape) for n, v in mine.items()}

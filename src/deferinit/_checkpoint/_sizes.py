@@ -4,7 +4,15 @@ Which saved dimension carries which constructor argument is learnt from the
 layer itself: it is constructed on ``meta`` twice per argument with different
 stand-in sizes, and a tensor dimension that moves with the argument gives a
 linear relation ``dim = a * size + b`` (``4 * hidden`` for an LSTM's gates,
-``in1`` and ``in2`` for a Bilinear). Solving it for the saved shape gives the size.
+``in1`` and ``in2`` for a Bilinear, ``in_channels / groups`` for a grouped
+convolution, so ``a`` is a fraction). Solving it for the saved shape gives the
+size; a saved shape that no whole size gives is reported, never guessed.
+
+A batch or instance norm's ``num_batches_tracked`` (:func:`counts_of`) sizes
+nothing: torch's own Lazy norms hold it as a real ``tensor(0)`` before their first
+forward, beside placeholders, and that first forward zeroes it. So a state dict
+saved by one of them before its first forward leaves a twin deferred, as it leaves
+torch's Lazy norm, and its count is not loaded (the build gives 0, as torch's does).
 
 Also here, shared by ``di.load_state_dict`` and torch's own ``load_state_dict``
 on a placeholder: which saved values can be loaded at all, and swapping a tensor
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -22,10 +31,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.parameter import is_lazy
 
+from .._become._adopt import sizes_text
 from .._become._become import become
 from .._declare._deferred import Deferred
-from .._declare._layout import probe_shapes
-from .._declare._placeholder import placeholder_tensors
+from .._declare._layout import KNOWN, probe_shapes
+from .._declare._placeholder import Holder, placeholder_tensors
 from .._declare._rules import MISSING, RuleError
 from .._declare._signature import constructor_call
 from .._naming import label
@@ -33,9 +43,12 @@ from .._swap import exchange_or_raise
 from .._tensors import kind_of
 
 __all__ = [
+    "counts_of",
     "infer_from_shapes",
     "load_into_placeholder",
     "meta_to_empty",
+    "saved_before_build",
+    "shapes_with",
     "swappable",
     "value_problem",
 ]
@@ -64,6 +77,36 @@ def value_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def counts_of(module: nn.Module) -> frozenset[str]:
+    """The counts among a deferred layer's tensors (``num_batches_tracked``): torch's
+    Lazy norms hold them real before their first forward, which zeroes them; they
+    size nothing and the build gives them their value. Empty for anything else.
+
+    >>> from deferinit import nn as dnn
+    >>> sorted(counts_of(dnn.BatchNorm1d())), sorted(counts_of(dnn.Linear(3)))
+    (['num_batches_tracked'], [])
+    """
+    if not isinstance(module, Deferred):
+        return frozenset()
+    rows = KNOWN.get(type(module)._di_cls, ())
+    return frozenset(name for name, _, _, count in rows if count)
+
+
+def saved_before_build(module: nn.Module, saved: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Whether ``saved`` (a deferred layer's tensors by name within it) was saved
+    before a build, so the layer stays deferred, and the names saved as
+    placeholders when others hold values (a mix that cannot load).
+
+    Counts (:func:`counts_of`) do not tell: torch's Lazy norms save them real.
+    """
+    counts = counts_of(module)
+    lazy = sorted(n for n, v in saved.items() if is_lazy(v))
+    sized = [n for n, v in saved.items() if n not in counts and not is_lazy(v)]
+    if sized:
+        return False, lazy
+    return bool(saved), []
+
+
 def _flat(value: Any) -> list[int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
@@ -80,17 +123,10 @@ def infer_from_shapes(
     state = module._di
     assert state.layout is not None  # a placeholder always has a layout
     size = state.layout.size
-    arguments = dict(state.arguments)
-    if "device" in arguments:
-        arguments["device"] = "meta"
     base = {
         n: state.explicit[n] if n in state.explicit else r.provisional(size, state.options)
         for n, r in cls._di_rules.items()
     }
-
-    def shapes_for(values: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        args, kwargs = constructor_call(cls, arguments, values)
-        return probe_shapes(lambda: cls._di_cls(*args, **kwargs))
 
     values = dict(state.explicit)
     problems: list[str] = []
@@ -113,7 +149,7 @@ def infer_from_shapes(
             read_off = True
     if problems:
         return values, problems
-    base_shapes = shapes_for(base) if read_off else state.layout.shapes
+    base_shapes = shapes_with(module, base) if read_off else state.layout.shapes
     for name in cls._di_rules:
         if name in values:
             continue
@@ -127,23 +163,26 @@ def infer_from_shapes(
             moved[i] = 2 * v0
             trial = dict(base)
             trial[name] = moved[0] if isinstance(base[name], int) else type(base[name])(moved)
-            found = _solve(base_shapes, shapes_for(trial), shapes, v0, 2 * v0)
-            if not found:
-                problems.append(f"no saved tensor determines {name}")
+            found = _solve(base_shapes, shapes_with(module, trial), shapes, v0, 2 * v0)
+            problem = _unsolved(name, found, shapes)
+            if problem is not None:
+                problems.append(problem)
                 break
-            if len(set(found.values())) != 1 or min(found.values()) <= 0:
-                detail = ", ".join(
-                    f"{k} says {v}"
-                    if v > 0
-                    else f"{k.split('[')[0]} has shape {shapes[k.split('[')[0]]}"
-                    for k, v in found.items()
-                )
-                problems.append(f"saved tensors disagree on {name}: {detail}")
-                break
-            solved.append(next(iter(found.values())))
+            solved.append(next(v for v in found.values() if v is not None))
         else:
             values[name] = solved[0] if isinstance(base[name], int) else type(base[name])(solved)
     return values, problems
+
+
+def shapes_with(module: Deferred, values: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of every tensor ``module`` would hold, built with ``values``
+    (constructed on meta: no memory, no random numbers)."""
+    cls = type(module)
+    arguments = dict(module._di.arguments)
+    if "device" in arguments:
+        arguments["device"] = "meta"
+    args, kwargs = constructor_call(cls, arguments, values)
+    return probe_shapes(lambda: cls._di_cls(*args, **kwargs))
 
 
 def _solve(
@@ -152,23 +191,54 @@ def _solve(
     saved: dict[str, tuple[int, ...]],
     v0: int,
     v1: int,
-) -> dict[str, int]:
-    found: dict[str, int] = {}
+) -> dict[str, int | None]:
+    """The size each saved dimension gives, by ``"key[d]"``, for every dimension
+    that moved from ``base`` (the argument at ``v0``) to ``moved`` (at ``v1``):
+    ``None`` where no whole positive size gives the saved one, and under ``key`` a
+    saved tensor of another rank. Rational arithmetic: a dimension may move by a
+    fraction of the size (``in_channels / groups``)."""
+    found: dict[str, int | None] = {}
     for key, shape0 in base.items():
         shape1 = moved.get(key)
         if key not in saved or shape1 is None or len(shape0) != len(shape1):
             continue
+        if shape0 == shape1:
+            continue  # says nothing of this argument (its shape is checked at the load)
         if len(saved[key]) != len(shape0):
-            found[key] = -1  # a rank mismatch: reported as a disagreement
+            found[key] = None  # a rank mismatch
             continue
         for d, (s0, s1) in enumerate(zip(shape0, shape1, strict=True)):
             if s0 == s1:
                 continue
-            slope, rem = divmod(s1 - s0, v1 - v0)
-            offset = s0 - slope * v0
-            value, rem2 = divmod(saved[key][d] - offset, slope)
-            found[f"{key}[{d}]"] = value if rem == 0 and rem2 == 0 else -1
+            slope = Fraction(s1 - s0, v1 - v0)  # not zero: the dimension moved
+            size = v0 + (saved[key][d] - s0) / slope
+            whole = size.denominator == 1 and size > 0
+            found[f"{key}[{d}]"] = int(size) if whole else None
     return found
+
+
+def _unsolved(
+    name: str, found: dict[str, int | None], shapes: dict[str, tuple[int, ...]]
+) -> str | None:
+    """Why the saved shapes do not give ``name`` one whole size, or None."""
+    if not found:
+        return f"no saved tensor determines {name}"
+    sizes = {v for v in found.values() if v is not None}
+    if len(sizes) == 1 and None not in found.values():
+        return None
+
+    def shown(at: str, size: int | None) -> str:
+        key = at.split("[")[0]
+        if size is not None:
+            return f"{at} says {size}"
+        if at == key:
+            return f"{key} has shape {shapes[key]}, of another rank than the layer's"
+        return f"{key} has shape {shapes[key]}, which no whole {name} gives"
+
+    detail = ", ".join(shown(at, size) for at, size in found.items())
+    if len(sizes) > 1:
+        return f"saved tensors disagree on {name}: {detail}"
+    return f"{name} cannot be determined: {detail}"
 
 
 @contextmanager
@@ -212,6 +282,29 @@ def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
                 )
 
 
+def _misfits(
+    module: Deferred, values: dict[str, Any], saved: dict[str, tuple[int, ...]]
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """``(name, saved shape, built shape)`` for each saved tensor that the layer
+    built with ``values`` would not fit (checked before the build, so that a failed
+    load leaves the layer deferred)."""
+    try:
+        built = shapes_with(module, values)
+    except Exception:  # the class refuses these sizes: the build says so, by name
+        return []
+    return [
+        (name, shape, built[name])
+        for name, shape in saved.items()
+        if name in built and built[name] != shape and not _old_scalar(shape, built[name])
+    ]
+
+
+def _old_scalar(saved: tuple[int, ...], built: tuple[int, ...]) -> bool:
+    """A one-element vector saved for a scalar (``num_batches_tracked`` in
+    checkpoints of torch 0.3), which torch's loader accepts."""
+    return built == () and saved == (1,)
+
+
 def load_into_placeholder(
     module: Deferred,
     state_dict: dict[str, Any],
@@ -234,20 +327,31 @@ def load_into_placeholder(
     where = f"{label(module, type(module).__name__)} at {prefix[:-1] or 'the root'!r}"
     # Keys of this layer that it does not have: torch reports them for the layer
     # that owns the prefix; once built, the built class's own loader does that.
-    unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in names]
+    # Children of its own (a submodule a user added to an adopted Lazy module) load
+    # their keys themselves.
+    children = {
+        n for n, m in module._modules.items() if m is not None and not isinstance(m, Holder)
+    }
+    unexpected = [
+        k
+        for k in state_dict
+        if k.startswith(prefix)
+        and k[len(prefix) :] not in names
+        and k[len(prefix) :].split(".", 1)[0] not in children
+    ]
     if strict:
         unexpected_keys.extend(unexpected)
     problems = [p for n, v in mine.items() if (p := value_problem(prefix + n, v)) is not None]
     if problems:
         error_msgs.append(f"{where} cannot load: {'; '.join(problems)}")
         return
-    lazy = sorted(n for n, v in mine.items() if is_lazy(v))
-    if lazy:
+    before, mixed = saved_before_build(module, mine)
+    if before or mixed:
         missing_keys.extend(prefix + n for n in sorted(names - set(mine)))
-        if len(lazy) != len(mine):
+        if mixed:
             error_msgs.append(
                 f"{where} is not built, and the checkpoint holds values for some of its "
-                f"tensors but placeholders (saved before a build) for {', '.join(lazy)}. "
+                f"tensors but placeholders (saved before a build) for {', '.join(mixed)}. "
                 f"Fix: save the checkpoint after the model is built."
             )
         return  # saved before the build: the layer stays deferred
@@ -264,6 +368,18 @@ def load_into_placeholder(
             f"{where} is not built and cannot take its sizes from the checkpoint: "
             f"{'; '.join(problems)}. Fix: load a checkpoint that holds this layer's "
             f"tensors, or build the model first with a forward pass."
+        )
+        return
+    misfit = _misfits(module, values, shapes)
+    if misfit:
+        # torch's own words for each key, then why and what is left.
+        error_msgs.extend(
+            f"size mismatch for {prefix}{name}: copying a param with shape "
+            f"{torch.Size(saved)} from checkpoint, the shape in current model is "
+            f"{torch.Size(built)} ({where} is left unbuilt: the sizes the checkpoint "
+            f"gives, {sizes_text(values)}, do not fit this tensor. Fix: load the "
+            f"checkpoint of a layer declared with the same arguments)."
+            for name, saved, built in misfit
         )
         return
     devices = {
