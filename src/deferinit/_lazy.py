@@ -8,11 +8,15 @@ turns each of torch's 13 Lazy classes into the matching twin of
 
 What is kept: the module object itself (its parent's entry, a user's variable),
 its registration order, train/eval mode, the hooks registered on it (not torch's
-own inference and checkpoint hooks, which go) and its ``UninitializedParameter``
-and ``UninitializedBuffer`` objects, which become the twin's placeholders, so an
-optimizer made before adoption trains the model after its build. The twin is
-built in the dtype and on the device of those tensors (a Lazy module materializes
-in its tensors' dtype and device, after ``.double()`` or ``.to(...)`` too).
+own inference and checkpoint hooks, which go), the attributes and submodules a
+user added to it, and its ``UninitializedParameter`` and ``UninitializedBuffer``
+objects, which become the twin's placeholders, so an optimizer made before
+adoption trains the model after its build. The twin is declared and built in the
+dtype and on the device of those tensors (a Lazy module materializes in its
+tensors' dtype and device, after ``.double()`` or ``.to(...)`` too), its own
+``num_batches_tracked`` placeholder included. What cannot be carried (a parameter
+or buffer a user registered beside the Lazy module's own, an instance attribute
+that overrides a method) is refused before anything changes.
 
 Why the object is kept by switching its class, as a build does
 (``_become/_become.py``) and as torch's Lazy modules themselves do when they
@@ -26,6 +30,7 @@ the shape-only pass cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,7 +38,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+from torch.nn.parameter import (  # type: ignore[attr-defined]
+    UninitializedBuffer,
+    UninitializedParameter,
+    UninitializedTensorMixin,
+    is_lazy,
+)
 
 from . import nn as dnn
 from ._become._transaction import HOOK_TABLES
@@ -42,6 +52,7 @@ from ._declare._layout import layout_of
 from ._declare._pending import set_owner, take_pending
 from ._declare._placeholder import PlaceholderBuffer, PlaceholderParameter
 from ._errors import DeferredInitError
+from ._tensors import construct_on_meta
 
 __all__ = ["LAZY_TWINS", "adopt", "arguments_of", "lazy_modules", "refuse_lazy", "waiting_lazy"]
 
@@ -66,7 +77,9 @@ LAZY_TWINS: dict[type[nn.Module], type[Deferred]] = {
 }
 
 # Real at construction in torch's Lazy batch norms (a count, 0): not a size-less
-# placeholder to keep; the twin's own placeholder takes its place.
+# placeholder to keep; the twin's own placeholder takes its place. Its value is
+# not lost: torch's Lazy norm zeroes it at its first forward (reset_running_stats),
+# as the twin's build gives 0.
 _CONSTRUCTED_REAL = frozenset({"num_batches_tracked"})
 
 # torch's handles to the hooks every Lazy module registers for itself, and the
@@ -206,11 +219,87 @@ def _refusal(module: nn.Module) -> str | None:
         return (
             f"{cls.__name__} is {what} that deferinit has no twin for (its own code would be lost)"
         )
+    uncarried = _uncarried(module)
+    if uncarried is not None:
+        return uncarried
     real = [n for n, t in _tensors(module) if not is_lazy(t) and n not in _CONSTRUCTED_REAL]
     if real and len(real) < len([n for n, _ in _tensors(module)]):
         return (
             f"{cls.__name__} holds values for {', '.join(real)} but not for its other "
             f"tensors (a checkpoint loaded with strict=False?); a build would replace them"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """What a freshly constructed Lazy module of a class holds, by name (the same
+    for every argument of the 13 classes: their tables register ``None`` where a
+    flag leaves a tensor out)."""
+
+    attributes: frozenset[str]  # __dict__ keys
+    tensors: frozenset[str]  # _parameters and _buffers names
+
+
+_FRESH: dict[type[nn.Module], _Fresh] = {}
+
+
+def _fresh(module: nn.Module) -> _Fresh:
+    """What a fresh Lazy module of ``module``'s class holds: one constructed on meta
+    per class, with 1 for every required argument (``out_features``, ``kernel_size``)."""
+    cls = type(module)
+    found = _FRESH.get(cls)
+    if found is None:
+        required = [
+            p
+            for p in inspect.signature(cls).parameters.values()
+            if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        made = construct_on_meta(lambda: cls(*[1] * len(required)))
+        found = _FRESH[cls] = _Fresh(
+            frozenset(made.__dict__), frozenset([*made._parameters, *made._buffers])
+        )
+    return found
+
+
+def _added(module: nn.Module) -> list[str]:
+    """The ``__dict__`` keys a user added to a Lazy module (a fresh one has none of them)."""
+    fresh = _fresh(module).attributes
+    return [key for key in module.__dict__ if key not in fresh]
+
+
+def _shadows(twin: type[Deferred], key: str) -> bool:
+    """An instance attribute ``key`` would hide a class attribute (``forward``) or
+    deferinit's own record (``_di``)."""
+    return key.startswith("_di") or hasattr(twin, key) or hasattr(twin._di_cls, key)
+
+
+def _uncarried(module: nn.Module) -> str | None:
+    """Why what a user added to ``module`` cannot go to its twin, or None.
+
+    Attributes and submodules go along. A parameter or buffer of its own would sit
+    among the twin's placeholders, which the build replaces by the built layer's
+    tensors; an instance attribute named like a method of the twin or of the built
+    class (``forward``) would replace that method.
+    """
+    cls, twin = type(module), LAZY_TWINS[type(module)]
+    tensors = [
+        n for n in (*module._parameters, *module._buffers) if n not in _fresh(module).tensors
+    ]
+    if tensors:
+        shown = ", ".join(repr(n) for n in tensors)
+        return (
+            f"{cls.__name__} holds {shown}, registered beside its own tensors, which its "
+            f"twin cannot keep (its build replaces every tensor it holds). Fix: register "
+            f"them on a parent module, or adopt before registering them"
+        )
+    shadowing = [k for k in _added(module) if _shadows(twin, k)]
+    if shadowing:
+        shown = ", ".join(repr(k) for k in shadowing)
+        return (
+            f"{cls.__name__} has the instance attribute(s) {shown}, which would replace "
+            f"what its twin or the built class names so. Fix: delete them (del "
+            f"module.<name>) before di.adopt and set them again once the layer is built"
         )
     return None
 
@@ -259,6 +348,7 @@ class _Adoption:
     twin: Deferred  # a fresh twin whose __dict__ the module takes over
     kept: list[tuple[str, torch.Tensor, type]]  # the Lazy tensors kept: name, class now
     hooks: dict[str, list[tuple[Any, Any]]]  # the hook tables as they were
+    added: list[str]  # the __dict__ keys a user added, carried over
     old_dict: dict[str, Any] | None = None
     old_class: type | None = None
 
@@ -274,6 +364,9 @@ class _Adoption:
             new[key] = old[key]
         new["training"] = old["training"]
         new["_is_full_backward_hook"] = old.get("_is_full_backward_hook")
+        for key in self.added:
+            new[key] = old[key]
+        new["_modules"].update(old["_modules"])  # a Lazy module has only the user's
         # Dict first, then class, as a build does.
         object.__setattr__(module, "__dict__", new)
         object.__setattr__(module, "__class__", type(self.twin))
@@ -301,8 +394,12 @@ def _plan(name: str, module: nn.Module) -> _Adoption:
     """A fresh twin holding ``module``'s Lazy tensors, ready to commit."""
     cls = LAZY_TWINS[type(module)]
     arguments = arguments_of(module, cls)
+    lazy = [t for _, t in _tensors(module) if isinstance(t, UninitializedTensorMixin)]
     try:
-        twin = cls(**arguments)
+        # Declared on the Lazy module's device, as its own tensors are: the twin's
+        # placeholders that do not come from it (num_batches_tracked) are too.
+        with torch.device(lazy[0].device) if lazy else contextlib.nullcontext():
+            twin = cls(**arguments)
     except (TypeError, ValueError, DeferredInitError) as error:
         shown = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
         raise DeferredInitError(
@@ -322,4 +419,4 @@ def _plan(name: str, module: nn.Module) -> _Adoption:
         if state.dtype is not torch.get_default_dtype():
             state.layout = layout_of(cls, state)
     hooks = {key: list(module.__dict__[key].items()) for key in HOOK_TABLES}
-    return _Adoption(module, twin, kept, hooks)
+    return _Adoption(module, twin, kept, hooks, _added(module))
