@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import deferinit as di
 from deferinit import nn as dnn
 from deferinit._declare import _layout
 from deferinit._declare._deferred import Deferred
@@ -84,3 +85,10 @@ def test_a_known_layout_pickles_with_what_its_meta_construction_shows() -> None:
     copy = pickle.loads(pickle.dumps(layer))
     assert repr(copy) == repr(layer) == "Linear(in_features=?, out_features=5, bias=False)"
     assert list(copy.state_dict()) == ["weight"]
+
+
+def test_arguments_a_known_layer_rejects_whatever_its_sizes_are_named_at_the_first_call() -> None:
+    layer = dnn.Conv2d(6, 5, padding="bogus")  # known without constructing: not checked yet
+    with pytest.raises(TypeError, match=r"torch\.nn\.Conv2d rejects these arguments.*bogus"):
+        layer(torch.randn(1, 3, 8, 8))
+    assert not di.is_built(layer)

@@ -68,6 +68,10 @@ def become(
         with declared_defaults(state, device):
             real = cls._di_cls(*args, **kwargs)
     except Exception as error:
+        if state.layout is not None:
+            # A layout known from the arguments was not checked by constructing:
+            # arguments no size fits raise the declaration's TypeError now.
+            state.layout.probed()
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if k not in state.explicit)
         got = f" (inferred {shown} from {built_from})" if built_from else ""
         raise InferenceError(
