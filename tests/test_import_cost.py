@@ -56,11 +56,5 @@ def test_import_deferinit_does_not_load_the_compiler(loaded: dict[str, list[str]
     assert _heavy_loaded_by_deferinit(loaded, COMPILER) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_fill/_layers.py, _fill/_placing.py, _record/_sharded.py and _record/_twins.py "
-    "import torch.distributed.tensor (DTensor) at module level; remove this mark once "
-    "they read DTensor only where a DTensor can exist",
-)
 def test_import_deferinit_does_not_load_the_dtensor_stack(loaded: dict[str, list[str]]) -> None:
     assert _heavy_loaded_by_deferinit(loaded, DISTRIBUTED) == []

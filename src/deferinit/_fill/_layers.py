@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
 from .._declare._pending import pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
+from .._shards import is_dtensor
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
 from ._dispatch import saved_generators, storage_key, written_storages
 from ._each import each_tensor
@@ -73,7 +73,7 @@ class Fill:
         never changes it. ``scratch`` lends the memory in which a tensor is written
         before its slice is kept."""
         keep = functools.partial(self._keep, device, dtype)
-        sharded = any(isinstance(t, DTensor) for t in self.old.values())
+        sharded = any(is_dtensor(t) for t in self.old.values())
         if seeds is None and not sharded:
             new = self._made(device)
             for name in self.old:

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .._errors import DeferredInitError
+from .._shards import is_dtensor, local_slice, sharded_like
 from .._swap import exchange, wraps
 from .._tensors import is_meta, own_tensors, table_of
 
@@ -57,7 +56,7 @@ def sharded_owners(root: nn.Module) -> Owners:
     owners: Owners = {}
     for sub in root.modules():
         for leaf, t in own_tensors(sub).items():
-            if isinstance(t, DTensor) and is_meta(t):
+            if is_dtensor(t) and is_meta(t):
                 owners.setdefault(id(t), []).append((sub, leaf))
     return owners
 
@@ -137,15 +136,9 @@ def local_part(
     >>> local_part(torch.empty(4), full, torch.device("cpu"), None) is full
     True
     """
-    if not isinstance(old, DTensor):
+    if not is_dtensor(old):
         return full
-    shape, offset = compute_local_shape_and_global_offset(
-        old.shape, old.device_mesh, old.placements
-    )
-    index = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-    want = dtype if dtype is not None and full.is_floating_point() else old.dtype
-    # copy=True: a slice along dim 0 is a view, which would keep the full tensor alive.
-    return full.detach()[index].to(device=device, dtype=want, copy=True).contiguous()
+    return local_slice(old, full, device, dtype)  # type: ignore[arg-type]
 
 
 def place_by_name(
@@ -163,7 +156,7 @@ def place_by_name(
     every name it has (:func:`_place_shard`)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = layer.get_submodule(owner_name)
-    if isinstance(old, DTensor):
+    if is_dtensor(old):
         places = owners.get(id(old), [(owner, leaf)])
         if is_meta(old):  # a tied tensor is filled once, under its first name
             _place_shard(places, old, value)
@@ -172,21 +165,10 @@ def place_by_name(
 
 
 def _place_shard(
-    places: list[tuple[nn.Module, str]], sharded: DTensor, local: torch.Tensor
+    places: list[tuple[nn.Module, str]], sharded: torch.Tensor, local: torch.Tensor
 ) -> None:
     """A sharded (FSDP2 / DTensor) tensor: this rank's ``local`` slice of the
-    single-process value becomes a sharded tensor under every name the tensor has."""
-    value = DTensor.from_local(
-        local,
-        sharded.device_mesh,
-        sharded.placements,
-        run_check=False,
-        shape=sharded.shape,
-        stride=sharded.stride(),
-    )
-    # A new parameter object, as load_state_dict(assign=True) makes: FSDP2 re-pads
-    # and re-registers it at its lazy init. Create optimizers after materializing.
-    fresh: torch.Tensor = value
-    if isinstance(sharded, nn.Parameter):
-        fresh = nn.Parameter(value, requires_grad=sharded.requires_grad)
-    _replace_under_names(places, fresh)
+    single-process value becomes a sharded tensor under every name the tensor has:
+    a new parameter object, as load_state_dict(assign=True) makes (FSDP2 re-pads and
+    re-registers it at its lazy init; create optimizers after materializing)."""
+    _replace_under_names(places, sharded_like(sharded, local))  # type: ignore[arg-type]

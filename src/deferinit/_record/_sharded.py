@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from .._shards import local_slice, sharded_like
+from .._shards import is_dtensor, local_slice, sharded_like
 from .._tensors import is_meta
 from ._tape import Final, Record
+
+if TYPE_CHECKING:  # the DTensor stack loads only where a DTensor exists (see _shards)
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Normal", "Sharded", "Target", "holders", "place_sharded", "targets"]
 
@@ -76,7 +78,7 @@ def _target(final: Final, owner: nn.Module, holders: dict[int, Any]) -> Target:
     if final.kind == "attribute" or id(placeholder) in holders:
         return Normal(placeholder) if is_meta(placeholder) else None
     current = _at(owner, final.name)
-    if isinstance(current, DTensor) and is_meta(current):
+    if is_dtensor(current) and is_meta(current):
         return Sharded(current, holders[id(current)])
     if current is None:  # moved out of the tables: the object may live on elsewhere
         return Normal(placeholder) if is_meta(placeholder) else None

@@ -26,9 +26,10 @@ True
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .._become._initialize import apply_registered
 from .._declare._deferred import Deferred
@@ -36,9 +37,13 @@ from .._declare._pending import run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._naming import label
+from .._shards import is_dtensor
 from .._tensors import is_meta, tensors_by_name
 from ._errors import RecordError, ReplayError
 from ._tape import Declared, Queued, Record
+
+if TYPE_CHECKING:  # the DTensor stack loads only where a DTensor exists (see _shards)
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["TwinReplay", "check_twins", "twin_tensors"]
 
@@ -126,7 +131,7 @@ class TwinReplay:
                 )
             self.fresh[id(old)] = value
             self.by_name[(id(layer), leaf)] = value
-            if isinstance(old, DTensor):
+            if is_dtensor(old):
                 if is_meta(old):  # FSDP2 / tensor parallel: this rank keeps its slice
                     self.sharded.append((old, value))
             elif is_meta(old) and id(old) not in self.skip:
