@@ -15,10 +15,14 @@ asked, since most models are built before anyone prints or loads them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import re
+import threading
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KNOWN",
     "LAYOUT_CACHE_SIZE",
+    "PROVISIONAL_LIMIT",
     "PROVISIONAL_SIZES",
     "Layout",
     "TensorSpec",
@@ -44,6 +49,8 @@ __all__ = [
     "probe_layout",
     "probe_shapes",
     "provisional_constructor",
+    "provisional_sizes",
+    "quiet",
 ]
 
 # Stand-in sizes, tried in order. 1009 is prime, so it rarely collides with a
@@ -52,6 +59,74 @@ __all__ = [
 # and GroupNorm (num_channels % num_groups): 2520 divides by 1..10 and 12, 40320 by
 # every power of two up to 128. On meta none of this allocates.
 PROVISIONAL_SIZES = (1009, 1009 * 2520, 1009 * 40320)
+# When none of those constructs (a head count of 11, 13, 25 or 256), 1009 times the
+# lcm of the integers the declaration gives, then times each of them, up to this
+# size (beyond it a stand-in squared, as an attention layer's weights are, nears
+# int64's numel limit on meta).
+PROVISIONAL_LIMIT = 1009 * 2**17
+
+
+def provisional_sizes(given: Iterable[Any]) -> tuple[int, ...]:
+    """The stand-in sizes to try, in order, for a declaration that gives these
+    argument values: :data:`PROVISIONAL_SIZES`, then multiples of 1009 that every
+    (else each) positive integer among them divides, for the divisibility checks
+    no fixed stand-in satisfies.
+
+    >>> provisional_sizes([11, True, "relu"])[3:]
+    (11099,)
+    >>> provisional_sizes([0.1])
+    (1009, 2542680, 40682880)
+    """
+    ints = sorted({v for v in given if type(v) is int and v > 1})
+    if not ints:
+        return PROVISIONAL_SIZES
+    sizes = list(PROVISIONAL_SIZES)
+    for n in (math.lcm(*ints), *ints):
+        size = 1009 * n
+        if size <= PROVISIONAL_LIMIT and size not in sizes:
+            sizes.append(size)
+    return tuple(sizes)
+
+
+# One "ignore" filter for every quiet section, however they overlap across threads
+# (catch_warnings saves and restores the whole filter list, so two overlapping in
+# two threads could leave warnings ignored for good).
+_QUIET = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_FILTER: tuple[Any, ...] = ("ignore", None, Warning, None, 0)
+
+
+def _filters() -> list[Any]:
+    return warnings.filters  # type: ignore[return-value]  # a list, typed as a Sequence
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Ignore warnings in the constructions that only probe a layer (on meta, in a
+    shape pass), so that the user sees eager's warnings once, at the real
+    construction (and, under ``-W error``, its error there, not a refused probe).
+
+    >>> with quiet():
+    ...     warnings.warn("not shown")
+    """
+    global _QUIET_DEPTH
+    with _QUIET:
+        if _QUIET_DEPTH == 0:
+            _filters().insert(0, _QUIET_FILTER)
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+        _QUIET_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _QUIET:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                filters = _filters()
+                for i, item in enumerate(filters):
+                    if item is _QUIET_FILTER:
+                        del filters[i]
+                        break
+                warnings._filters_mutated()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -263,11 +338,17 @@ def layout_of(cls: type[Deferred], state: State) -> Layout:
 def _probe_declared(cls: type[Deferred], state: State) -> Layout:
     """Construct the declared layer on meta (as at its declaration), or raise."""
     found: Layout | None
+    construct = provisional_constructor(cls, state)
     if state.dtype is torch.get_default_dtype():  # one device mode: each op pays for each
-        found, error = probe_layout(provisional_constructor(cls, state))
+        found, error = probe_layout(construct)
     else:  # reset after the default dtype changed: probe as at the declaration
         with declared_defaults(state, "meta"):
-            found, error = probe_layout(provisional_constructor(cls, state))
+            found, error = probe_layout(construct)
+    if found is None:  # a divisibility check no fixed stand-in meets (nhead=11)
+        sizes = provisional_sizes([*state.arguments.values(), *state.explicit.values()])
+        if len(sizes) > len(PROVISIONAL_SIZES):
+            with declared_defaults(state, "meta"):
+                found, error = probe_layout(construct, sizes[len(PROVISIONAL_SIZES) :])
     if found is None:
         shown = ", ".join(constructor_args_of(cls, state))
         raise TypeError(
@@ -296,12 +377,14 @@ def provisional_constructor(cls: type[Deferred], state: State) -> Callable[[int]
 
 def probe_layout(
     construct: Callable[[int], nn.Module],
+    sizes: tuple[int, ...] = PROVISIONAL_SIZES,
 ) -> tuple[Layout | None, BaseException | None]:
     """Construct on meta with each provisional size until one works."""
     last: BaseException | None = None
-    for size in PROVISIONAL_SIZES:
+    for size in sizes:
         try:
-            module = construct_on_meta(functools.partial(construct, size))
+            with quiet():
+                module = construct_on_meta(functools.partial(construct, size))
         except Exception as error:  # try the next stand-in size
             last = error
             continue
@@ -311,7 +394,8 @@ def probe_layout(
 
 def probe_shapes(construct: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor of a meta construction (for checkpoint inference)."""
-    module = construct_on_meta(construct)
+    with quiet():
+        module = construct_on_meta(construct)
     return {
         name: tuple(t.shape) for name, t in [*module.named_parameters(), *module.named_buffers()]
     }
@@ -352,7 +436,8 @@ def _repr_text(text: str, construct: Callable[[int], nn.Module], size: int) -> s
     A second construction at twice the size tells which numbers are unknown, so a
     real argument that happens to equal the stand-in still shows.
     """
-    other = construct_on_meta(functools.partial(construct, 2 * size)).extra_repr()
+    with quiet():
+        other = construct_on_meta(functools.partial(construct, 2 * size)).extra_repr()
     ours, theirs = re.split(r"(\d+)", text), re.split(r"(\d+)", other)
     if len(ours) != len(theirs):
         return re.sub(rf"\b{size}\b", "?", text)

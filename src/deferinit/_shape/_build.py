@@ -36,6 +36,7 @@ from .._become._initialize import run_registered
 from .._become._memo import SHAPE_PASS, ShapeRecorder
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._layout import quiet
 from .._declare._recording import holds_record
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, InferenceError, NotBuiltError
@@ -219,7 +220,8 @@ def _run(
         _record_outputs(copy, names, result.outputs)
     token = SHAPE_PASS.set(recorder)
     try:
-        with root_scope(copy):
+        # Quiet: the shadow's constructions and forward warn at the real ones.
+        with root_scope(copy), quiet():
             if mode is None:
                 _run_on_meta(copy, copies, args, kwargs)
             else:
