@@ -141,11 +141,6 @@ def test_adopt_keeps_attributes_and_submodules_a_user_added() -> None:
     assert [name for name, _ in net.named_modules()] == ["", "0", "0.extra"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a build gives the layer the built class's __dict__ (_become/_become.py "
-    "_take_over): what a user added to the placeholder is not carried into it yet",
-)
 def test_what_a_user_added_to_a_lazy_module_survives_the_build_after_adopt() -> None:
     lazy = nn.LazyLinear(3)
     extra = nn.ReLU()

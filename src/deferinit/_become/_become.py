@@ -8,6 +8,15 @@ the default dtype and device, exactly as eager code would), and then the same
 Python object takes over its ``__dict__`` and ``__class__``. The placeholder
 parameters themselves turn into the real ones, keeping their identity. Every
 step is recorded so that a failure leaves the layer exactly as it was.
+
+What the placeholder held besides its own state is the user's and is kept: its
+hooks (merged behind the layer's own), the full-backward-hook flag, and the
+attributes and submodules a user put on it (``layer.tag = ...``,
+``layer.extra = nn.ReLU()``), as if they had been set right after an eager
+construction. One named like something the built layer sets itself (an
+attribute its ``__init__`` sets, such as ``in_features``, or one of its
+submodules) would silently replace it or be replaced, so the build is refused
+instead (a :class:`DeferredInitError`, the layer left unbuilt).
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
 
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._placeholder import Holder
 from .._declare._rules import describe
 from .._declare._signature import constructor_call
 from .._declare._state import State, declared_defaults
-from .._errors import InferenceError
+from .._errors import DeferredInitError, InferenceError
 from .._naming import label
 from ._adopt import adopt_placeholders, check_ties, sizes_text
 from ._guard import guard_for
@@ -80,11 +90,12 @@ def become(
             f"Fix: pass an input whose sizes the layer accepts, or give them explicitly."
         ) from error
     check_ties(module, real, values, built_from)
+    added = users_additions(module, real)
     if not module.training:
         real.train(False)
     txn = Transaction(module)
     try:
-        _take_over(module, real, state, values, built_from, txn, adopt, device, hold)
+        _take_over(module, real, state, values, built_from, txn, adopt, device, hold, added)
     except BaseException:  # Ctrl-C between two steps included: never half-built
         txn.rollback()
         raise
@@ -101,6 +112,7 @@ def _take_over(
     adopt: bool,
     device: torch.device | str | None,
     hold: bool,
+    added: _Added | None,
 ) -> None:
     ties: list[str] = []
     if adopt:
@@ -122,16 +134,59 @@ def _take_over(
             table.clear()
             table.update((k, _rebind(v, real, module)) for k, v in merged)
         new[key] = table
+    full = ours.get(_FULL)
+    if full is not None and new.get(_FULL) is None:
+        new[_FULL] = full  # torch collects _backward_hooks only when this is True
+    built_keys, built_modules = frozenset(new), frozenset(new["_modules"])
+    if added is not None:
+        new.update(added[0])
+        new["_modules"].update(added[1])
     built = object.__new__(State)  # dataclasses.replace, without its per-call field walk
     built.__dict__.update(state.__dict__)
     built.values, built.built_from, built.own_hooks = dict(values), built_from, own
     built.ties = tuple(ties)
+    built.built_keys, built.built_modules = built_keys, built_modules
     new["_di"] = built
     guard = guard_for(module, type(real))
     new["forward"] = _Held(guard) if hold else guard
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)
     object.__setattr__(module, "__class__", type(real))
+
+
+_FULL = "_is_full_backward_hook"
+# What a freshly declared placeholder holds in its __dict__: nothing of the user's.
+_PLACEHOLDER_KEYS = frozenset([*nn.Module().__dict__, "_di"])
+# The attributes a user added, and the submodules, by name.
+_Added = tuple[dict[str, Any], dict[str, nn.Module | None]]
+
+
+def users_additions(module: nn.Module, real: nn.Module) -> _Added | None:
+    """What a user put on the placeholder ``module`` (attributes beside a fresh
+    placeholder's, none of deferinit's ``_di*``; submodules other than its
+    holders), which the built layer ``real`` is to keep; None for none, the
+    common case. One that ``real`` sets itself is refused, before anything changed.
+    """
+    d = module.__dict__
+    extra = d.keys() - _PLACEHOLDER_KEYS
+    modules = d["_modules"]
+    if not extra and not modules:
+        return None
+    attributes = {k: d[k] for k in d if k in extra and not k.startswith("_di")}
+    users = {k: m for k, m in modules.items() if not isinstance(m, Holder)}
+    taken = [k for k in attributes if k in real.__dict__ or k == "forward"]
+    taken += [k for k in users if k in real._modules]
+    if taken:
+        shown = ", ".join(repr(k) for k in taken)
+        raise DeferredInitError(
+            f"{label(module)}: {shown}, set on the layer before its build, is also set by "
+            f"{type(real).__name__}'s own construction: keeping either would silently lose "
+            f"the other. The layer is left unbuilt. Fix: give it another name, or set it "
+            f"after the build (first forward or di.build)."
+        )
+    if not attributes and not users:
+        return None
+    return attributes, users
 
 
 class _Held:

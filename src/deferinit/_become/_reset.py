@@ -90,12 +90,12 @@ def reset(module: M) -> M:
 def unbecome(module: nn.Module) -> bool:
     """Turn a layer that deferinit built back into a placeholder (``di.reset``).
 
-    Sizes are forgotten; initializers, hooks, train/eval mode, dtype and device
-    are kept, and so are the parameter objects (emptied in place), so an
-    optimizer that holds them keeps training them after the next build. Tensors
-    the layer kept from before its build (ties) are not deferinit's: they stay as
-    they are, and fix the sizes again at the next build. Returns whether
-    anything changed.
+    Sizes are forgotten; initializers, hooks, train/eval mode, dtype, device and
+    the attributes and submodules a user set on the layer are kept, and so are
+    the parameter objects (emptied in place), so an optimizer that holds them
+    keeps training them after the next build. Tensors the layer kept from before
+    its build (ties) are not deferinit's: they stay as they are, and fix the
+    sizes again at the next build. Returns whether anything changed.
     """
     state: State | None = module.__dict__.get("_di")
     if state is None or isinstance(module, Deferred):
@@ -103,7 +103,15 @@ def unbecome(module: nn.Module) -> bool:
     cls = state.deferred
     if len(state.explicit) == len(cls._di_rules):
         return False  # every size was given: nothing to forget
-    fresh = replace(state, values=None, built_from=None, own_hooks={}, ties=())
+    fresh = replace(
+        state,
+        values=None,
+        built_from=None,
+        own_hooks={},
+        ties=(),
+        built_keys=frozenset(),
+        built_modules=frozenset(),
+    )
     fresh.layout = layout_of(cls, fresh)
     placeholder = cls.__new__(cls)
     nn.Module.__init__(placeholder)
@@ -122,6 +130,17 @@ def unbecome(module: nn.Module) -> bool:
             table.pop(k, None)
         new[key] = table
     new["training"] = current.get("training", True)
+    new["_is_full_backward_hook"] = current.get("_is_full_backward_hook")
+    # What the user put on the layer (before or after its build) stays.
+    new.update(
+        (k, v)
+        for k, v in current.items()
+        if k not in state.built_keys and k not in new and k != "forward" and not k.startswith("_di")
+    )
+    modules = new["_modules"]
+    for name, sub in current["_modules"].items():
+        if name not in state.built_modules and name not in modules:
+            modules[name] = sub
     # The placeholder first, then the emptying: a call racing the reset now goes to
     # the placeholder's forward (which waits on the build lock), never to the built
     # class's forward over emptied tensors.

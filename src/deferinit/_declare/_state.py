@@ -25,7 +25,10 @@ class State:
     have constructed the layer under them at that line, so the build does too.
     ``ties`` names the tensors the built layer kept from before its build (a real
     parameter assigned to the placeholder, or another layer's): they are not
-    deferinit's, so ``di.reset`` leaves them as they are.
+    deferinit's, so ``di.reset`` leaves them as they are. ``built_keys`` and
+    ``built_modules`` are the ``__dict__`` keys and submodule names the built
+    layer's own construction set: anything else on it is the user's, which
+    ``di.reset`` keeps.
     """
 
     deferred: type[Deferred]
@@ -41,6 +44,8 @@ class State:
     dtype: torch.dtype = torch.float32
     device: torch.device | None = None  # None: no default device was set (CPU)
     ties: tuple[str, ...] = ()
+    built_keys: frozenset[str] = frozenset()
+    built_modules: frozenset[str] = frozenset()
 
 
 def default_device() -> torch.device | None:
