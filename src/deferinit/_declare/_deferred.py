@@ -5,6 +5,7 @@ from __future__ import annotations
 import copyreg
 import inspect
 import pickle
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -168,8 +169,11 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
-        options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
-        explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
+        if kwargs:
+            options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
+            explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
+        else:  # the common declaration: no keywords to sort out
+            options, explicit = dict(cls._di_options), {}
         try:
             arguments = bind(cls, args, kwargs)
         except TypeError as error:
@@ -264,8 +268,12 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 def _becoming() -> ModuleType:
     """The becoming stage, which a placeholder hands itself to (both to build at
     once when every size is given, and to build at its first forward)."""
-    # Imported at call time: the placeholder starts the stage above it, which
-    # imports this module.
+    # Read off sys.modules once imported (the import machinery costs microseconds
+    # a layer); imported at call time the first time: the placeholder starts the
+    # stage above it, which imports this module.
+    found = sys.modules.get("deferinit._become._become")
+    if found is not None:
+        return found
     from .._become import _become  # noqa: PLC0415
 
     return _become
