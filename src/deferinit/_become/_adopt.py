@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
-from .._declare._pending import QUEUE, run_pending, take_pending
+from .._declare._pending import QUEUE, Call, pending_calls, run_pending, take_pending
 from .._declare._placeholder import placeholder_tensors
 from .._errors import ShapeMismatchError
 from .._naming import label
@@ -66,16 +66,19 @@ def check_ties(
 
 def adopt_placeholders(
     module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
-) -> list[str]:
+) -> tuple[list[str], dict[str, tuple[torch.Tensor, list[Call]]]]:
     """Put the placeholders' objects in place of the real layer's fresh tensors, then
     run the init calls that waited on them (on real values; on meta they wait on for
     ``di.materialize``); returns the names that held a real tensor (ties), which the
-    layer keeps."""
+    layer keeps, and, where init calls wait on meta, every adopted placeholder with
+    the calls waiting on it, by name (``State.queued``: sharding, or a copy, gives
+    the layer tensors that carry no queue, so ``di.materialize`` finds the calls by
+    name)."""
     unseen = frozenset() if keep_device else _unseen(module, real)
     if unseen and len(unseen) == len(module._parameters) + len(module._buffers):
-        return []  # the common first forward: every fresh tensor stays
+        return [], {}  # the common first forward: every fresh tensor stays
     ties: list[str] = []
-    became: list[torch.Tensor] = []
+    became: dict[str, torch.Tensor] = {}
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
         if name in unseen:
@@ -136,17 +139,19 @@ def adopt_placeholders(
             txn.swaps.append((placeholder, type(placeholder), built))
             placeholder.__class__ = placeholder.cls_to_become  # type: ignore[attr-defined, union-attr]
         table[leaf] = placeholder  # type: ignore[assignment]
-        became.append(placeholder)
+        became[name] = placeholder
     calls = []
-    for tensor in became:
+    waiting: dict[str, tuple[torch.Tensor, list[Call]]] = {}
+    for name, tensor in became.items():
         removed = take_pending(tensor, keep_queue=tensor.is_meta)
         txn.notes.append((tensor, removed))
         calls += removed.get(QUEUE, [])
+        waiting[name] = (tensor, pending_calls(tensor))
     if calls:
         # Right after construction, in the order they were made (the registered
         # initializer, if any, runs next).
         run_pending(calls)
-    return ties
+    return ties, waiting if any(queue for _, queue in waiting.values()) else {}
 
 
 def _building(module: nn.Module, tensor: str) -> str:

@@ -32,6 +32,7 @@ from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
 
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._pending import Call
 from .._declare._placeholder import Holder
 from .._declare._rules import describe
 from .._declare._signature import constructor_call
@@ -115,11 +116,12 @@ def _take_over(
     added: _Added | None,
 ) -> None:
     ties: list[str] = []
+    queued: dict[str, tuple[torch.Tensor, list[Call]]] = {}
     if adopt:
         # Plain tensor attribute access: Parameter's Python __torch_function__ would
         # otherwise run for every .data/.dtype/.device read below.
         with torch._C.DisableTorchFunctionSubclass(), declared_defaults(state, device):
-            ties = adopt_placeholders(module, real, txn, keep_device=device is not None)
+            ties, queued = adopt_placeholders(module, real, txn, keep_device=device is not None)
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     ours = module.__dict__
@@ -144,7 +146,7 @@ def _take_over(
     built = object.__new__(State)  # dataclasses.replace, without its per-call field walk
     built.__dict__.update(state.__dict__)
     built.values, built.built_from, built.own_hooks = dict(values), built_from, own
-    built.ties = tuple(ties)
+    built.ties, built.queued = tuple(ties), queued or None
     built.built_keys, built.built_modules = built_keys, built_modules
     new["_di"] = built
     guard = guard_for(module, type(real))

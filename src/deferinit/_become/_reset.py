@@ -111,6 +111,7 @@ def unbecome(module: nn.Module) -> bool:
         ties=(),
         built_keys=frozenset(),
         built_modules=frozenset(),
+        queued=None,
     )
     fresh.layout = layout_of(cls, fresh)
     placeholder = cls.__new__(cls)

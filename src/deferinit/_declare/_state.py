@@ -28,7 +28,11 @@ class State:
     deferinit's, so ``di.reset`` leaves them as they are. ``built_keys`` and
     ``built_modules`` are the ``__dict__`` keys and submodule names the built
     layer's own construction set: anything else on it is the user's, which
-    ``di.reset`` keeps.
+    ``di.reset`` keeps. ``queued`` holds, by name within the layer, each
+    placeholder object a build on meta adopted and the init calls waiting on it
+    for ``di.materialize`` (which refer to that object), when any wait: sharding
+    (FSDP2, tensor parallelism) and ``copy.deepcopy`` give the layer tensors that
+    carry no queue.
     """
 
     deferred: type[Deferred]
@@ -46,6 +50,9 @@ class State:
     ties: tuple[str, ...] = ()
     built_keys: frozenset[str] = frozenset()
     built_modules: frozenset[str] = frozenset()
+    # name -> (placeholder object, init calls waiting on it: _pending.Call tuples).
+    # None, not a default factory: a State pickled before this field unpickles too.
+    queued: dict[str, tuple[torch.Tensor, list[Any]]] | None = None
 
 
 def default_device() -> torch.device | None:

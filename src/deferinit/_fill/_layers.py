@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
-from .._declare._pending import pending_calls, run_pending
+from .._declare._pending import Call, pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
@@ -186,16 +186,30 @@ class _ConstructAgain:
         for real does."""
         with self._declared():
             module = self.construct()
-            old = tensors_by_name(self.layer)
-            calls = [call for t in old.values() for call in pending_calls(t)]
+            calls, held = _waiting(self.layer)
             if calls:
                 new = tensors_by_name(module)
-                run_pending(calls, {id(t): new[n] for n, t in old.items() if n in new})
+                run_pending(calls, {i: new[n] for i, n in held.items() if n in new})
             if self.registered is not None:
                 names = set(tensors_by_name(module))
                 apply_registered(module, self.registered, recurse=True, name=self.prefix)
                 _check_unchanged(self.layer, self.prefix, names, set(tensors_by_name(module)))
         return module
+
+
+def _waiting(layer: nn.Module) -> tuple[list[Call], dict[int, str]]:
+    """The init calls waiting on a layer built on meta, and the names of the tensor
+    objects they refer to, by ``id``: those a build on meta kept (``State.queued``),
+    as FSDP2, tensor parallelism or a copy may have given the layer new tensors
+    without them, else those on the layer's own tensors."""
+    queued: dict[str, tuple[torch.Tensor, list[Call]]] = layer.__dict__["_di"].queued or {}
+    calls: list[Call] = []
+    names: dict[int, str] = {}
+    for name, tensor in tensors_by_name(layer).items():
+        held, queue = queued.get(name) or (tensor, pending_calls(tensor))
+        calls += queue
+        names[id(held)] = name
+    return calls, names
 
 
 def _check_known(

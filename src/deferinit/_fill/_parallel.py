@@ -190,6 +190,7 @@ def _anywhere(step: Step, shared: set[int]) -> bool:
         return (
             _torch_init(state.init)
             and state.dtype is torch.get_default_dtype()
+            and not state.queued
             and not any(pending_calls(t) for t in tensors)
             and _torch_own(state.deferred._di_cls)
             # a module or tensor given to the constructor may be copied or used there
