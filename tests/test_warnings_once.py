@@ -53,12 +53,7 @@ def _seen(run: Callable[[], None], action: str = "always") -> list[str]:
     return [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
-# di.materialize constructs the layer a second time (src/deferinit/_fill/_layers.py),
-# not yet quietly: the twin warns at di.build(device="meta") and again there.
-_MATERIALIZE_WARNS_AGAIN = pytest.mark.xfail(
-    strict=True, reason="di.materialize's construction is not quiet yet (_fill/_layers.py)"
-)
-PATHS = [_first_forward, _build, pytest.param(_build_on_meta, marks=_MATERIALIZE_WARNS_AGAIN)]
+PATHS = [_first_forward, _build, _build_on_meta]
 
 
 def test_eager_construction_warns_once() -> None:

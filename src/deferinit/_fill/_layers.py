@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
+from .._declare._layout import quiet
 from .._declare._pending import Call, pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults
@@ -173,8 +174,9 @@ class _ConstructAgain:
         return declared_defaults(self.state, torch.get_default_device())
 
     def construct(self) -> nn.Module:
-        """The layer as its constructor leaves it."""
-        with self._declared():
+        """The layer as its constructor leaves it. Quietly: its build (on meta) warned
+        as eager construction does; constructing it again must not warn again."""
+        with self._declared(), quiet():
             if self.explicit_device:
                 self.kwargs["device"] = torch.get_default_device()
             module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
