@@ -267,6 +267,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "        return Normal(placeholder)\n    current",
         ("tests/test_record_twins.py",),
     ),
+    Mutant(
+        "take-over-held-placeholder",
+        "identity: a placeholder something else holds is the built tensor",
+        "_become/_adopt.py",
+        "_references(ours, leaf) != _ALONE or ",
+        "",
+        ("tests/test_take_over.py", "tests/test_core.py"),
+    ),
+    Mutant(
+        "take-over-weak-reference",
+        "identity: a weakly referenced placeholder is the built tensor",
+        "_become/_adopt.py",
+        "                and not weakref.getweakrefcount(placeholder)\n",
+        "",
+        ("tests/test_take_over.py",),
+    ),
+    Mutant(
+        "known-layout-count",
+        "layouts from arguments: BatchNorm's num_batches_tracked exists with running stats",
+        "_declare/_layout.py",
+        '("num_batches_tracked", False, ("track_running_stats",), True),',
+        '("num_batches_tracked", False, ("track_running_stats",), False),',
+        ("tests/test_known_layouts.py",),
+    ),
 )
 
 
