@@ -35,7 +35,8 @@ def test_a_recorded_model_whose_values_were_all_loaded_runs() -> None:
 
 def test_di_build_of_a_recorded_model_off_meta_is_refused_unchanged() -> None:
     model: Any = di.deferred_init(mixed)
-    with pytest.raises(di.DeferredInitError, match=r"built on meta.*Nothing was built.*device='meta'"):
+    refused = r"built on meta.*Nothing was built.*device='meta'"
+    with pytest.raises(di.DeferredInitError, match=refused):
         di.build(model, torch.randn(2, 3))
     assert isinstance(model[1], di.Deferred)
     di.build(model, torch.randn(2, 3), device="meta")  # the right call works
