@@ -20,6 +20,14 @@ class DeferredInitError(RuntimeError):
 
     It derives from ``RuntimeError`` because that is what torch raises for shape
     problems, so code that already catches torch's errors keeps working.
+
+    >>> import torch, deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> try:
+    ...     dnn.Linear(4)(torch.tensor(1.0))  # a 0-d input has no last dimension
+    ... except di.DeferredInitError as error:
+    ...     print(type(error).__name__, isinstance(error, RuntimeError))
+    InferenceError True
     """
 
 
@@ -39,11 +47,32 @@ class ShapeMismatchError(DeferredInitError, ValueError):
 
 
 class InferenceError(DeferredInitError, ValueError):
-    """A deferred layer cannot infer its sizes from the input it was given."""
+    """A deferred layer cannot infer its sizes from the input it was given.
+
+    >>> import torch, deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> layer = dnn.Linear(4)
+    >>> try:
+    ...     layer(torch.tensor(1.0))
+    ... except di.InferenceError as error:
+    ...     print(str(error).split(":")[0])
+    Linear layer cannot infer in_features (from input.shape[-1])
+    >>> di.is_built(layer)  # nothing was built
+    False
+    """
 
 
 class NotBuiltError(DeferredInitError):
-    """An operation needs sizes that are not known yet."""
+    """An operation needs sizes that are not known yet.
+
+    >>> import deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> try:
+    ...     dnn.Linear(4).weight.sum()
+    ... except di.NotBuiltError:
+    ...     print("sizes unknown until the first forward or di.build")
+    sizes unknown until the first forward or di.build
+    """
 
 
 class UnrecordedInitWarning(UserWarning):
@@ -53,4 +82,14 @@ class UnrecordedInitWarning(UserWarning):
     model's ``__init__`` did after constructing them (an init loop, a value
     computed there) is not replayed. Their values may differ from eager
     construction; the message names them and the fix.
+
+    >>> import warnings, torch, deferinit as di
+    >>> from torch import nn
+    >>> with torch.device("meta"):
+    ...     model = nn.Sequential(nn.Linear(2, 3))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = di.materialize(model)
+    >>> [w.category.__name__ for w in caught]
+    ['UnrecordedInitWarning']
     """

@@ -264,6 +264,19 @@ _SIGNATURES = {
 }
 
 
+def _example(name: str, twin: type[Deferred]) -> str:
+    """A runnable example for a twin's docstring: the arguments it takes (torch's,
+    minus the inferred ones), computed from the twin itself so it cannot drift."""
+    taken = list(inspect.signature(twin).parameters)
+    return (
+        f"\nExample (the arguments it takes)::\n\n"
+        f"    >>> import inspect\n"
+        f"    >>> from deferinit import nn as dnn\n"
+        f"    >>> list(inspect.signature(dnn.{name}).parameters)\n"
+        f"    {taken!r}\n"
+    )
+
+
 def _docstring(cls: type[_nn.Module], twin: type[Deferred]) -> str:
     forward = forward_signature(twin)
     inferred = "\n".join(
@@ -277,7 +290,7 @@ def _docstring(cls: type[_nn.Module], twin: type[Deferred]) -> str:
         f"once):\n\n{inferred}\n\n"
         f"Every other argument is torch's, with torch's names and defaults: "
         f"``{cls.__name__}{public_signature(twin)}``.\n"
-    )
+    ) + _example(cls.__name__, twin)
 
 
 def _twin(cls: type[_nn.Module]) -> Any:
@@ -482,7 +495,7 @@ def _rank_generic_twin(factory: type[_ByRank], name: str) -> Any:
         f"once):\n\n{inferred}\n\n"
         f"Every other argument is torch's, with torch's names and defaults: "
         f"``{name}{public_signature(twin)}``.\n"
-    )
+    ) + _example(name, twin)
     return twin
 
 

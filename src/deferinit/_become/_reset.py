@@ -56,7 +56,17 @@ def _inside_placeholder(root: nn.Module, name: str) -> bool:
 
 
 def is_built(module: nn.Module) -> bool:
-    """Whether no layer below ``module`` (or ``module`` itself) is still deferred."""
+    """Whether no layer below ``module`` (or ``module`` itself) is still deferred.
+
+    >>> import torch, deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> net = torch.nn.Sequential(dnn.Linear(2))
+    >>> di.is_built(net)
+    False
+    >>> _ = net(torch.randn(1, 3))
+    >>> di.is_built(net)
+    True
+    """
     _check(module, "is_built")
     return not any(isinstance(sub, Deferred) for sub in module.modules())
 

@@ -157,7 +157,18 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     Create deferred classes with :func:`defer`; the twins in ``deferinit.nn`` are
     made that way. On its first forward a placeholder infers the missing
-    constructor arguments, constructs the real layer and becomes it.
+    constructor arguments, constructs the real layer and becomes it. ``args`` and
+    ``kwargs`` are the real class's constructor arguments minus the inferred ones;
+    an inferred one given by keyword fixes it.
+
+    >>> import torch, deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> layer = dnn.Linear(4)
+    >>> isinstance(layer, di.Deferred)
+    True
+    >>> _ = layer(torch.randn(2, 3))
+    >>> isinstance(layer, di.Deferred), type(layer) is torch.nn.Linear
+    (False, True)
     """
 
     _di_cls: ClassVar[type[nn.Module]]
@@ -286,7 +297,7 @@ class _NotBuiltAttributeError(NotBuiltError, AttributeError):
 def defer(cls: type[M], **rules: Rule | Callable[..., Any]) -> type[Deferred]:
     """Make any ``nn.Module`` class deferrable.
 
-    Each keyword names a constructor argument of ``cls`` and says how to infer it
+    Each keyword of ``rules`` names a constructor argument of ``cls`` and says how to infer it
     from the forward arguments: :func:`deferinit.dim` or a callable of them. The
     returned class takes ``cls``'s arguments minus the inferred ones (positional
     arguments skip them), builds on the first forward and then *is* a ``cls``.

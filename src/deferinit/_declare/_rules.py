@@ -179,6 +179,15 @@ class Rule:
 
     Subclasses implement :meth:`infer`. ``options`` are extra constructor keywords
     that the rule consumes (with their defaults), e.g. ``ndim`` for LayerNorm.
+    :func:`deferinit.dim` makes the common one.
+
+    >>> import torch, deferinit as di
+    >>> rule = di.dim(1)  # the size of dimension 1 of forward argument 0
+    >>> isinstance(rule, di.Rule)
+    True
+    >>> Linear = di.defer(torch.nn.Linear, in_features=rule)
+    >>> Linear(out_features=2)(torch.randn(4, 3)).shape
+    torch.Size([4, 2])
     """
 
     options: Mapping[str, Any] = {}

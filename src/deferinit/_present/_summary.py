@@ -168,7 +168,8 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
     forward sizes them, so example inputs give no shapes until ``di.adopt(model)``
     has made them deferinit layers.
 
-    Examples are what :func:`deferinit.build` takes (tensors, shapes, meta tensors):
+    Examples (``example_args``, ``example_kwargs``) are what :func:`deferinit.build`
+    takes (tensors, shapes, meta tensors):
     they run through a shape-only pass that infers every size and changes nothing.
     No tensor data is read or allocated, so meta models of any size work.
 

@@ -65,6 +65,17 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     Raises:
         RecordError: ``factory`` did not return a module, or the construction does
             something a record cannot replay (see the message).
+
+    >>> import torch, deferinit as di
+    >>> from torch import nn
+    >>> model = di.deferred_init(nn.Linear, 3, 4)
+    >>> model.weight.device.type  # nothing allocated, nothing drawn
+    'meta'
+    >>> _ = torch.manual_seed(0)
+    >>> eager = nn.Linear(3, 4)
+    >>> _ = torch.manual_seed(0)
+    >>> torch.equal(di.materialize(model).weight, eager.weight)
+    True
     """
     if recording():
         return factory(*args, **kwargs)
