@@ -33,6 +33,8 @@ from ._tape import Op, TensorRef, map_refs, refs_in
 
 __all__ = ["Engine", "same"]
 
+_EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
 
 class Engine:
     """Real storages by recorded storage number, and the operations that fill them.
@@ -58,6 +60,11 @@ class Engine:
         self.env: dict[int, torch.UntypedStorage] = {
             sid: t.untyped_storage() for sid, t in externals.items()
         }
+        # Storages whose memory may come from, and go back to, a pool of buffers: the
+        # full values of sharded tensors, of which a rank keeps only a slice. Reusing
+        # one buffer spares the page faults of fresh memory for every tensor.
+        self.pooled: set[int] = set()
+        self.pool: list[torch.UntypedStorage] = []
 
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """A fresh tensor object viewing the real storage as ``ref`` describes."""
@@ -68,8 +75,29 @@ class Engine:
     def _device(self, value: torch.device) -> torch.device:
         return self.device if value == self.recorded_device else value
 
+    def _from_pool(self, op: Op) -> bool:
+        """An ``empty`` whose storage is pooled: a view of a free buffer (its values
+        are undefined either way). Whether it was done."""
+        if op.func not in _EMPTY or len(op.creates) != 1 or op.creates[0][0] not in self.pooled:
+            return False
+        device = op.kwargs.get("device")
+        if device is not None and self._device(device) != self.device:
+            return False
+        sid, nbytes = op.creates[0]
+        fits = [b for b in self.pool if b.nbytes() >= nbytes]
+        if fits:
+            buffer = min(fits, key=lambda b: b.nbytes())
+            self.pool.remove(buffer)
+        else:  # none fits: give the smaller ones back first (peak: about one tensor)
+            self.pool.clear()
+            buffer = torch.UntypedStorage(nbytes, device=self.device)
+        self.env[sid] = buffer
+        return True
+
     def run(self, op: Op) -> None:
         """Run one operation; bind the storages it creates."""
+        if self._from_pool(op):
+            return
         if op.literal is not None:
             out: Any = op.literal.to(self.device, copy=True)
         else:
@@ -127,9 +155,12 @@ class Engine:
         return fresh
 
     def free(self, storages: Iterable[int]) -> None:
-        """Drop storages nothing later reads (their memory goes once no view holds it)."""
+        """Drop storages nothing later reads (their memory goes once no view holds it;
+        a pooled one's buffer goes back to the pool)."""
         for sid in storages:
-            self.env.pop(sid, None)
+            storage = self.env.pop(sid, None)
+            if storage is not None and sid in self.pooled:
+                self.pool.append(storage)
 
 
 def same(a: Any, b: Any) -> bool:

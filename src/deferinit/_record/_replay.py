@@ -146,6 +146,8 @@ def replay(
             drop_after.setdefault(touched.get(sid, -1), []).append(sid)
     values: list[torch.Tensor | None] = [None] * len(finals)
     engine = Engine(device, record.default_device, record.externals)
+    # A sharded value's full storage is needed only until its slice is taken.
+    engine.pooled = {sid for sids in drop_after.values() for sid in sids}
     owners = draw_owners(record, prefix) if seed is not None else {}
     generators: dict[str, torch.Generator] = {}
 
