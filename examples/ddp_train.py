@@ -78,6 +78,12 @@ def rank_main(rank: int, world_size: int, rendezvous: str, steps: int) -> None:
         dist.destroy_process_group()
     if not passed:
         raise RuntimeError(f"rank {rank}: a DDP check failed")
+    # Leave without finalizing the interpreter: gloo's worker threads, still alive
+    # through DTensor's and DDP's caches, can abort a finalizing interpreter now and
+    # then ("terminate called without an active exception"; see fsdp_materialize.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train(rank: int, world_size: int, steps: int) -> bool:
