@@ -12,12 +12,9 @@ and prints ``rank N ok``.
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 
 import deferinit as di
 from deferinit import nn as dnn
+from rank_script import run_as_rank
 
 TwoRanks = Callable[[Path], str]
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_fsdp_meta.py"
@@ -139,16 +137,5 @@ def test_hugging_face_llama_recorded_sharded_and_trained(two_ranks: TwoRanks) ->
     assert 0 < int(local) < int(total)
 
 
-def exit_without_finalizing(code: int) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        rank_main()
-    except BaseException:
-        traceback.print_exc()
-        exit_without_finalizing(1)
-    exit_without_finalizing(0)
+    run_as_rank(rank_main)

@@ -15,13 +15,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 import pickle
-import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +37,7 @@ import deferinit as di
 from deferinit import nn as dnn
 from deferinit._record import RecordError
 from deferinit._record._engine import Engine
+from rank_script import run_as_rank
 from test_record_support import differing
 
 TwoRanks = Callable[[Path], str]
@@ -578,16 +576,5 @@ def test_sharded_mixed_records_with_queued_calls_are_exact_and_all_or_nothing(
     assert "rank 0 ok" in out and "rank 1 ok" in out, out
 
 
-def exit_without_finalizing(code: int) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        rank_main()
-    except BaseException:
-        traceback.print_exc()
-        exit_without_finalizing(1)
-    exit_without_finalizing(0)
+    run_as_rank(rank_main)

@@ -16,13 +16,10 @@ shards and prints ``rank N ok``.
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +35,7 @@ from torch.distributed.tensor.parallel import (
 
 import deferinit as di
 from deferinit import nn as dnn
+from rank_script import run_as_rank
 
 TwoRanks = Callable[[Path], str]
 
@@ -136,16 +134,5 @@ def test_queued_init_calls_travel_with_copies_of_a_meta_built_layer() -> None:
         assert torch.equal(made.weight, torch.full((3, 4), 0.5))
 
 
-def exit_without_finalizing(code: int) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        rank_main()
-    except BaseException:
-        traceback.print_exc()
-        exit_without_finalizing(1)
-    exit_without_finalizing(0)
+    run_as_rank(rank_main)
