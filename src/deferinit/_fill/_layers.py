@@ -28,7 +28,7 @@ from .._become._initialize import Registration, apply_registered, mark_initializ
 from .._declare._layout import quiet
 from .._declare._pending import Call, pending_calls, run_pending
 from .._declare._signature import constructor_call
-from .._declare._state import declared_defaults
+from .._declare._state import declared_defaults, default_device, on_device
 from .._errors import DeferredInitError, NotBuiltError
 from .._shards import is_dtensor
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
@@ -40,6 +40,7 @@ from ._streams import seeded_whole
 
 __all__ = ["Fill", "Rebuild", "ResetOnStandIn"]
 
+_CPU = torch.device("cpu")
 Seeds = Callable[[str], int] | None  # a tensor's generator seed by its name (seed=)
 
 
@@ -140,7 +141,7 @@ class Rebuild(Fill):
         super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
 
     def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
-        with torch.device(device):
+        with on_device(device):
             new = tensors_by_name(self.make())
         _check_known(self.module, self.prefix, self.old, new)
         return new
@@ -171,14 +172,14 @@ class _ConstructAgain:
         self.explicit_device = "device" in self.kwargs
 
     def _declared(self) -> contextlib.AbstractContextManager[Any]:
-        return declared_defaults(self.state, torch.get_default_device())
+        return declared_defaults(self.state, default_device() or _CPU)
 
     def construct(self) -> nn.Module:
         """The layer as its constructor leaves it. Quietly: its build (on meta) warned
         as eager construction does; constructing it again must not warn again."""
         with self._declared(), quiet():
             if self.explicit_device:
-                self.kwargs["device"] = torch.get_default_device()
+                self.kwargs["device"] = default_device() or _CPU
             module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
         return module
 
@@ -283,7 +284,7 @@ class ResetOnStandIn(Fill):
         super().__init__(module, name, old, make, construct, registered)
 
     def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
-        with torch.device(device):
+        with on_device(device):
             return own_tensors(self.make())
 
 
