@@ -23,14 +23,40 @@ Throughput ratio = eager seconds / materialize seconds (bars: ≥ 1.0 exact, ≥
 ``seed=`` on 2 cores). Prints a table and the ratios; exits 0 whether or not a bar
 is met.
 
+Method: every timed sample, of every contender and in ``ceiling`` too, starts from
+the allocator state a user meets when materializing once in a process: fresh
+pages. Both sides spend a large part of their time (a third of a transformer's
+construction) in the kernel's first-touch page faults of new memory, and whether
+a sample gets fresh pages or reuses memory that an earlier sample freed is luck
+of the heap, which made ratios swing from 0.7 to 1.4 between runs. So:
+
+* run as a script, the process first fixes glibc's mmap threshold at its
+  start-up value (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``): as in a fresh process,
+  every large tensor gets its own new mapping, in the main thread and in worker
+  threads alike (glibc otherwise raises the threshold after the first large free,
+  and later large tensors reuse heap pages; a worker thread's heap is never
+  given back);
+* before each sample the garbage is collected and glibc hands every free page
+  back to the kernel (``malloc_trim(0)``), which is all that
+  :func:`timed` does when imported (``benchmarks/run.py``);
+* what a sample makes is freed after its clock stops (freeing 100 MiB is not
+  part of constructing it).
+
+Skipped quietly where the C library is not glibc. The ``faults`` rows are the
+median minor page faults per sample (``getrusage``, every thread): equal counts
+across contenders show that both sides paid for their memory alike.
+
 Run: ``.venv/bin/python benchmarks/materialize_throughput.py`` (``--quick``: smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -66,11 +92,59 @@ def transformer(width: int, depth: int, *, deferred: bool) -> nn.Module:
 Factory = Callable[..., nn.Module]
 
 
-def timed(run: Callable[[], object]) -> float:
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_START_THRESHOLD = 128 * 1024  # glibc's mmap threshold at process start
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (it has ``malloc_trim``), else ``None``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc's own, absent elsewhere
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+
+
+def fresh_pages() -> None:
+    """Free what is garbage, and hand every free page of the heap back to the
+    kernel, so that the next sample's memory is fresh (see the module's docstring)."""
     gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def allocate_as_fresh_process() -> None:
+    """Every large allocation from now on gets a new mapping, as in a fresh
+    process (see the module's docstring). For this process's whole life: only
+    for a process that runs this benchmark alone."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _START_THRESHOLD)
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def sample(run: Callable[[], object]) -> tuple[float, int]:
+    """(seconds, minor page faults) of ``run``, from fresh pages; what it returns is
+    freed after the clock stops."""
+    fresh_pages()
+    faults = _faults()
     start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    made = run()
+    seconds = time.perf_counter() - start
+    faults = _faults() - faults
+    del made
+    return seconds, faults
+
+
+def timed(run: Callable[[], object]) -> float:
+    """Seconds of ``run``, from fresh pages (:func:`sample`)."""
+    return sample(run)[0]
 
 
 def _cores() -> int:
@@ -79,37 +153,46 @@ def _cores() -> int:
 
 def _materialized(
     factory: Factory, width: int, depth: int, seed: int | None
-) -> tuple[float, float]:
-    """(build seconds, materialize seconds) of one deferred model."""
+) -> tuple[float, tuple[float, int]]:
+    """(build seconds, (materialize seconds, faults)) of one deferred model."""
     start = time.perf_counter()
     model = di.build(factory(width, depth, deferred=True), (2, width), device="meta")
     build = time.perf_counter() - start
-    return build, timed(lambda: di.materialize(model, seed=seed))
+    return build, sample(lambda: di.materialize(model, seed=seed))
 
 
 def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
     """What ``threads`` threads can gain on this machine now, deferinit aside: each
-    thread fills its own tensors from its own generator (a CPU random fill runs on
-    one thread), against one thread doing all of it; ratio of medians, interleaved.
-    On a machine whose cores are busy with other work this is near 1, and no
-    ``seed=`` figure can beat it."""
-    buffers = [torch.empty(numel).uniform_() for _ in range(threads)]
+    thread allocates its own tensors and fills them from its own generator (a CPU
+    random fill runs on one thread), as ``seed=`` does, against one thread doing
+    all of it; ratio of medians, interleaved, each sample from fresh pages. On a
+    machine whose cores are busy with other work this is near 1, and no ``seed=``
+    figure can beat it."""
+    made: list[list[torch.Tensor]] = [[] for _ in range(threads)]
 
     def work(i: int) -> None:
         generator = torch.Generator().manual_seed(i)
         for _ in range(4):
-            buffers[i].uniform_(generator=generator)
+            made[i].append(torch.empty(numel).uniform_(generator=generator))
 
-    def serial() -> None:
+    def serial() -> list[list[torch.Tensor]]:
         for i in range(threads):
             work(i)
+        return made
 
-    def parallel() -> None:
+    def parallel() -> list[list[torch.Tensor]]:
         workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
+        return made
+
+    def dropped(run: Callable[[], list[list[torch.Tensor]]]) -> float:
+        seconds = timed(run)
+        for tensors in made:
+            tensors.clear()
+        return seconds
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -117,7 +200,7 @@ def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
         samples: dict[str, list[float]] = {"serial": [], "parallel": []}
         for r in range(max(3, repeat)):
             for name in ("serial", "parallel") if r % 2 == 0 else ("parallel", "serial"):
-                samples[name].append(timed(serial if name == "serial" else parallel))
+                samples[name].append(dropped(serial if name == "serial" else parallel))
     finally:
         torch.set_num_threads(before)
     return statistics.median(samples["serial"]) / statistics.median(samples["parallel"])
@@ -125,8 +208,9 @@ def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
 
 def measure(
     factory: Factory, width: int, depth: int, repeat: int, threads: int
-) -> dict[str, float]:
-    """Median seconds of each variant (see the module's docstring)."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and median page faults of each variant (see the module's
+    docstring)."""
     variants: list[tuple[str, int, int | None]] = [  # name, threads, seed (-1: eager)
         ("eager", 1, -1),
         ("materialize", 1, None),
@@ -135,17 +219,20 @@ def measure(
         ("seed_all", threads, 0),
     ]
     samples: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    faults: dict[str, list[int]] = {name: [] for name, _, _ in variants}
     samples["build"] = []
     for r in range(repeat):
         for name, count, seed in variants if r % 2 == 0 else variants[::-1]:
             torch.set_num_threads(count)
             if seed == -1:
-                samples[name].append(timed(lambda: factory(width, depth, deferred=False)))
+                seconds, fault = sample(lambda: factory(width, depth, deferred=False))
             else:
-                build, seconds = _materialized(factory, width, depth, seed)
+                build, (seconds, fault) = _materialized(factory, width, depth, seed)
                 samples["build"].append(build)
-                samples[name].append(seconds)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            samples[name].append(seconds)
+            faults[name].append(fault)
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return medians, {k: statistics.median(v) for k, v in faults.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [("mlp", mlp, 64, 2), ("transformer", transformer, 32, 1)]
     repeat = 1 if args.quick else args.repeat
     n = args.threads
+    allocate_as_fresh_process()
 
     before = torch.get_num_threads()
     try:
@@ -170,9 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{head} {f'eager {n}':>9} {f'seed= {n}':>9} {'(build)':>8}")
         ratios = []
         for name, factory, width, depth in cases:
-            m = measure(factory, width, depth, repeat, n)
+            m, f = measure(factory, width, depth, repeat, n)
             row = f"{name:<12} {m['eager']:8.4f} {m['materialize']:12.4f} {m['seed']:8.4f}"
             print(f"{row} {m['eager_all']:9.4f} {m['seed_all']:9.4f} {m['build']:8.4f}")
+            row = f"{'  faults':<12} {f['eager']:8.0f} {f['materialize']:12.0f} {f['seed']:8.0f}"
+            print(f"{row} {f['eager_all']:9.0f} {f['seed_all']:9.0f}")
             ratios.append(
                 (
                     name,
