@@ -34,6 +34,7 @@ from .._shards import is_dtensor
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
 from ._dispatch import saved_generators, storage_key, written_storages
 from ._each import each_tensor
+from ._hugepages import huge_pages
 from ._once import Scratch
 from ._placing import Owners, local_part, place_by_name
 from ._streams import seeded_whole
@@ -77,7 +78,8 @@ class Fill:
         keep = functools.partial(self._keep, device, dtype)
         sharded = any(is_dtensor(t) for t in self.old.values())
         if seeds is None and not sharded:
-            new = self._made(device)
+            with huge_pages(self.old.values(), device):
+                new = self._made(device)
             for name in self.old:
                 yield name, new[name]
             return
@@ -86,7 +88,8 @@ class Fill:
         # initializer must run once per layer (the whole layer is then held for a
         # moment); otherwise one tensor at a time, for memory.
         if seeds is not None and (not sharded or self.registered is not None):
-            whole = seeded_whole(self.make, device, seeds, construct=self.construct)
+            with huge_pages(self.old.values(), device):
+                whole = seeded_whole(self.make, device, seeds, construct=self.construct)
             if whole is not None:
                 new = tensors_by_name(whole)
                 _check_known(self.module, self.prefix, self.old, new)

@@ -1,0 +1,146 @@
+"""``di.materialize`` asks the kernel for transparent huge pages for a large
+layer's new CPU tensors (:mod:`deferinit._fill._hugepages`): only for layers with
+a tensor of at least 4 MiB, only in the thread that fills them, bitwise the same
+values as eager, and silently nothing where the advice is unavailable or fails."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deferinit as di
+from deferinit import nn as dnn
+from deferinit._fill import _hugepages
+
+Call = tuple[int, int, int]
+_MiB = 1 << 20
+
+
+def _deferred(width: int) -> nn.Sequential:
+    model = nn.Sequential(dnn.Linear(width), nn.ReLU(), dnn.Linear(8))
+    built: nn.Sequential = di.build(model, (2, width), device="meta")
+    return built
+
+
+def _eager(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 8))
+
+
+def _first_weight(model: nn.Sequential) -> torch.Tensor:
+    weight = model[0].weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    ours, theirs = a.state_dict(), b.state_dict()
+    return list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Call]]:
+    """Every madvise call, recorded (and not made)."""
+    made: list[Call] = []
+
+    def record(address: int, length: int, advice: int) -> int:
+        made.append((address, length, advice))
+        return 0
+
+    monkeypatch.setattr(_hugepages, "_libc_madvise", lambda: record)
+    yield made
+
+
+def _failing(result: int | None) -> Callable[[int, int, int], int]:
+    def madvise(address: int, length: int, advice: int) -> int:
+        if result is None:
+            raise OSError("madvise is not there")
+        return result
+
+    return madvise
+
+
+def test_a_large_layers_tensors_are_advised_on_their_aligned_part(calls: list[Call]) -> None:
+    weight = _first_weight(di.materialize(_deferred(1024)))  # 4 MiB
+    start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * 4
+    assert len(calls) == 1  # the 4 MiB weight only: the rest is under 2 MiB
+    address, length, advice = calls[0]
+    assert advice == 14  # MADV_HUGEPAGE
+    assert address % (2 * _MiB) == 0 and length % (2 * _MiB) == 0 and length > 0
+    assert start <= address and address + length <= end
+
+
+def test_seed_advises_too(calls: list[Call]) -> None:
+    di.materialize(_deferred(1024), seed=0)
+    assert [advice for _, _, advice in calls] == [14]
+
+
+def test_small_layers_are_not_advised(calls: list[Call]) -> None:
+    di.materialize(_deferred(512))  # weight 1 MiB
+    di.materialize(_deferred(512), seed=0)
+    assert calls == []
+
+
+def test_other_threads_are_not_advised(calls: list[Call]) -> None:
+    meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
+    made: list[torch.Tensor] = []
+    with _hugepages.huge_pages(meta, torch.device("cpu")):
+        other = threading.Thread(target=lambda: made.append(torch.empty(4 * _MiB)))
+        other.start()
+        other.join()
+    assert len(made) == 1 and calls == []
+
+
+@pytest.mark.parametrize("result", [-1, None], ids=["madvise fails", "madvise raises"])
+def test_a_failing_madvise_is_silent_and_changes_no_value(
+    monkeypatch: pytest.MonkeyPatch, result: int | None
+) -> None:
+    monkeypatch.setattr(_hugepages, "_libc_madvise", lambda: _failing(result))
+    model = _deferred(1024)
+    torch.manual_seed(0)
+    di.materialize(model)
+    torch.manual_seed(0)
+    assert _same(model, _eager(1024))
+
+
+def test_unavailable_advice_is_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_hugepages, "_libc_madvise", lambda: None)
+    meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
+    assert not isinstance(_hugepages.huge_pages(meta, torch.device("cpu")), _hugepages._Advise)
+
+
+def test_values_are_eagers_with_the_advice() -> None:
+    model = _deferred(1024)
+    torch.manual_seed(0)
+    di.materialize(model)
+    torch.manual_seed(0)
+    assert _same(model, _eager(1024))
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags of the mapping that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(
+    _hugepages._libc_madvise() is None,
+    reason="transparent huge pages on request only (Linux, THP 'madvise') are not here",
+)
+def test_the_kernel_holds_the_advice_on_linux() -> None:
+    assert sys.platform.startswith("linux")
+    weight = _first_weight(di.materialize(_deferred(1024)))
+    aligned = -(-weight.data_ptr() // (2 * _MiB)) * (2 * _MiB)
+    assert "hg" in _vm_flags(aligned)  # VM_HUGEPAGE: madvise(MADV_HUGEPAGE) applied
