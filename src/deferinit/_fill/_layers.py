@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ class Fill:
     ``construct``: constructed only, for dry runs on meta), then placed."""
 
     recurse = True  # the registered initializer ran on the submodules too
+    key: Hashable | None = None  # what construct constructs, where it says (seed=)
 
     def __init__(
         self,
@@ -89,7 +90,9 @@ class Fill:
         # moment); otherwise one tensor at a time, for memory.
         if seeds is not None and (not sharded or self.registered is not None):
             with huge_pages(self.old.values(), device):
-                whole = seeded_whole(self.make, device, seeds, construct=self.construct)
+                whole = seeded_whole(
+                    self.make, device, seeds, construct=self.construct, key=self.key
+                )
             if whole is not None:
                 new = tensors_by_name(whole)
                 _check_known(self.module, self.prefix, self.old, new)
@@ -142,6 +145,7 @@ class Rebuild(Fill):
         again = _ConstructAgain(layer, prefix)
         old = {n: t for n, t in tensors_by_name(layer).items() if is_meta(t)}
         super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
+        self.key = again.key()
 
     def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
         with on_device(device):
@@ -173,6 +177,22 @@ class _ConstructAgain:
             self.state.deferred, self.state.arguments, self.state.values
         )
         self.explicit_device = "device" in self.kwargs
+
+    def key(self) -> Hashable | None:
+        """What :meth:`construct` constructs (class, arguments, dtype), where it is
+        hashable: layers with equal keys register their tensors in the same order."""
+        key = (
+            self.state.deferred._di_cls,
+            self.args,
+            tuple(self.kwargs.items()),
+            self.state.dtype,
+            self.state.device,
+        )
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     def _declared(self) -> contextlib.AbstractContextManager[Any]:
         return declared_defaults(self.state, default_device() or _CPU)

@@ -132,9 +132,12 @@ def materialize(
     with BUILD_LOCK, root_scope(module):
         steps = _fillable_steps(module, seed)
         _warn_unrecorded(steps)
-        total = sum(_bytes(sub) for _, _, sub in steps)
-        total += sum(t.numel() * t.element_size() for t in awaiting_replay(module, seed))
-        show = progress if progress is not None else (sys.stderr.isatty() and total > _LARGE)
+        total = 0
+        show = progress if progress is not None else sys.stderr.isatty()
+        if show:  # the sizes walk every layer's tensors: only where a bar may show
+            total = sum(_bytes(sub) for _, _, sub in steps)
+            total += sum(t.numel() * t.element_size() for t in awaiting_replay(module, seed))
+            show = progress if progress is not None else total > _LARGE
         with _progress(show, total) as advance:
             _fill_all_or_nothing(module, steps, target, dtype, seed, advance)
     return module
@@ -208,7 +211,7 @@ def _fill_all_or_nothing(
     target: torch.device,
     dtype: torch.dtype | None,
     seed: int | None,
-    advance: Callable[[int], None],
+    advance: Callable[[int], None] | None,
 ) -> None:
     """Each step in order, logging how to undo it; on any error every tensor goes
     back on meta under its own object, and the random generators where they were,
@@ -228,7 +231,8 @@ def _fill_all_or_nothing(
                     done.fill.place(name, value, dtype, owners)
                     del value
                 done.fill.finish()
-                advance(_bytes(done.step.module))
+                if advance is not None:
+                    advance(_bytes(done.step.module))
     except BaseException as error:
         lost = [why for action in reversed(undo) if (why := action()) is not None]
         generators.restore()
@@ -278,10 +282,10 @@ def _seeds(seed: int | None, prefix: str) -> Callable[[str], int] | None:
 
 
 @contextlib.contextmanager
-def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar's ``update`` (bytes filled), or a no-op when not shown."""
+def _progress(show: bool, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar's ``update`` (bytes filled), or ``None`` when not shown."""
     if not show:
-        yield lambda n: None
+        yield None
         return
     from tqdm.auto import tqdm  # noqa: PLC0415 - ~0.1 s (asyncio); most calls show no bar
 

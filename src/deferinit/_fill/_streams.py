@@ -6,16 +6,18 @@ by tensor).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._declare._state import on_device
 from .._random import RANDOM, draw
 from ._dispatch import (
     Fallback,
     RegisteredStorageMode,
+    named_tensors,
     registration_order,
     registrations,
     saved_generators,
@@ -23,6 +25,14 @@ from ._dispatch import (
 )
 
 __all__ = ["seeded_whole", "streams"]
+
+# Registration orders learnt by dry runs on meta, by what was constructed (class,
+# arguments, dtype): a model's repeated layers (a transformer's blocks) each
+# need the dry run otherwise, about a third of a small layer's seeded time. An
+# order taken from here is a guess, checked against the registrations of the run
+# it served; one that was wrong is never used for that key again.
+_ORDERS: dict[Hashable, dict[str, int] | None] = {}
+_MOST_ORDERS = 256
 
 
 class _Streams(RegisteredStorageMode):
@@ -70,13 +80,17 @@ def seeded_whole(
     seeds: Callable[[str], int],
     *,
     construct: Callable[[], nn.Module] | None = None,
+    key: Hashable | None = None,
 ) -> nn.Module | None:
     """The module ``make`` builds on ``device``, each of its tensors holding what
     :func:`each_tensor` with ``seeds`` gives it, in one run; ``None`` where the
     initialization fills something else at random (then go tensor by tensor).
     CPU only: elsewhere ``None``. ``construct`` (default ``make``) builds the module
     without its registered initializer, for the dry run on meta that learns the
-    registration order: the initializer then runs once.
+    registration order: the initializer then runs once. ``key`` (hashable, or
+    ``None``) says what ``construct`` constructs: modules constructed alike are
+    registered in the same order, so the dry run is made once per key (checked:
+    where the run's registrations differ, the dry run is made after all).
 
     >>> import torch
     >>> from torch import nn
@@ -90,16 +104,50 @@ def seeded_whole(
     if device.type != "cpu":
         return None
     generators = saved_generators(device)
+    guess = _ORDERS.get(key) if key is not None else None
+    if guess is not None:
+        whole = _seeded_run(make, device, seeds, guess, generators)
+        if whole is not None and whole[1]:
+            return whole[0]
+        _ORDERS[key] = None  # wrong, or it gave up: a dry run every time for this key
     order = registration_order(make if construct is None else construct, generators)
     if order is None:
         return None
+    whole = _seeded_run(make, device, seeds, order, generators)
+    if key is not None and key not in _ORDERS and whole is not None and whole[1]:
+        if len(_ORDERS) >= _MOST_ORDERS:
+            _ORDERS.clear()
+        _ORDERS[key] = order
+    return whole[0] if whole is not None else None
+
+
+def _seeded_run(
+    make: Callable[[], nn.Module],
+    device: torch.device,
+    seeds: Callable[[str], int],
+    order: dict[str, int],
+    generators: Any,
+) -> tuple[nn.Module, bool] | None:
+    """The module ``make`` builds with each registered tensor drawing from its own
+    generator, by ``order``, and whether ``order`` is the order of this run's
+    registrations; ``None`` where it cannot (:class:`Fallback`)."""
     try:
-        with registrations() as seen, torch.device(device), streams(order, seeds)(seen):
-            return make()
+        with registrations() as seen, on_device(device), streams(order, seeds)(seen):
+            module = make()
     except Fallback:
         return None
     finally:
         generators.restore()
+    return module, _order_of(module, seen) == order
+
+
+def _order_of(module: nn.Module, seen: list[torch.Tensor]) -> dict[str, int]:
+    """Qualified name -> position of its first registration in ``seen``."""
+    position: dict[int, int] = {}
+    for i, t in enumerate(seen):
+        position.setdefault(id(t), i)
+    tensors = named_tensors(module)
+    return {n: position[id(t)] for n, t in tensors.items() if id(t) in position}
 
 
 def streams(
