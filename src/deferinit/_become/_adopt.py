@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from .._declare._deferred import placeholders_made
 from .._declare._pending import QUEUE, Call, pending_calls, run_pending, take_pending
 from .._declare._placeholder import placeholder_tensors
 from .._errors import ShapeMismatchError
@@ -43,6 +44,8 @@ def check_ties(
     """A real tensor assigned to the placeholder before the build (a tie such as
     ``head.weight = emb.weight``) is kept, so it must fit the layer being built:
     checked before anything changes."""
+    if not placeholders_made(module):
+        return  # made when first looked at: no one assigned a tie
     if not module._modules and all(
         t is None or isinstance(t, UninitializedTensorMixin)
         for t in (*module._parameters.values(), *module._buffers.values())
@@ -74,6 +77,8 @@ def adopt_placeholders(
     the calls waiting on it, by name (``State.queued``: sharding, or a copy, gives
     the layer tensors that carry no queue, so ``di.materialize`` finds the calls by
     name)."""
+    if not placeholders_made(module):
+        return [], {}  # no one has seen a placeholder: the fresh tensors stay
     unseen = frozenset() if keep_device else _unseen(module, real)
     if unseen and len(unseen) == len(module._parameters) + len(module._buffers):
         return [], {}  # the common first forward: every fresh tensor stays

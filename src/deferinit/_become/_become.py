@@ -31,7 +31,7 @@ from torch import nn
 from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
 
-from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
 from .._declare._pending import Call
 from .._declare._placeholder import Holder
 from .._declare._rules import describe
@@ -143,6 +143,9 @@ def _take_over(
     if added is not None:
         new.update(added[0])
         new["_modules"].update(added[1])
+        new["_parameters"].update(added[2])
+        new["_buffers"].update(added[3])
+        new["_non_persistent_buffers_set"].update(added[4])
     built = object.__new__(State)  # dataclasses.replace, without its per-call field walk
     built.__dict__.update(state.__dict__)
     built.values, built.built_from, built.own_hooks = dict(values), built_from, own
@@ -159,25 +162,37 @@ def _take_over(
 _FULL = "_is_full_backward_hook"
 # What a freshly declared placeholder holds in its __dict__: nothing of the user's.
 _PLACEHOLDER_KEYS = frozenset([*nn.Module().__dict__, "_di"])
-# The attributes a user added, and the submodules, by name.
-_Added = tuple[dict[str, Any], dict[str, nn.Module | None]]
+# What a user added, by name: attributes, submodules, parameters, buffers, and the
+# names of the non-persistent ones among those buffers.
+_Added = tuple[
+    dict[str, Any],
+    dict[str, nn.Module | None],
+    dict[str, torch.Tensor | None],
+    dict[str, torch.Tensor | None],
+    set[str],
+]
 
 
 def users_additions(module: nn.Module, real: nn.Module) -> _Added | None:
     """What a user put on the placeholder ``module`` (attributes beside a fresh
     placeholder's, none of deferinit's ``_di*``; submodules other than its
-    holders), which the built layer ``real`` is to keep; None for none, the
-    common case. One that ``real`` sets itself is refused, before anything changed.
+    holders; parameters and buffers registered under names the layer does not
+    declare), which the built layer ``real`` is to keep, as eager code registering
+    them after construction would; None for none, the common case. One that
+    ``real`` sets itself is refused, before anything changed.
     """
     d = module.__dict__
     extra = d.keys() - _PLACEHOLDER_KEYS
     modules = d["_modules"]
-    if not extra and not modules:
+    tensors = _users_tensors(module)
+    if not extra and not modules and tensors is None:
         return None
     attributes = {k: d[k] for k in d if k in extra and not k.startswith("_di")}
     users = {k: m for k, m in modules.items() if not isinstance(m, Holder)}
+    parameters, buffers = tensors or ({}, {})
     taken = [k for k in attributes if k in real.__dict__ or k == "forward"]
     taken += [k for k in users if k in real._modules]
+    taken += [k for k in (*parameters, *buffers) if hasattr(real, k)]
     if taken:
         shown = ", ".join(repr(k) for k in taken)
         raise DeferredInitError(
@@ -186,9 +201,26 @@ def users_additions(module: nn.Module, real: nn.Module) -> _Added | None:
             f"the other. The layer is left unbuilt. Fix: give it another name, or set it "
             f"after the build (first forward or di.build)."
         )
-    if not attributes and not users:
+    if not attributes and not users and not parameters and not buffers:
         return None
-    return attributes, users
+    transient = {k for k in buffers if k in d["_non_persistent_buffers_set"]}
+    return attributes, users, parameters, buffers, transient
+
+
+def _users_tensors(
+    module: nn.Module,
+) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]] | None:
+    """The parameters and buffers registered on the placeholder under names its
+    layout does not declare (the layer's own root names), or None for none."""
+    if not placeholders_made(module):
+        return None  # made when first looked at: no one registered anything
+    layout = module.__dict__["_di"].layout
+    declared = {spec.name for spec in layout.tensors} if layout is not None else set()
+    parameters = {k: t for k, t in module._parameters.items() if k not in declared}
+    buffers = {k: t for k, t in module._buffers.items() if k not in declared}
+    if not parameters and not buffers:
+        return None
+    return parameters, buffers
 
 
 class _Held:

@@ -19,7 +19,7 @@ from torch import nn
 from .._errors import InferenceError, NotBuiltError
 from .._naming import label
 from ._layout import layout_of, provisional_constructor
-from ._placeholder import install_placeholders, save_placeholders
+from ._placeholder import flat_placeholders, install_placeholders, save_placeholders
 from ._recording import HOOKS
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
 from ._signature import (
@@ -34,6 +34,7 @@ from ._signature import (
 from ._state import State, default_device
 
 __all__ = [
+    "placeholders_made",
     "BUILD_LOCK",
     "Deferred",
     "PortableClass",
@@ -207,8 +208,15 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             return
         with HOOKS.outside():
             layout = layout_of(cls, self._di)
-            self._di.layout = layout
-            install_placeholders(self, layout, self._di.arguments.get("device"))
+            state.layout = layout
+            if layout.modules or HOOKS.declared is not None or _in_fake_mode():
+                install_placeholders(self, layout, state.arguments.get("device"))
+            else:
+                # A flat layer's placeholders are made when first looked at
+                # (_install_late): most layers are built by their first forward
+                # before anyone does, and then the fresh tensors simply stay.
+                d = self.__dict__
+                del d["_parameters"], d["_buffers"]
         if HOOKS.declared is not None:
             HOOKS.declared(self)  # inside di.deferred_init: its place in program order
 
@@ -245,6 +253,11 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         return f"{self._get_name()}({', '.join(constructor_args_of(type(self), self._di))})"
 
     def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        if "_parameters" not in d and "_di" in d:
+            _install_late(self)
+            if name == "_parameters" or name == "_buffers":
+                return d[name]
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -265,6 +278,24 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                 ) from None
             raise
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        d = self.__dict__
+        if "_parameters" not in d and name != "training" and "_di" in d:
+            _install_late(self)  # torch's __setattr__ reads the tables in __dict__
+        super().__setattr__(name, value)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if "_parameters" not in self.__dict__:
+            _install_late(self)
+        super().register_parameter(name, param)
+
+    def register_buffer(
+        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        if "_buffers" not in self.__dict__:
+            _install_late(self)
+        super().register_buffer(name, tensor, persistent)
+
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         save_placeholders(self, destination, prefix, keep_vars)
 
@@ -274,6 +305,40 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         from .._checkpoint._sizes import load_into_placeholder  # noqa: PLC0415
 
         load_into_placeholder(self, state_dict, prefix, *args)
+
+
+def placeholders_made(module: nn.Module) -> bool:
+    """Whether a placeholder's tensors exist yet: a flat layer makes them when first
+    looked at (``module._parameters``, ``module.weight``, ``parameters()``...);
+    until then no one can hold one, so its build has nothing to take over."""
+    return "_parameters" in module.__dict__
+
+
+def _install_late(module: Deferred) -> None:
+    """Make a flat layer's placeholders now, as its declaration would have: on the
+    device it was declared on, outside any recording or shape-only pass."""
+    with BUILD_LOCK:
+        d = module.__dict__
+        if "_parameters" in d:  # another thread made them meanwhile
+            return
+        state = d["_di"]
+        device = state.arguments.get("device")
+        if device is None:
+            device = state.device if state.device is not None else _CPU
+        with HOOKS.outside():
+            parameters, buffers = flat_placeholders(module, state.layout, device)
+        # Published whole, the parameters last: another thread reading the tables
+        # meanwhile waits above for the lock, never sees them half made.
+        d["_buffers"] = buffers
+        d["_parameters"] = parameters
+
+
+_CPU = torch.device("cpu")
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _in_fake_mode() -> bool:
+    return torch._C._get_dispatch_mode(_FAKE) is not None
 
 
 def _becoming() -> ModuleType:

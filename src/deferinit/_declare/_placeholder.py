@@ -10,6 +10,7 @@ on them waits for the build (:mod:`._pending`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from copy import deepcopy
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "Holder",
     "PlaceholderBuffer",
     "PlaceholderParameter",
+    "flat_placeholders",
     "install_placeholders",
     "placeholder_tensors",
     "save_placeholders",
@@ -147,6 +149,30 @@ def _install(module: nn.Module, layout: Layout, device: Any) -> None:
             owner._buffers[leaf] = tensor
             if not spec.persistent:
                 owner._non_persistent_buffers_set.add(leaf)
+
+
+def flat_placeholders(
+    module: nn.Module, layout: Layout, device: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A flat layer's placeholder tables (parameters, buffers), as
+    :func:`install_placeholders` would fill them, made apart from ``module`` so that
+    they can be published at once; non-persistent buffers are noted on ``module``."""
+    parameters: dict[str, Any] = {}
+    buffers: dict[str, Any] = {}
+    with unset_fake_temporarily() if torch._C._get_dispatch_mode(_FAKE) else nullcontext():
+        for spec in layout.tensors:
+            tensor: Any = None
+            if spec.dtype is not None:
+                kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
+                tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
+                set_owner(tensor, module, spec.name)
+            if spec.is_parameter:
+                parameters[spec.name] = tensor
+            else:
+                buffers[spec.name] = tensor
+                if not spec.persistent:
+                    module._non_persistent_buffers_set.add(spec.name)
+    return parameters, buffers
 
 
 def save_placeholders(module: nn.Module, destination: Any, prefix: str, keep: bool) -> None:
