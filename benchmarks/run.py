@@ -261,6 +261,22 @@ def _materialize_ratio(name: str, width: int, depth: int, rounds: int, seed: int
 
 
 def materialize(plan: Plan) -> Figures:
+    """Measured in its own interpreter, allocating as a fresh process does
+    (``materialize_throughput.allocate_as_fresh_process``: every large tensor on
+    new pages, worker threads' heaps included), which lasts for that process's
+    life and so must not touch the other groups."""
+    mode = next(m for m, p in PLANS.items() if p is plan)
+    command = [sys.executable, "-W", "ignore", __file__, "--materialize-child", mode]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.splitlines()[-1])
+    NOTES.extend(out["notes"])
+    figures: Figures = out["figures"]
+    return figures
+
+
+def _materialize_here(plan: Plan) -> Figures:
     exact: dict[str, float] = {}
     seeded: dict[str, float] = {}
     rounds = plan.materialize_rounds
@@ -490,7 +506,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", metavar="GROUPS", help=f"comma-separated subset of: {', '.join(names)}"
     )
+    parser.add_argument("--materialize-child", choices=list(PLANS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.materialize_child:
+        materialize_throughput.allocate_as_fresh_process()
+        torch.set_num_threads(1)
+        measured = _materialize_here(PLANS[args.materialize_child])
+        print(json.dumps({"figures": measured, "notes": NOTES}))
+        return 0
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = PLANS[mode]
     wanted = args.only.split(",") if args.only else names
