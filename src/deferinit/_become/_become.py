@@ -117,7 +117,7 @@ def _take_over(
 ) -> None:
     ties: list[str] = []
     queued: dict[str, tuple[torch.Tensor, list[Call]]] = {}
-    if adopt:
+    if adopt and placeholders_made(module):
         # Plain tensor attribute access: Parameter's Python __torch_function__ would
         # otherwise run for every .data/.dtype/.device read below.
         with torch._C.DisableTorchFunctionSubclass(), declared_defaults(state, device):
@@ -127,7 +127,9 @@ def _take_over(
     ours = module.__dict__
     for key in HOOK_TABLES:
         table = ours.get(key)
-        if table is None:
+        if not table:  # none on the placeholder: the layer's own table stays
+            if table is not None and new.get(key):
+                own[key] = list(new[key])
             continue
         theirs = new.get(key)
         if theirs:

@@ -85,6 +85,9 @@ def on_device(device: torch.device | str) -> contextlib.AbstractContextManager[A
     return device
 
 
+_NOTHING: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
+
 class _DefaultDtype:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -107,8 +110,16 @@ def declared_defaults(
     ``torch.no_grad()`` or ``torch.inference_mode()``. torch's default dtype is
     process-wide, so it is only switched when it changed since the declaration.
     """
-    contexts: list[contextlib.AbstractContextManager[Any]] = []
     target = device if device is not None else state.device
+    if (
+        target is None
+        and state.dtype is torch.get_default_dtype()
+        and not torch._C._len_torch_function_stack()
+        and torch.is_grad_enabled()
+        and not torch.is_inference_mode_enabled()
+    ):
+        return _NOTHING  # the common case: eager code's defaults are in force
+    contexts: list[contextlib.AbstractContextManager[Any]] = []
     if target is not None:
         if torch.device(target).type != "cpu" or default_device() is not None:
             contexts.append(torch.device(target))
