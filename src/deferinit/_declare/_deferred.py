@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copyreg
+import functools
 import inspect
 import pickle
 import sys
@@ -227,15 +228,15 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
     def infer(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Every constructor argument the rules supply, read off a forward call."""
         values = dict(self._di.explicit)
-        forward = forward_signature(type(self))
-        call = Call(args, kwargs, forward)
-        for name, rule in type(self)._di_rules.items():
+        cls = type(self)
+        call = Call(args, kwargs, functools.partial(forward_signature, cls))
+        for name, rule in cls._di_rules.items():
             if name in values:
                 continue
             try:
                 values[name] = rule.infer(call, self._di.options)
             except RuleError as error:
-                origin = rule.origin(forward).replace("``", "")  # docstring markup
+                origin = rule.origin(call.signature).replace("``", "")  # docstring markup
                 raise InferenceError(
                     f"{label(self)} cannot infer {name} (from {origin}): expected "
                     f"{error.expected}, got {error.got}. Fix: pass such an input, or give "

@@ -56,17 +56,27 @@ class RuleError(Exception):
 class Call:
     """The arguments of one forward call, addressable by position or by name."""
 
-    __slots__ = ("args", "kwargs", "signature")
+    __slots__ = ("_signature", "args", "kwargs")
 
     def __init__(
         self,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
-        signature: inspect.Signature | None,
+        signature: inspect.Signature | Callable[[], inspect.Signature | None] | None,
     ) -> None:
         self.args = args
         self.kwargs = kwargs
-        self.signature = signature
+        # A callable: the signature is worked out only if a name must be resolved
+        # (inspect.signature costs tens of microseconds the first time a class
+        # builds; most rules read a positional argument).
+        self._signature = signature
+
+    @property
+    def signature(self) -> inspect.Signature | None:
+        signature = self._signature
+        if callable(signature):
+            signature = self._signature = signature()
+        return signature
 
     def get(self, arg: int | str) -> Any:
         if isinstance(arg, int):
