@@ -182,6 +182,13 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
+        key = None
+        if not kwargs:
+            key = _declaration_key(cls, args)
+            seen = _DECLARATIONS.get(key) if key is not None else None
+            if seen is not None:  # declared like this before: same arguments and layout
+                self._declare_again(cls, *seen)
+                return
         if kwargs:
             options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
             explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
@@ -209,15 +216,35 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             return
         with HOOKS.outside():
             layout = layout_of(cls, self._di)
-            state.layout = layout
-            if layout.modules or HOOKS.declared is not None or _in_fake_mode():
+        if key is not None:
+            if len(_DECLARATIONS) >= _DECLARATIONS_KEPT:
+                _DECLARATIONS.clear()
+            _DECLARATIONS[key] = (dict(arguments), dict(explicit), layout)
+        self._placeholders(state, layout)
+
+    def _declare_again(
+        self, cls: type[Deferred], arguments: dict[str, Any], explicit: dict[str, Any], layout: Any
+    ) -> None:
+        """:meth:`__init__` for a declaration seen before (the same class, positional
+        arguments and default dtype): its bound arguments, fixed sizes and layout are
+        known (every size inferred, or it would have been built at once)."""
+        super().__init__()
+        state = State(cls, dict(arguments), dict(cls._di_options), dict(explicit))
+        state.dtype, state.device = torch.get_default_dtype(), default_device()
+        self.__dict__["_di"] = state
+        self._placeholders(state, layout)
+
+    def _placeholders(self, state: State, layout: Any) -> None:
+        state.layout = layout
+        if layout.modules or HOOKS.declared is not None or _in_fake_mode():
+            with HOOKS.outside():
                 install_placeholders(self, layout, state.arguments.get("device"))
-            else:
-                # A flat layer's placeholders are made when first looked at
-                # (_install_late): most layers are built by their first forward
-                # before anyone does, and then the fresh tensors simply stay.
-                d = self.__dict__
-                del d["_parameters"], d["_buffers"]
+        else:
+            # A flat layer's placeholders are made when first looked at
+            # (_install_late): most layers are built by their first forward
+            # before anyone does, and then the fresh tensors simply stay.
+            d = self.__dict__
+            del d["_parameters"], d["_buffers"]
         if HOOKS.declared is not None:
             HOOKS.declared(self)  # inside di.deferred_init: its place in program order
 
@@ -306,6 +333,23 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         from .._checkpoint._sizes import load_into_placeholder  # noqa: PLC0415
 
         load_into_placeholder(self, state_dict, prefix, *args)
+
+
+# Declarations seen before, by (class, default dtype, positional arguments and their
+# types) where every argument is a plain scalar: (bound arguments, fixed sizes,
+# layout). Bounded: a process may declare without end.
+_DECLARATIONS: dict[Any, tuple[dict[str, Any], dict[str, Any], Any]] = {}
+_DECLARATIONS_KEPT = 256
+_SCALAR_TYPES = frozenset({int, float, bool, str, type(None)})
+
+
+def _declaration_key(cls: type[Deferred], args: tuple[Any, ...]) -> Any:
+    """The key of a keyword-free declaration in :data:`_DECLARATIONS`, or None where
+    an argument is not a plain scalar (a tensor or a list is looked at afresh)."""
+    types = tuple(map(type, args))
+    if not _SCALAR_TYPES.issuperset(types):
+        return None
+    return (cls, torch.get_default_dtype(), args, types)
 
 
 def placeholders_made(module: nn.Module) -> bool:

@@ -1,0 +1,58 @@
+"""A declaration like one seen before (same class, plain positional arguments,
+default dtype) reuses its bound arguments and layout: each layer must still be
+independent of the other, and of declarations that only look alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deferinit import nn as dnn
+
+
+def test_layers_declared_alike_build_their_own_sizes() -> None:
+    a, b = dnn.Linear(4), dnn.Linear(4)
+    a(torch.randn(2, 3))
+    b(torch.randn(2, 5))
+    assert (a.in_features, b.in_features) == (3, 5)
+    assert a.weight.shape == (4, 3) and b.weight.shape == (4, 5)
+    c = dnn.Linear(4)
+    assert c._di.arguments == {"out_features": 4}
+    assert c._di.arguments is not a._di.arguments
+
+
+def test_a_change_to_one_layers_arguments_does_not_reach_the_next() -> None:
+    first = dnn.Linear(4)
+    first._di.arguments["bias"] = False
+    second = dnn.Linear(4)
+    second(torch.randn(1, 2))
+    assert second.bias is not None
+
+
+def test_arguments_equal_but_of_another_type_are_kept_as_given() -> None:
+    dnn.Conv2d(8, 3, 1)
+    layer = dnn.Conv2d(8, 3, True)  # stride=True == 1, but a bool
+    assert layer._di.arguments["stride"] is True
+
+
+def test_another_default_dtype_is_declared_afresh() -> None:
+    dnn.Linear(3)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = dnn.Linear(3)
+    finally:
+        torch.set_default_dtype(before)
+    assert layer.weight.dtype == torch.float64
+    assert dnn.Linear(3).weight.dtype == before
+
+
+def test_a_layer_declared_again_equals_eager() -> None:
+    x = torch.randn(2, 6)
+    for _ in range(3):
+        torch.manual_seed(0)
+        model = nn.Sequential(dnn.Linear(5), nn.ReLU(), dnn.Linear(2))
+        out = model(x)
+        torch.manual_seed(0)
+        eager = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+        assert torch.equal(out, eager(x))
