@@ -125,7 +125,10 @@ def _take_over(
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     ours = module.__dict__
-    for key in HOOK_TABLES:
+    placeholder_hooks = any(map(ours.get, HOOK_TABLES))  # mostly none: C-level scans
+    if not placeholder_hooks and any(map(new.get, HOOK_TABLES)):
+        own = {key: list(new[key]) for key in HOOK_TABLES if new.get(key)}
+    for key in HOOK_TABLES if placeholder_hooks else ():
         table = ours.get(key)
         if not table:  # none on the placeholder: the layer's own table stays
             if table is not None and new.get(key):
@@ -184,8 +187,10 @@ def users_additions(module: nn.Module, real: nn.Module) -> _Added | None:
     ``real`` sets itself is refused, before anything changed.
     """
     d = module.__dict__
-    extra = d.keys() - _PLACEHOLDER_KEYS
     modules = d["_modules"]
+    if d.keys() <= _PLACEHOLDER_KEYS and not modules and not placeholders_made(module):
+        return None  # the common case: nothing of the user's
+    extra = d.keys() - _PLACEHOLDER_KEYS
     tensors = _users_tensors(module)
     if not extra and not modules and tensors is None:
         return None
@@ -218,7 +223,9 @@ def _users_tensors(
         return None  # made when first looked at: no one registered anything
     layout = module.__dict__["_di"].layout
     declared = {spec.name for spec in layout.tensors} if layout is not None else set()
-    parameters = {k: t for k, t in module._parameters.items() if k not in declared}
+    parameters: dict[str, torch.Tensor | None] = {
+        k: t for k, t in module._parameters.items() if k not in declared
+    }
     buffers = {k: t for k, t in module._buffers.items() if k not in declared}
     if not parameters and not buffers:
         return None

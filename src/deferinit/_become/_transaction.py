@@ -34,7 +34,11 @@ class Transaction:
         self.cls = type(module)
         self.dict = module.__dict__
         d = module.__dict__
-        self.hooks = {k: list(d[k].items()) for k in HOOK_TABLES if d.get(k)}
+        self.hooks = (
+            {k: list(d[k].items()) for k in HOOK_TABLES if d.get(k)}
+            if any(map(d.get, HOOK_TABLES))
+            else {}
+        )
         self.tensors: list[tuple[torch.Tensor, type, torch.Tensor]] = []
         self.swaps: list[tuple[torch.Tensor, type, torch.Tensor]] = []
         # What the placeholders' __dict__ gave up (waiting init calls, owner note).
