@@ -56,3 +56,18 @@ def test_a_layer_declared_again_equals_eager() -> None:
         torch.manual_seed(0)
         eager = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
         assert torch.equal(out, eager(x))
+
+
+def test_a_layer_declared_again_holds_fresh_module_state_of_its_own() -> None:
+    dnn.Linear(7)
+    a, b = dnn.Linear(7), dnn.Linear(7)
+    fresh = nn.Module().__dict__
+    lazy = {"_parameters", "_buffers"}  # made when first looked at
+    assert set(a.__dict__) - {"_di"} == set(fresh) - lazy
+    for key, value in fresh.items():
+        if isinstance(value, dict | set) and key not in lazy:
+            assert type(a.__dict__[key]) is type(value)
+            assert a.__dict__[key] is not b.__dict__[key]
+    a.register_forward_hook(lambda *_: None)
+    assert not b._forward_hooks
+    assert dict(a.named_parameters()).keys() == {"weight", "bias"}

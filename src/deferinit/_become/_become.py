@@ -297,7 +297,8 @@ def _build_and_run(
         except BaseException:
             txn.rollback()
             raise
-        release(module)
+        if state.init is not None:
+            release(module)
         try:
             output = type(module).forward(module, *args, **kwargs)
         except BaseException as error:

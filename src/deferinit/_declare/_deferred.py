@@ -228,7 +228,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         """:meth:`__init__` for a declaration seen before (the same class, positional
         arguments and default dtype): its bound arguments, fixed sizes and layout are
         known (every size inferred, or it would have been built at once)."""
-        super().__init__()
+        _module_init(self)
         state = State(cls, dict(arguments), dict(cls._di_options), dict(explicit))
         state.dtype, state.device = torch.get_default_dtype(), default_device()
         self.__dict__["_di"] = state
@@ -341,6 +341,23 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 _DECLARATIONS: dict[Any, tuple[dict[str, Any], dict[str, Any], Any]] = {}
 _DECLARATIONS_KEPT = 256
 _SCALAR_TYPES = frozenset({int, float, bool, str, type(None)})
+
+
+# What nn.Module.__init__ sets, read off one: the plain values, and each container
+# with its type (every module gets fresh ones).
+_MODULE_STATE = nn.Module().__dict__
+_MODULE_VALUES = {k: v for k, v in _MODULE_STATE.items() if not isinstance(v, dict | set)}
+_MODULE_TABLES = tuple((k, type(v)) for k, v in _MODULE_STATE.items() if isinstance(v, dict | set))
+del _MODULE_STATE
+
+
+def _module_init(module: nn.Module) -> None:
+    """``nn.Module.__init__`` for a placeholder declared again: the same attributes
+    (torch's usage log aside), set straight into ``__dict__``."""
+    d = module.__dict__
+    d.update(_MODULE_VALUES)
+    for key, table in _MODULE_TABLES:
+        d[key] = table()
 
 
 def _declaration_key(cls: type[Deferred], args: tuple[Any, ...]) -> Any:

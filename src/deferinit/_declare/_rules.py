@@ -282,6 +282,14 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
     ndim: int | tuple[int, ...] | None = None
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
+        args, arg = call.args, self.arg
+        if type(arg) is int and -1 < arg < len(args) and self.ndim is None:
+            x = args[arg]
+            if type(x) is torch.Tensor and not x.is_nested:  # the common call: plain sizes
+                shape = x.shape
+                axis = self.axis
+                if -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                    return int(shape[axis])
         x = tensor_argument(call, self.arg)
         ranks = (self.ndim,) if isinstance(self.ndim, int) else self.ndim
         if ranks is not None and x.dim() not in ranks:
