@@ -4,9 +4,15 @@ independent of the other, and of declarations that only look alike."""
 
 from __future__ import annotations
 
+import gc
+import pickle
+import weakref
+
+import pytest
 import torch
 from torch import nn
 
+import deferinit as di
 from deferinit import nn as dnn
 
 
@@ -71,3 +77,23 @@ def test_a_layer_declared_again_holds_fresh_module_state_of_its_own() -> None:
     a.register_forward_hook(lambda *_: None)
     assert not b._forward_hooks
     assert dict(a.named_parameters()).keys() == {"weight", "bias"}
+
+
+def test_a_built_layer_keeps_no_reference_to_the_input_it_was_built_from() -> None:
+    layer = dnn.Linear(2)
+    x = torch.randn(4, 3)
+    seen = weakref.ref(x)
+    layer(x)
+    del x
+    gc.collect()
+    assert seen() is None
+    assert str(layer._di.built_from) == "a float32 tensor of shape (4, 3)"
+
+
+def test_where_a_layer_was_built_from_survives_pickle_as_text() -> None:
+    layer = dnn.Linear(2)
+    layer(torch.randn(4, 3))
+    again = pickle.loads(pickle.dumps(layer))
+    assert again._di.built_from == "a float32 tensor of shape (4, 3)"
+    with pytest.raises(di.ShapeMismatchError, match=r"float32 tensor of shape \(4, 3\)"):
+        again(torch.randn(4, 5))

@@ -24,6 +24,7 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 from .._declare._deferred import placeholders_made
 from .._declare._pending import QUEUE, Call, pending_calls, run_pending, take_pending
 from .._declare._placeholder import placeholder_tensors
+from .._declare._rules import Described
 from .._errors import ShapeMismatchError
 from .._naming import label
 from .._swap import exchange_or_raise
@@ -39,7 +40,7 @@ def sizes_text(values: Mapping[str, Any]) -> str:
 
 
 def check_ties(
-    module: nn.Module, real: nn.Module, values: dict[str, Any], built_from: str | None
+    module: nn.Module, real: nn.Module, values: dict[str, Any], built_from: str | Described | None
 ) -> None:
     """A real tensor assigned to the placeholder before the build (a tie such as
     ``head.weight = emb.weight``) is kept, so it must fit the layer being built:

@@ -34,7 +34,7 @@ from torch.nn.modules.module import _global_forward_hooks
 from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
 from .._declare._pending import Call
 from .._declare._placeholder import Holder
-from .._declare._rules import describe
+from .._declare._rules import Described, describe
 from .._declare._signature import constructor_call
 from .._declare._state import State, declared_defaults
 from .._errors import DeferredInitError, InferenceError
@@ -59,7 +59,7 @@ def become(
     module: Deferred,
     values: dict[str, Any],
     *,
-    built_from: str | None,
+    built_from: str | Described | None,
     device: torch.device | str | None = None,
     adopt: bool = True,
     hold: bool = False,
@@ -108,7 +108,7 @@ def _take_over(
     real: nn.Module,
     state: State,
     values: dict[str, Any],
-    built_from: str | None,
+    built_from: str | Described | None,
     txn: Transaction,
     adopt: bool,
     device: torch.device | str | None,
@@ -326,15 +326,18 @@ def _resolved(own_hooks: str | types.FrameType, module: nn.Module) -> str:
     return own_hooks_to_run(own_hooks, module) if module.__dict__["_di"].own_hooks else "none"
 
 
-def _described(args: tuple[Any, ...]) -> str:
-    """The input a build's sizes come from, for messages."""
+def _described(args: tuple[Any, ...]) -> str | Described:
+    """The input a build's sizes come from, for messages (worded when shown)."""
     if len(args) == 1:  # most layers; no generator to join
-        return describe(args[0])
+        x = args[0]
+        if type(x) is torch.Tensor and not x.is_nested:
+            return Described(x)
+        return describe(x)
     return ", ".join(describe(a) for a in args) or "keyword arguments"
 
 
 def _forward_failed(
-    module: nn.Module, values: Mapping[str, Any], built_from: str, error: Exception
+    module: nn.Module, values: Mapping[str, Any], built_from: str | Described, error: Exception
 ) -> InferenceError:
     return InferenceError(
         f"{label(module)}: built with {sizes_text(values)} from {built_from}, but its "
@@ -347,7 +350,7 @@ def _forward_failed(
 def _record_shapes(
     module: Deferred,
     values: dict[str, Any],
-    built_from: str,
+    built_from: str | Described,
     recorder: ShapeRecorder,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],

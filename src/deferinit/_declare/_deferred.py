@@ -236,7 +236,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def _placeholders(self, state: State, layout: Any) -> None:
         state.layout = layout
-        if layout.modules or HOOKS.declared is not None or _in_fake_mode():
+        if layout.modules or HOOKS.declared is not None:
             with HOOKS.outside():
                 install_placeholders(self, layout, state.arguments.get("device"))
         else:
@@ -396,11 +396,6 @@ def _install_late(module: Deferred) -> None:
 
 
 _CPU = torch.device("cpu")
-_FAKE = torch._C._TorchDispatchModeKey.FAKE
-
-
-def _in_fake_mode() -> bool:
-    return torch._C._get_dispatch_mode(_FAKE) is not None
 
 
 def _becoming() -> ModuleType:

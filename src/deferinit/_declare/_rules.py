@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 __all__ = [
     "MISSING",
     "Call",
+    "Described",
     "Rule",
     "RuleError",
     "argument_name",
@@ -134,6 +135,41 @@ def describe(value: Any) -> str:
         kind = f"{kind} of {len(value)} {unit}{'' if len(value) == 1 else 's'}"
     article = "an" if kind[:1].lower() in "aeiou" else "a"
     return f"{article} {kind} ({_REPR.repr(value)})"
+
+
+class Described:
+    """A plain tensor input as :func:`describe` words it, worded only when shown
+    (a build keeps where its sizes came from for messages it will most likely never
+    show). Holds the dtype and shape only, never the tensor.
+
+    >>> import torch
+    >>> str(Described(torch.zeros(2, 3)))
+    'a float32 tensor of shape (2, 3)'
+    """
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.dtype = value.dtype
+        self.shape = value.shape
+
+    def __str__(self) -> str:
+        return f"{_DTYPE_TEXT[self.dtype]} tensor of shape {tuple(self.shape)}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __eq__(self, other: object) -> bool:
+        return str(self) == (str(other) if isinstance(other, Described) else other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))  # pickles as the text it stands for
 
 
 class _DtypeText(dict[torch.dtype, str]):

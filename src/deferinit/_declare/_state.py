@@ -11,6 +11,7 @@ import torch
 if TYPE_CHECKING:
     from ._deferred import Deferred
     from ._layout import Layout
+    from ._rules import Described
 
 __all__ = ["State", "declared_defaults", "default_device", "on_device", "replace"]
 
@@ -41,7 +42,7 @@ class State:
     explicit: dict[str, Any]  # inferable arguments the user (or the options) fixed
     layout: Layout | None = None
     values: dict[str, Any] | None = None  # every rule argument, once built
-    built_from: str | None = None  # the input the sizes were read from
+    built_from: str | Described | None = None  # the input the sizes were read from
     init: Any = None  # registered initializer (see _initialize.py)
     initialized: bool = False  # deferinit ran an initializer on this layer
     own_hooks: dict[str, list[Any]] = field(default_factory=dict)

@@ -38,6 +38,7 @@ from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._layout import quiet
 from .._declare._recording import holds_record
+from .._declare._rules import Described
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, InferenceError, NotBuiltError
 from .._lazy import refuse_lazy
@@ -61,7 +62,7 @@ class ShapePass:
     """What a shape-only pass saw, by qualified name below the root."""
 
     values: dict[str, dict[str, Any]] = field(default_factory=dict)  # inferred arguments
-    built_from: dict[str, str] = field(default_factory=dict)  # the input they came from
+    built_from: dict[str, str | Described] = field(default_factory=dict)  # their input
     outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
 
 
@@ -435,7 +436,9 @@ def build(
                 f"explicitly (e.g. dnn.Linear(10, in_features=256))."
             )
 
-        def sized(name: str, layer: Deferred) -> tuple[dict[str, Any], str | None] | None:
+        def sized(
+            name: str, layer: Deferred
+        ) -> tuple[dict[str, Any], str | Described | None] | None:
             if name not in seen.values:
                 return None
             return seen.values[name], seen.built_from[name]
@@ -452,7 +455,7 @@ def _build_from_config(
     checked = plan(module, config)
     checked.raise_if_any()
 
-    def sized(name: str, layer: Deferred) -> tuple[dict[str, Any], str | None] | None:
+    def sized(name: str, layer: Deferred) -> tuple[dict[str, Any], str | Described | None] | None:
         values = checked.values_of(name, layer)
         return None if values is None else (values, BUILT_FROM)
 
@@ -461,7 +464,7 @@ def _build_from_config(
 
 # The sizes of a deferred layer met by the walk (by qualified name), and the input
 # they came from; None leaves it deferred.
-Sizes = Callable[[str, Deferred], tuple[dict[str, Any], str | None] | None]
+Sizes = Callable[[str, Deferred], tuple[dict[str, Any], str | Described | None] | None]
 
 
 def _construct_in_registration_order(
