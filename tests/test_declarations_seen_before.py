@@ -97,3 +97,25 @@ def test_where_a_layer_was_built_from_survives_pickle_as_text() -> None:
     assert again._di.built_from == "a float32 tensor of shape (4, 3)"
     with pytest.raises(di.ShapeMismatchError, match=r"float32 tensor of shape \(4, 3\)"):
         again(torch.randn(4, 5))
+
+
+def test_options_and_keywords_declared_again_are_kept() -> None:
+    for _ in range(2):
+        norm = dnn.LayerNorm(ndim=2)
+        norm(torch.randn(3, 4, 5))
+        assert norm.normalized_shape == (4, 5)
+        conv = dnn.Conv2d(8, 3, padding=1, bias=False)
+        conv(torch.randn(1, 2, 6, 6))
+        assert (conv.in_channels, conv.padding, conv.bias) == (2, (1, 1), None)
+    plain = dnn.LayerNorm()
+    plain(torch.randn(3, 4, 5))
+    assert plain.normalized_shape == (5,)
+
+
+def test_a_size_given_by_keyword_declared_again_is_kept() -> None:
+    for _ in range(2):
+        prelu = dnn.PReLU(per_channel=True)
+        prelu(torch.randn(2, 3, 4))
+        assert prelu.num_parameters == 3
+        fixed = dnn.Conv2d(4, 1, in_channels=2)
+        assert type(fixed) is nn.Conv2d and fixed.in_channels == 2

@@ -182,13 +182,11 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
-        key = None
-        if not kwargs:
-            key = _declaration_key(cls, args)
-            seen = _DECLARATIONS.get(key) if key is not None else None
-            if seen is not None:  # declared like this before: same arguments and layout
-                self._declare_again(cls, *seen)
-                return
+        key = _declaration_key(cls, args, kwargs)
+        seen = _DECLARATIONS.get(key) if key is not None else None
+        if seen is not None:  # declared like this before: same arguments and layout
+            self._declare_again(cls, *seen)
+            return
         if kwargs:
             options = {k: kwargs.pop(k, v) for k, v in cls._di_options.items()}
             explicit = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._di_rules}
@@ -219,17 +217,22 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         if key is not None:
             if len(_DECLARATIONS) >= _DECLARATIONS_KEPT:
                 _DECLARATIONS.clear()
-            _DECLARATIONS[key] = (dict(arguments), dict(explicit), layout)
+            _DECLARATIONS[key] = (dict(arguments), dict(options), dict(explicit), layout)
         self._placeholders(state, layout)
 
     def _declare_again(
-        self, cls: type[Deferred], arguments: dict[str, Any], explicit: dict[str, Any], layout: Any
+        self,
+        cls: type[Deferred],
+        arguments: dict[str, Any],
+        options: dict[str, Any],
+        explicit: dict[str, Any],
+        layout: Any,
     ) -> None:
-        """:meth:`__init__` for a declaration seen before (the same class, positional
-        arguments and default dtype): its bound arguments, fixed sizes and layout are
-        known (every size inferred, or it would have been built at once)."""
+        """:meth:`__init__` for a declaration seen before (the same class, arguments
+        and default dtype): its bound arguments, options, fixed sizes and layout are
+        known (a size left to infer, or it would have been built at once)."""
         _module_init(self)
-        state = State(cls, dict(arguments), dict(cls._di_options), dict(explicit))
+        state = State(cls, dict(arguments), dict(options), dict(explicit))
         state.dtype, state.device = torch.get_default_dtype(), default_device()
         self.__dict__["_di"] = state
         self._placeholders(state, layout)
@@ -335,10 +338,10 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         load_into_placeholder(self, state_dict, prefix, *args)
 
 
-# Declarations seen before, by (class, default dtype, positional arguments and their
-# types) where every argument is a plain scalar: (bound arguments, fixed sizes,
-# layout). Bounded: a process may declare without end.
-_DECLARATIONS: dict[Any, tuple[dict[str, Any], dict[str, Any], Any]] = {}
+# Declarations seen before, by (class, default dtype, arguments and their types, the
+# keywords in their order) where every argument is a plain scalar: (bound arguments,
+# options, fixed sizes, layout). Bounded: a process may declare without end.
+_DECLARATIONS: dict[Any, tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any]] = {}
 _DECLARATIONS_KEPT = 256
 _SCALAR_TYPES = frozenset({int, float, bool, str, type(None)})
 
@@ -360,10 +363,15 @@ def _module_init(module: nn.Module) -> None:
         d[key] = table()
 
 
-def _declaration_key(cls: type[Deferred], args: tuple[Any, ...]) -> Any:
-    """The key of a keyword-free declaration in :data:`_DECLARATIONS`, or None where
-    an argument is not a plain scalar (a tensor or a list is looked at afresh)."""
+def _declaration_key(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The key of a declaration in :data:`_DECLARATIONS`, or None where an argument
+    is not a plain scalar (a tensor, a tuple or a list is looked at afresh)."""
     types = tuple(map(type, args))
+    if kwargs:
+        types += tuple(map(type, kwargs.values()))
+        if not _SCALAR_TYPES.issuperset(types):
+            return None
+        return (cls, torch.get_default_dtype(), args, types, tuple(kwargs.items()))
     if not _SCALAR_TYPES.issuperset(types):
         return None
     return (cls, torch.get_default_dtype(), args, types)

@@ -319,12 +319,16 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
         args, arg = call.args, self.arg
-        if type(arg) is int and -1 < arg < len(args) and self.ndim is None:
+        if type(arg) is int and -1 < arg < len(args):
             x = args[arg]
             if type(x) is torch.Tensor and not x.is_nested:  # the common call: plain sizes
-                shape = x.shape
-                axis = self.axis
-                if -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                shape, axis, ndim = x.shape, self.axis, self.ndim
+                rank = len(shape)
+                if (
+                    (ndim is None or rank == ndim or (type(ndim) is tuple and rank in ndim))
+                    and -rank <= axis < rank
+                    and shape[axis] > 0
+                ):
                     return int(shape[axis])
         x = tensor_argument(call, self.arg)
         ranks = (self.ndim,) if isinstance(self.ndim, int) else self.ndim
