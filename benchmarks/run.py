@@ -96,8 +96,8 @@ PLANS = {
     ),
     "full": Plan(
         forward=(150, 200),
-        steady=(9, 1.0),
-        first_use={"MLP": 5, "LeNet": 5, "ResNet": 5},
+        steady=(15, 1.0),
+        first_use={"MLP": 9, "LeNet": 9, "ResNet": 9},
         build_sizes=(100, 300, 1000, 3000, 10_000),
         build_repeat=3,
         meta_reps=3,
