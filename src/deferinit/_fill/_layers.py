@@ -143,7 +143,8 @@ class Rebuild(Fill):
 
     def __init__(self, layer: nn.Module, prefix: str) -> None:
         again = _ConstructAgain(layer, prefix)
-        old = {n: t for n, t in tensors_by_name(layer).items() if is_meta(t)}
+        again.tensors = tensors_by_name(layer)  # walked once: _waiting reads it too
+        old = {n: t for n, t in again.tensors.items() if is_meta(t)}
         super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
         self.key = again.key()
 
@@ -177,6 +178,7 @@ class _ConstructAgain:
             self.state.deferred, self.state.arguments, self.state.values
         )
         self.explicit_device = "device" in self.kwargs
+        self.tensors: dict[str, torch.Tensor] | None = None  # the layer's, by name
 
     def key(self) -> Hashable | None:
         """What :meth:`construct` constructs (class, arguments, dtype), where it is
@@ -212,7 +214,7 @@ class _ConstructAgain:
         for real does."""
         with self._declared():
             module = self.construct()
-            calls, held = _waiting(self.layer)
+            calls, held = _waiting(self.layer, self.tensors)
             if calls:
                 new = tensors_by_name(module)
                 run_pending(calls, {i: new[n] for i, n in held.items() if n in new})
@@ -223,7 +225,9 @@ class _ConstructAgain:
         return module
 
 
-def _waiting(layer: nn.Module) -> tuple[list[Call], dict[int, str]]:
+def _waiting(
+    layer: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+) -> tuple[list[Call], dict[int, str]]:
     """The init calls waiting on a layer built on meta, and the names of the tensor
     objects they refer to, by ``id``: those a build on meta kept (``State.queued``),
     as FSDP2, tensor parallelism or a copy may have given the layer new tensors
@@ -231,7 +235,7 @@ def _waiting(layer: nn.Module) -> tuple[list[Call], dict[int, str]]:
     queued: dict[str, tuple[torch.Tensor, list[Call]]] = layer.__dict__["_di"].queued or {}
     calls: list[Call] = []
     names: dict[int, str] = {}
-    for name, tensor in tensors_by_name(layer).items():
+    for name, tensor in (tensors if tensors is not None else tensors_by_name(layer)).items():
         held, queue = queued.get(name) or (tensor, pending_calls(tensor))
         calls += queue
         names[id(held)] = name
