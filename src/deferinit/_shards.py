@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -57,13 +58,22 @@ def local_box(sharded: DTensor) -> tuple[slice, ...]:
 
 
 def local_slice(
-    sharded: DTensor, full: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+    sharded: DTensor,
+    full: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    advise: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """A copy of this rank's box of ``full`` (never a view: a view along dim 0 would
     keep the full tensor alive), in ``dtype`` for floating values if given, else in
-    the sharded tensor's dtype."""
+    the sharded tensor's dtype. ``advise`` sees the copy's memory before it is
+    written (huge pages: ``deferinit._fill._hugepages.advise``)."""
     want = dtype if dtype is not None and full.is_floating_point() else sharded.dtype
-    return full.detach()[local_box(sharded)].to(device=device, dtype=want, copy=True).contiguous()
+    box = full.detach()[local_box(sharded)]
+    kept = torch.empty(box.shape, dtype=want, device=device)
+    if advise is not None:
+        advise(kept)
+    return kept.copy_(box)
 
 
 def sharded_like(sharded: DTensor, local: torch.Tensor) -> torch.Tensor:

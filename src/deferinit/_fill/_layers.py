@@ -99,16 +99,22 @@ class Fill:
                 for name in self.old:
                     yield name, keep(name, new[name])
                 return
-        yield from each_tensor(
-            self.make,
-            list(self.old),
-            device,
-            seeds,
-            construct=self.construct,
-            keep=keep,
-            scratch=scratch,
-            known=functools.partial(self._known, device),
-        )
+        # The kept parts are computed under the advice, then handed on: a torch
+        # function mode must not stay entered while the caller places them.
+        with huge_pages(self.old.values(), device):
+            kept = list(
+                each_tensor(
+                    self.make,
+                    list(self.old),
+                    device,
+                    seeds,
+                    construct=self.construct,
+                    keep=keep,
+                    scratch=scratch,
+                    known=functools.partial(self._known, device),
+                )
+            )
+        yield from kept
 
     def _keep(
         self, device: torch.device, dtype: torch.dtype | None, name: str, full: torch.Tensor

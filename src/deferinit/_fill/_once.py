@@ -37,6 +37,7 @@ from ._dispatch import (
     registrations,
     written_args,
 )
+from ._hugepages import advise
 
 __all__ = ["METADATA", "Keep", "Scratch", "once"]
 
@@ -113,6 +114,7 @@ class Scratch:
         if buffer is None or buffer.device != device or buffer.numel() < nbytes:
             del buffer  # freed before the next one is allocated
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            advise(buffer)  # huge pages where large and available, before the first touch
         return buffer[:nbytes].view(dtype)
 
     def give_back(self, flat: torch.Tensor, kept: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from .._errors import DeferredInitError
 from .._shards import is_dtensor, local_slice, sharded_like
 from .._swap import exchange, wraps
 from .._tensors import is_meta, own_tensors, table_of
+from ._hugepages import advise
 
 __all__ = [
     "UNDO",
@@ -138,7 +139,7 @@ def local_part(
     """
     if not is_dtensor(old):
         return full
-    return local_slice(old, full, device, dtype)  # type: ignore[arg-type]
+    return local_slice(old, full, device, dtype, advise)  # type: ignore[arg-type]
 
 
 def place_by_name(
