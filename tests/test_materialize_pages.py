@@ -144,3 +144,28 @@ def test_the_kernel_holds_the_advice_on_linux() -> None:
     weight = _first_weight(di.materialize(_deferred(1024)))
     aligned = -(-weight.data_ptr() // (2 * _MiB)) * (2 * _MiB)
     assert "hg" in _vm_flags(aligned)  # VM_HUGEPAGE: madvise(MADV_HUGEPAGE) applied
+
+
+def test_a_ranks_kept_slices_and_scratch_are_advised_and_exact(calls: list[Call]) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415 - DTensor stack on demand
+
+    width = 2048  # a 16 MiB weight, written in the scratch buffer; rank 0 keeps 8 MiB
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
+    try:
+        model = _deferred(width)
+        for layer in model:
+            fully_shard(layer)
+        torch.manual_seed(3)
+        di.materialize(model)
+        local = model[0].weight.to_local()
+    finally:
+        dist.destroy_process_group()
+    torch.manual_seed(3)
+    eager = _eager(width)
+    assert torch.equal(local, eager[0].weight[: width // 2])
+    lengths = sorted(length for _, length, _ in calls)
+    assert all(advice == 14 for _, _, advice in calls)  # MADV_HUGEPAGE
+    assert any(6 * _MiB <= n <= 8 * _MiB for n in lengths), lengths  # the kept slice
+    assert any(n >= 14 * _MiB for n in lengths), lengths  # the scratch buffer
