@@ -28,6 +28,7 @@ def test_layers_declared_alike_build_their_own_sizes() -> None:
 
 
 def test_a_change_to_one_layers_arguments_does_not_reach_the_next() -> None:
+    dnn.Linear(4)  # remembered: the next two are declarations seen before
     first = dnn.Linear(4)
     first._di.arguments["bias"] = False
     second = dnn.Linear(4)

@@ -291,6 +291,38 @@ MUTANTS: tuple[Mutant, ...] = (
         '("num_batches_tracked", False, ("track_running_stats",), False),',
         ("tests/test_known_layouts.py",),
     ),
+    Mutant(
+        "late-placeholders-device",
+        "placeholders made late: on the device the layer was declared on",
+        "_declare/_deferred.py",
+        "device = state.device if state.device is not None else _CPU",
+        "device = _CPU",
+        ("tests/test_placeholders_made_late.py",),
+    ),
+    Mutant(
+        "users-tensors-dropped",
+        "tensors a user registered on a twin before its build are kept by the build",
+        "_become/_become.py",
+        '        new["_parameters"].update(added[2])',
+        "        pass",
+        ("tests/test_placeholders_made_late.py",),
+    ),
+    Mutant(
+        "declaration-key-types",
+        "declarations remembered: equal arguments of another type are not the same",
+        "_declare/_deferred.py",
+        "return (cls, torch.get_default_dtype(), args, types)",
+        "return (cls, torch.get_default_dtype(), args)",
+        ("tests/test_declarations_seen_before.py",),
+    ),
+    Mutant(
+        "declaration-shared-state",
+        "declarations remembered: each layer holds its own copy of the arguments",
+        "_declare/_deferred.py",
+        "state = State(cls, dict(arguments), dict(options), dict(explicit))",
+        "state = State(cls, arguments, options, explicit)",
+        ("tests/test_declarations_seen_before.py",),
+    ),
 )
 
 
