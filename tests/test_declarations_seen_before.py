@@ -121,3 +121,23 @@ def test_a_size_given_by_keyword_declared_again_is_kept() -> None:
         fixed = dnn.Conv2d(4, 1, in_channels=2)
         assert type(fixed) is nn.Conv2d  # type: ignore[comparison-overlap]  # built at once
         assert fixed.in_channels == 2
+
+
+def test_a_known_layers_layout_is_worked_out_when_first_read() -> None:
+    layer = dnn.Linear(13)
+    assert layer._di.__dict__["_layout"] is None and layer._di.late
+    again = pickle.loads(pickle.dumps(layer))
+    layout = layer._di.layout
+    assert layout is not None and [t.name for t in layout.tensors] == ["weight", "bias"]
+    assert not layer._di.late and layer._di.layout is layout
+    assert again._di.layout is not None and again._di.layout.tensors == layout.tensors
+    assert repr(dnn.Linear(13)) == "Linear(in_features=?, out_features=13, bias=True)"
+
+
+def test_a_state_pickled_with_its_layout_under_the_old_name_still_reads_it() -> None:
+    layer = dnn.Linear(14)
+    state = layer._di
+    layout = state.layout
+    d = state.__dict__
+    d["layout"] = d.pop("_layout")  # as a State pickled before the field was renamed
+    assert state.layout is layout

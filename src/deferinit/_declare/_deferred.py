@@ -19,7 +19,7 @@ from torch import nn
 
 from .._errors import InferenceError, NotBuiltError
 from .._naming import label
-from ._layout import layout_of, provisional_constructor
+from ._layout import KNOWN, layout_of, provisional_constructor
 from ._placeholder import flat_placeholders, install_placeholders, save_placeholders
 from ._recording import HOOKS
 from ._rules import MISSING, Call, Rule, RuleError, as_rule
@@ -212,8 +212,10 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         if len(explicit) == len(cls._di_rules):
             _becoming().become(self, explicit, built_from=None)
             return
-        with HOOKS.outside():
-            layout = layout_of(cls, self._di)
+        layout = None  # a known class's layout is worked out when first read
+        if cls._di_cls not in KNOWN or HOOKS.declared is not None:
+            with HOOKS.outside():
+                layout = layout_of(cls, self._di)
         if key is not None:
             if len(_DECLARATIONS) >= _DECLARATIONS_KEPT:
                 _DECLARATIONS.clear()
@@ -238,10 +240,14 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         self._placeholders(state, layout)
 
     def _placeholders(self, state: State, layout: Any) -> None:
-        state.layout = layout
-        if layout.modules or HOOKS.declared is not None:
+        if layout is None:
+            state.late = True  # State.layout works it out on first read
+        else:
+            state.layout = layout
+        if HOOKS.declared is not None or (layout is not None and layout.modules):
             with HOOKS.outside():
-                install_placeholders(self, layout, state.arguments.get("device"))
+                assert state.layout is not None  # worked out now where it was late
+                install_placeholders(self, state.layout, state.arguments.get("device"))
         else:
             # A flat layer's placeholders are made when first looked at
             # (_install_late): most layers are built by their first forward

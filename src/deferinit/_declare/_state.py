@@ -40,7 +40,7 @@ class State:
     arguments: dict[str, Any]  # constructor arguments the user gave, by name
     options: dict[str, Any]  # rule options (e.g. LayerNorm's ndim)
     explicit: dict[str, Any]  # inferable arguments the user (or the options) fixed
-    layout: Layout | None = None
+    _layout: Layout | None = None  # read as ``layout``
     values: dict[str, Any] | None = None  # every rule argument, once built
     built_from: str | Described | None = None  # the input the sizes were read from
     init: Any = None  # registered initializer (see _initialize.py)
@@ -54,6 +54,27 @@ class State:
     # name -> (placeholder object, init calls waiting on it: _pending.Call tuples).
     # None, not a default factory: a State pickled before this field unpickles too.
     queued: dict[str, tuple[torch.Tensor, list[Any]]] | None = None
+    # The layout is worked out when first read (a layer of a known class, whose
+    # layout follows from its arguments: most are built before anyone reads it).
+    late: bool = False
+
+    @property
+    def layout(self) -> Layout | None:
+        """The declared layer's layout (:mod:`._layout`), worked out on first read
+        where the declaration left it for later (``late``)."""
+        d = self.__dict__
+        layout: Layout | None = d.get("_layout", d.get("layout"))  # "layout": pickled before
+        if layout is None and d.get("late"):
+            # At call time: the layout stage imports this module.
+            from ._layout import layout_of  # noqa: PLC0415
+
+            layout = layout_of(self.deferred, self)
+            d["_layout"], d["late"] = layout, False
+        return layout
+
+    @layout.setter
+    def layout(self, value: Layout | None) -> None:
+        self.__dict__["_layout"], self.__dict__["late"] = value, False
 
 
 def default_device() -> torch.device | None:
