@@ -36,6 +36,25 @@ def assert_same_state() -> AssertSameState:
     return _assert_same_state
 
 
+DeclaredIn = Callable[[torch.dtype, Callable[[], nn.Module]], nn.Module]
+
+
+def _declared_in(dtype: torch.dtype, make: Callable[[], nn.Module]) -> nn.Module:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return make()
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def declared_in() -> DeclaredIn:
+    """``declared_in(dtype, make)``: ``make()`` under that default dtype, the default
+    put back after, whatever happens."""
+    return _declared_in
+
+
 TwoRanks = Callable[[Path], str]
 
 

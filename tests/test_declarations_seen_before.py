@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import pickle
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
+
+DeclaredIn = Callable[[torch.dtype, Callable[[], nn.Module]], nn.Module]
 
 
 def test_layers_declared_alike_build_their_own_sizes() -> None:
@@ -42,16 +45,11 @@ def test_arguments_equal_but_of_another_type_are_kept_as_given() -> None:
     assert layer._di.arguments["stride"] is True
 
 
-def test_another_default_dtype_is_declared_afresh() -> None:
+def test_another_default_dtype_is_declared_afresh(declared_in: DeclaredIn) -> None:
     dnn.Linear(3)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        layer = dnn.Linear(3)
-    finally:
-        torch.set_default_dtype(before)
+    layer = declared_in(torch.float64, lambda: dnn.Linear(3))
     assert layer.weight.dtype == torch.float64
-    assert dnn.Linear(3).weight.dtype == before
+    assert dnn.Linear(3).weight.dtype == torch.get_default_dtype()
 
 
 def test_a_layer_declared_again_equals_eager() -> None:

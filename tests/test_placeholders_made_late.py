@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from torch.nn.parameter import UninitializedParameter
 import deferinit as di
 from deferinit import nn as dnn
 from deferinit._declare._deferred import placeholders_made
+
+DeclaredIn = Callable[[torch.dtype, Callable[[], nn.Module]], nn.Module]
 
 
 def test_a_declared_twin_makes_no_placeholder_until_looked_at() -> None:
@@ -46,13 +49,10 @@ def test_placeholders_looked_at_later_keep_the_declarations_device() -> None:
         assert cpu.weight.device.type == "cpu"
 
 
-def test_placeholders_looked_at_later_keep_the_declarations_dtype() -> None:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        layer = dnn.Linear(3)
-    finally:
-        torch.set_default_dtype(before)
+def test_placeholders_looked_at_later_keep_the_declarations_dtype(
+    declared_in: DeclaredIn,
+) -> None:
+    layer = declared_in(torch.float64, lambda: dnn.Linear(3))
     assert layer.weight.dtype == torch.float64
     assert layer(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
 

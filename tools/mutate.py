@@ -311,8 +311,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "declaration-key-types",
         "declarations remembered: equal arguments of another type are not the same",
         "_declare/_deferred.py",
-        "return (cls, torch.get_default_dtype(), args, types)",
-        "return (cls, torch.get_default_dtype(), args)",
+        "return (cls, torch.get_default_dtype(), args, types, tuple(kwargs.items()))",
+        "return (cls, torch.get_default_dtype(), args, tuple(kwargs.items()))",
         ("tests/test_declarations_seen_before.py",),
     ),
     Mutant(

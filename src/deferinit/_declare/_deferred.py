@@ -35,12 +35,12 @@ from ._signature import (
 from ._state import State, default_device
 
 __all__ = [
-    "placeholders_made",
     "BUILD_LOCK",
     "Deferred",
     "PortableClass",
     "defer",
     "make_deferred",
+    "placeholders_made",
 ]
 
 
@@ -372,15 +372,10 @@ def _module_init(module: nn.Module) -> None:
 def _declaration_key(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The key of a declaration in :data:`_DECLARATIONS`, or None where an argument
     is not a plain scalar (a tensor, a tuple or a list is looked at afresh)."""
-    types = tuple(map(type, args))
-    if kwargs:
-        types += tuple(map(type, kwargs.values()))
-        if not _SCALAR_TYPES.issuperset(types):
-            return None
-        return (cls, torch.get_default_dtype(), args, types, tuple(kwargs.items()))
+    types = tuple(map(type, (*args, *kwargs.values())))
     if not _SCALAR_TYPES.issuperset(types):
         return None
-    return (cls, torch.get_default_dtype(), args, types)
+    return (cls, torch.get_default_dtype(), args, types, tuple(kwargs.items()))
 
 
 def placeholders_made(module: nn.Module) -> bool:

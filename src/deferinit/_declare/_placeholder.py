@@ -19,7 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from ._layout import Layout
+from ._layout import Layout, TensorSpec
 from ._pending import QUEUE, refuse, set_owner, waiting_torch_function
 
 __all__ = [
@@ -137,18 +137,25 @@ def _install(module: nn.Module, layout: Layout, device: Any) -> None:
             owner = module.get_submodule(owner_name) if owner_name else module
         # Assigned directly: register_* would refuse names that __getattr__ answers
         # (a constructor argument named like a parameter, such as ``bias``).
-        tensor: Any = None
-        if spec.dtype is not None:
-            kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
-            # torch's stubs describe Parameter's signature, not UninitializedParameter's.
-            tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
-            set_owner(tensor, module, spec.name)
+        tensor = _placeholder(module, spec, device)
         if spec.is_parameter:
             owner._parameters[leaf] = tensor
         else:
             owner._buffers[leaf] = tensor
             if not spec.persistent:
                 owner._non_persistent_buffers_set.add(leaf)
+
+
+def _placeholder(module: nn.Module, spec: TensorSpec, device: Any) -> Any:
+    """The placeholder for one tensor of a layout (``None`` where the layer has none,
+    such as ``bias=False``), noted as ``module``'s."""
+    if spec.dtype is None:
+        return None
+    kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
+    # torch's stubs describe Parameter's signature, not UninitializedParameter's.
+    tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
+    set_owner(tensor, module, spec.name)
+    return tensor
 
 
 def flat_placeholders(
@@ -161,11 +168,7 @@ def flat_placeholders(
     buffers: dict[str, Any] = {}
     with unset_fake_temporarily() if torch._C._get_dispatch_mode(_FAKE) else nullcontext():
         for spec in layout.tensors:
-            tensor: Any = None
-            if spec.dtype is not None:
-                kind = PlaceholderParameter if spec.is_parameter else PlaceholderBuffer
-                tensor = kind(spec.is_parameter and spec.requires_grad, device, spec.dtype)  # type: ignore[call-arg, arg-type]
-                set_owner(tensor, module, spec.name)
+            tensor = _placeholder(module, spec, device)
             if spec.is_parameter:
                 parameters[spec.name] = tensor
             else:
