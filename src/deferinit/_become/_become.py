@@ -144,7 +144,7 @@ def _take_over(
     full = ours.get(_FULL)
     if full is not None and new.get(_FULL) is None:
         new[_FULL] = full  # torch collects _backward_hooks only when this is True
-    built_keys, built_modules = frozenset(new), frozenset(new["_modules"])
+    built_keys, built_modules = _shared(frozenset(new)), _shared(frozenset(new["_modules"]))
     if added is not None:
         new.update(added[0])
         new["_modules"].update(added[1])
@@ -167,6 +167,27 @@ def _take_over(
 _FULL = "_is_full_backward_hook"
 # What a freshly declared placeholder holds in its __dict__: nothing of the user's.
 _PLACEHOLDER_KEYS = frozenset([*nn.Module().__dict__, "_di"])
+# The key sets of built layers, one object per distinct set: every layer of a kind
+# has the same ones, and a set per layer is two more objects for the garbage
+# collector to walk in a 10,000-layer model (bounded: classes may come without end).
+_SHARED: dict[frozenset[str], frozenset[str]] = {}
+_MOST_SHARED = 1024
+
+
+def _shared(keys: frozenset[str]) -> frozenset[str]:
+    """The one stored set equal to ``keys`` (``keys`` itself the first time).
+
+    >>> _shared(frozenset({"weight"})) is _shared(frozenset({"weight"}))
+    True
+    """
+    kept = _SHARED.get(keys)
+    if kept is None:
+        if len(_SHARED) >= _MOST_SHARED:
+            _SHARED.clear()
+        kept = _SHARED[keys] = keys
+    return kept
+
+
 # What a user added, by name: attributes, submodules, parameters, buffers, and the
 # names of the non-persistent ones among those buffers.
 _Added = tuple[

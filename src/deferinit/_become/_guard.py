@@ -53,7 +53,8 @@ class Guard:
     layer_class: ClassVar[type[nn.Module]] = nn.Module
 
     def __init__(self, module: nn.Module) -> None:
-        self._ref = weakref.ref(module, functools.partial(_outlive, weakref.ref(self)))
+        self._ref = _LayerRef(module, _outlive)
+        self._ref.guard = weakref.ref(self)
         self._heir: nn.Module | None = None
 
     @property
@@ -214,7 +215,17 @@ def _takes_one_input(forward: Any) -> bool:
     )
 
 
-def _outlive(guard_ref: weakref.ref[Guard], _dead: object) -> None:
+class _LayerRef(weakref.ref):  # type: ignore[type-arg]  # of nn.Module
+    """A guard's weak reference to its layer, which knows its guard (by weak
+    reference too) for :func:`_outlive`: two objects per built layer, where a
+    callback bound with ``functools.partial`` takes four."""
+
+    __slots__ = ("guard",)
+
+    guard: weakref.ref[Guard]
+
+
+def _outlive(ref: _LayerRef) -> None:
     """Called as a guarded layer is freed (its ``__dict__`` still intact): if the
     guard is held elsewhere (a kept bound ``forward``), give it a copy of the layer.
 
@@ -223,7 +234,7 @@ def _outlive(guard_ref: weakref.ref[Guard], _dead: object) -> None:
     pays for finding that ``__dict__`` (a search of the heap); every other layer
     is freed as an eager one.
     """
-    guard = guard_ref()
+    guard = ref.guard()
     if guard is None:
         return
     probe = object()

@@ -151,7 +151,7 @@ class Described:
 
     def __init__(self, value: torch.Tensor) -> None:
         self.dtype = value.dtype
-        self.shape = value.shape
+        self.shape = tuple(value.shape)  # a plain tuple of ints: the collector lets it be
 
     def __str__(self) -> str:
         return f"{_DTYPE_TEXT[self.dtype]} tensor of shape {tuple(self.shape)}"
