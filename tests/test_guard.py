@@ -164,7 +164,7 @@ def test_dropped_built_model_is_freed_without_the_garbage_collector(no_gc: None)
     assert all(r() is None for r in refs)
 
 
-def _tracked_after(make: Callable[[], nn.Module], x: torch.Tensor) -> tuple[int, nn.Module]:
+def _tracked_after(make: Callable[[], nn.Sequential], x: torch.Tensor) -> tuple[int, nn.Sequential]:
     """Objects the garbage collector tracks for ``make()`` after its first forward."""
     gc.collect()
     before = len(gc.get_objects())
