@@ -310,3 +310,24 @@ def test_sharded_seeded_slices_do_not_depend_on_the_thread_count(
             want = single[name]
             rows = -(-want.shape[0] // 2)  # Shard(0) over two ranks: rank 0's rows
             assert torch.equal(got.to_local(), want[:rows]), (n, name)
+
+
+@pytest.mark.parametrize("seed", ["0", 1.5, [0]], ids=["str", "float", "list"])
+def test_a_seed_that_is_not_an_integer_is_refused_before_anything_is_allocated(
+    seed: object,
+) -> None:
+    model = di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta")
+    placeholder = model[0].weight
+    with pytest.raises(TypeError, match=r"seed must be an integer .* Fix: pass an int"):
+        di.materialize(model, seed=seed)  # type: ignore[arg-type]
+    assert model[0].weight is placeholder and placeholder.is_meta
+
+
+def test_an_integer_seed_of_another_integer_type_equals_the_int() -> None:
+    def make() -> nn.Linear:
+        return di.build(dnn.Linear(4), (2, 3), device="meta")  # type: ignore[return-value]
+
+    index = type("Index", (), {"__index__": lambda self: 7})()
+    by_int = di.materialize(make(), seed=7)
+    by_index = di.materialize(make(), seed=index)
+    assert torch.equal(by_int.weight, by_index.weight)

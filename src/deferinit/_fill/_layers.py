@@ -279,6 +279,24 @@ def _check_unchanged(layer: nn.Module, prefix: str, declared: set[str], now: set
         )
 
 
+def own_reset(module: nn.Module) -> Callable[[], None] | None:
+    """The module's own initialization, for a module declared on meta:
+    ``reset_parameters``, or where it has none ``_reset_parameters`` (the name
+    ``nn.MultiheadAttention`` and code modelled on it use); ``None`` for neither.
+
+    >>> from torch import nn
+    >>> own_reset(nn.MultiheadAttention(4, 2)).__name__
+    '_reset_parameters'
+    >>> own_reset(nn.ReLU()) is None
+    True
+    """
+    for name in ("reset_parameters", "_reset_parameters"):
+        reset = getattr(module, name, None)
+        if callable(reset):
+            return reset  # type: ignore[no-any-return]
+    return None
+
+
 def _unset_error(module: nn.Module, name: str, unset: list[str], registered: bool) -> NotBuiltError:
     by = "reset_parameters or the registered initializer" if registered else "reset_parameters"
     return NotBuiltError(
@@ -385,9 +403,9 @@ def _initialized_stand_in(
     initializer; an error where they leave a ``wanted`` tensor unset."""
     stand_in = _stand_in(module, declared)
     blanks = {leaf: _Blank(t) for leaf, t in own_tensors(stand_in).items() if leaf in wanted}
-    reset = getattr(stand_in, "reset_parameters", None)
+    reset = own_reset(stand_in)
     with written_storages() as written:
-        if callable(reset):
+        if reset is not None:
             reset()
         if registered is not None:
             before = set(own_tensors(stand_in))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from .._naming import root_scope
 from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
 from .._tensors import is_meta, own_tensors
+from ._layers import own_reset
 from ._parallel import Step, filled_in_order, threads_for
 from ._placing import UNDO, Undo, sharded_owners
 
@@ -64,7 +66,10 @@ def _plan(
     unfit: list[str] = []
     skip: list[str] = []
     replayed = {id(t) for t in awaiting_replay(root, seed)}  # replay_recorded fills them first
+    after: list[tuple[str, tuple[str, str, nn.Module]]] = []  # (prefix, step): see below
     for name, sub in root.named_modules():
+        while after and not _below(name, after[-1][0]):
+            steps.append(after.pop()[1])
         if any(s == "" or name == s or name.startswith(s + ".") for s in skip):
             continue  # inside a layer already planned whole ("" is the root itself)
         if isinstance(sub, Deferred):
@@ -80,11 +85,23 @@ def _plan(
             continue
         if any(is_meta(t) and id(t) not in replayed for t in own_tensors(sub).values()):
             has_init = sub.__dict__.get("_di_meta_init") is not None
-            if has_init or callable(getattr(sub, "reset_parameters", None)):
+            reset = own_reset(sub)
+            if reset is not None and reset.__name__ == "_reset_parameters":
+                # nn.MultiheadAttention's kind runs it at the end of __init__, after its
+                # submodules' construction, and it sets their tensors too (out_proj's
+                # bias): after them here as well, as in eager's order.
+                after.append((name, ("reset", name, sub)))
+            elif has_init or reset is not None:
                 steps.append(("reset", name, sub))
             else:
                 unfit.append(f"{name or '<root>'} ({type(sub).__name__})")
+    steps.extend(step for _, step in reversed(after))
     return steps, deferred, unfit
+
+
+def _below(name: str, prefix: str) -> bool:
+    """Whether the module ``name`` is inside the one at ``prefix``."""
+    return prefix == "" or name.startswith(prefix + ".")
 
 
 def materialize(
@@ -128,6 +145,7 @@ def materialize(
     'cpu'
     """
     target = _target(module, device, dtype)
+    seed = _seed(seed)
     refuse_lazy(module, "di.materialize")
     with BUILD_LOCK, root_scope(module):
         steps = _fillable_steps(module, seed)
@@ -155,6 +173,25 @@ def _target(
     if target.type == "meta":
         raise ValueError("di.materialize: device='meta' allocates nothing; pass a real device")
     return target
+
+
+def _seed(seed: object) -> int | None:
+    """``seed`` as an int (any integer type, e.g. numpy's), or ``None``; a
+    ``TypeError`` for anything else, before anything changes.
+
+    >>> _seed(None), _seed(7)
+    (None, 7)
+    """
+    if seed is None:
+        return None
+    try:
+        return operator.index(seed)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"di.materialize: seed must be an integer (or None), got "
+            f"{type(seed).__name__} {seed!r}. Nothing was allocated. Fix: pass an int, "
+            f"e.g. seed=0."
+        ) from None
 
 
 def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, nn.Module]]:

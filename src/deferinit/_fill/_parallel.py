@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from .._declare._pending import pending_calls
 from .._declare._signature import constructor_call
 from .._tensors import own_tensors, tensors_by_name
 from ._dispatch import IN_WORKER, hooks_installed
-from ._layers import Fill, Rebuild, ResetOnStandIn, Seeds
+from ._layers import Fill, Rebuild, ResetOnStandIn, Seeds, own_reset
 from ._once import Scratch
 from ._placing import UNDO
 
@@ -197,5 +197,7 @@ def _anywhere(step: Step, shared: set[int]) -> bool:
             and not any(isinstance(a, nn.Module | torch.Tensor) for a in (*args, *kwargs.values()))
         )
     registered = step.module.__dict__.get("_di_meta_init")
-    reset: Callable[[], None] | None = getattr(type(step.module), "reset_parameters", None)
-    return _torch_init(registered) and _torch_own(reset)
+    reset = own_reset(step.module)
+    if reset is not None and reset.__name__ == "_reset_parameters":
+        return False  # it sets its submodules' tensors too: after they are placed
+    return _torch_init(registered) and _torch_own(getattr(reset, "__func__", reset))
