@@ -44,6 +44,7 @@ _OWNER = "_di_owner"  # (weak reference to the deferred layer, name within it)
 # In-place by name, but not initialization: they stay torch's (allowed or refused).
 _NOT_INIT = {"requires_grad_", "share_memory_", "retain_grad_", "set_", "resize_"}
 _DATA = torch.Tensor.data
+_DETACH = torch._C.TensorBase.detach
 
 
 def set_owner(tensor: torch.Tensor, layer: nn.Module, name: str) -> None:
@@ -150,6 +151,13 @@ def waiting_torch_function(
         if HOOKS.queued is not None:
             HOOKS.queued(target, call)  # inside di.deferred_init: replayed right here
         return target
+    if func is _DETACH and isinstance(target, cls):
+        # Parameter(placeholder) detaches its argument: nn.Module._apply does that when
+        # moving a parameter to a device it cannot share storage with (.to("meta")).
+        # The copy is a placeholder of the same layer, its waiting calls included.
+        copy = torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
+        copy.__dict__.update(target.__dict__)
+        return copy
     if func in cls._allowed_methods or type(func).__name__ == "method-wrapper":
         return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
     raise refuse(target, func)

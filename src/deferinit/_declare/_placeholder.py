@@ -33,6 +33,12 @@ __all__ = [
 ]
 
 
+# Beside torch's list (half, float, double, to, cpu, cuda ...): what nn.Module's own
+# conversions call on a tensor, so that they carry over to the built layer as eager's
+# do (module.bfloat16(), module.type(torch.float64)), and requires_grad_.
+_MOVES = [torch.Tensor.requires_grad_, torch.Tensor.bfloat16, torch.Tensor.type]
+
+
 class _Portable:
     """Copies and pickles that keep dtype and device (torch's keep only requires_grad)."""
 
@@ -78,7 +84,7 @@ class PlaceholderParameter(_Portable, UninitializedParameter):  # type: ignore[o
 
     _allowed_methods = [
         *UninitializedParameter._allowed_methods,  # type: ignore[attr-defined]
-        torch.Tensor.requires_grad_,
+        *_MOVES,
     ]
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
@@ -90,7 +96,7 @@ class PlaceholderBuffer(_Portable, UninitializedBuffer):  # type: ignore[overrid
 
     _allowed_methods = [
         *UninitializedBuffer._allowed_methods,  # type: ignore[attr-defined]
-        torch.Tensor.requires_grad_,
+        *_MOVES,
     ]
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]

@@ -317,6 +317,28 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
     arg: int | str = 0
     ndim: int | tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, at the declaration, not at the first forward far from it.
+        def whole(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        ndim = self.ndim
+        problem = (
+            f"axis must be an int, got {self.axis!r}"
+            if not whole(self.axis)
+            else f"arg must be a position (int) or a forward parameter's name, got {self.arg!r}"
+            if not (whole(self.arg) or isinstance(self.arg, str))
+            else f"ndim must be an int or a tuple of ints, got {ndim!r}"
+            if not (
+                ndim is None
+                or whole(ndim)
+                or (isinstance(ndim, tuple) and ndim and all(whole(n) for n in ndim))
+            )
+            else None
+        )
+        if problem is not None:
+            raise TypeError(f"di.dim: {problem}. Fix: e.g. di.dim(-1) or di.dim(1, arg='x').")
+
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
         args, arg = call.args, self.arg
         if type(arg) is int and -1 < arg < len(args):
