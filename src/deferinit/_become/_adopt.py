@@ -2,18 +2,16 @@
 identity (an optimizer made before the build holds them), and ties assigned
 before the build are kept and checked against the layer being built.
 
-A placeholder that nothing but its layer holds (no optimizer, no variable, no weak
-reference, no waiting init call: the common first forward) has no identity
-anyone could tell apart from the fresh tensor's, so the layer simply keeps its
-fresh tensor, as eager construction leaves it: taking over costs more than the
-layer's own forward on small layers.
+A flat layer makes its placeholders only when first looked at
+(``placeholders_made``): on the common first forward no one did, none exists, and
+the layer simply keeps its fresh tensors, as eager construction leaves them. Once
+made, a placeholder is always kept, whoever still holds it: a user who kept only
+its ``id()`` finds the same object after the build.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,15 +78,10 @@ def adopt_placeholders(
     name)."""
     if not placeholders_made(module):
         return [], {}  # no one has seen a placeholder: the fresh tensors stay
-    unseen = frozenset() if keep_device else _unseen(module, real)
-    if unseen and len(unseen) == len(module._parameters) + len(module._buffers):
-        return [], {}  # the common first forward: every fresh tensor stays
     ties: list[str] = []
     became: dict[str, torch.Tensor] = {}
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
     for name, placeholder in placeholder_tensors(module):
-        if name in unseen:
-            continue
         owner_name, _, leaf = name.rpartition(".")
         try:
             owner = real.get_submodule(owner_name) if owner_name else real
@@ -163,48 +156,3 @@ def adopt_placeholders(
 def _building(module: nn.Module, tensor: str) -> str:
     """The start of a failed swap's message (naming the layer walks the model)."""
     return f"building {label(module)}: {tensor}"
-
-
-def _references(table: Mapping[str, Any], leaf: str) -> int:
-    return sys.getrefcount(table[leaf])
-
-
-# What _references counts for a tensor that only its table holds (calibrated here,
-# by the same code, since the count of the call's own temporaries varies by Python).
-_ALONE = _references({"t": object()}, "t")
-
-
-def _unseen(module: nn.Module, real: nn.Module) -> frozenset[str]:
-    """The names of a flat layer (no holders) with nothing to take over: no
-    placeholder there (``None``), or one that nothing else holds, weakly or not,
-    or waits on, whose fresh tensor has its kind, dtype, device and
-    ``requires_grad`` and is held under that name only. The layer keeps those fresh
-    tensors: no one can tell them from the placeholders taking them over.
-    """
-    if module._modules:
-        return frozenset()
-    unseen = []
-    for ours, theirs in ((module._parameters, real._parameters), (module._buffers, real._buffers)):
-        for leaf in ours:
-            if ours[leaf] is None:  # nothing to take over (``bias=False``)
-                unseen.append(leaf)
-                continue
-            # Counted before this frame holds either tensor: the placeholder held by
-            # nothing else, the fresh tensor by nothing else in the layer (a tie
-            # within it, or a list such as an RNN's flat weights).
-            if _references(ours, leaf) != _ALONE or theirs.get(leaf) is None:
-                continue
-            if _references(theirs, leaf) != _ALONE:
-                continue
-            placeholder, value = ours[leaf], theirs[leaf]
-            if (
-                isinstance(placeholder, UninitializedTensorMixin)
-                and type(value) is placeholder.cls_to_become  # type: ignore[attr-defined]
-                and not weakref.getweakrefcount(placeholder)
-                and QUEUE not in placeholder.__dict__
-                and value.dtype == placeholder.dtype  # type: ignore[union-attr]
-                and value.device == placeholder.device  # type: ignore[union-attr]
-                and value.requires_grad == placeholder.requires_grad  # type: ignore[union-attr]
-            ):
-                unseen.append(leaf)
-    return frozenset(unseen)
