@@ -10,6 +10,7 @@ from typing import Any, TypeVar, Union
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, InferenceError
@@ -61,7 +62,12 @@ def initialize(module: M, init: Initializer | None = None, *, force_reinit: bool
     refuse_lazy(module, "di.initialize")
     _check(init)
     with BUILD_LOCK:
-        _visit(module, "", init, force_reinit, set())
+        undo = _Undo()
+        try:
+            _visit(module, "", init, force_reinit, set(), undo)
+        except BaseException:  # Ctrl-C included: all or nothing, then on unchanged
+            undo.rollback()
+            raise
     return module
 
 
@@ -83,29 +89,36 @@ def _check(init: Any) -> None:
 
 
 def _visit(
-    module: nn.Module, name: str, init: Initializer | None, force: bool, seen: set[int]
+    module: nn.Module,
+    name: str,
+    init: Initializer | None,
+    force: bool,
+    seen: set[int],
+    undo: _Undo,
 ) -> None:
     if id(module) in seen:
         return
     seen.add(id(module))
     prefix = name + "." if name else ""
+    registration = None if init is None else Registration(init, prefix)
     if isinstance(module, Deferred):
-        module._di.init = None if init is None else Registration(init, prefix)
+        undo.set(module._di, "init", registration)
         return
     for child_name, child in module._modules.items():
         if child is not None:
-            _visit(child, prefix + child_name, init, force, seen)
+            _visit(child, prefix + child_name, init, force, seen, undo)
     state = module.__dict__.get("_di")
     if state is not None:  # kept for di.reset and di.materialize; the latest call wins
-        state.init = None if init is None else Registration(init, prefix)
+        undo.set(state, "init", registration)
     if has_meta_tensors(module):
         # Declared on meta: nothing to fill yet; di.materialize runs it.
-        object.__setattr__(module, _META_INIT, None if init is None else Registration(init, prefix))
+        undo.set(module, _META_INIT, registration)
         return
     if module.__dict__.get(_DONE) and not force:
         return
+    undo.keep(module)
     if _apply_one(module, init, prefix):
-        object.__setattr__(module, _DONE, True)
+        undo.set(module, _DONE, True)
 
 
 def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool:
@@ -115,40 +128,115 @@ def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool
             reset()
             return True
         return False
-    with _reported(module, init, prefix):
+    with _reported(module, init, prefix, error=DeferredInitError, left=_LEFT_BY_INITIALIZE):
         if isinstance(init, Mapping):
             return _apply_mapping(init, module._parameters.items(), prefix)
         init(module)
     return True
 
 
+_MISSING = object()
+
+
+class _Undo:
+    """What one ``di.initialize`` call changed, put back if it fails: the values,
+    ``requires_grad`` flags and registrations of every tensor below the layers whose
+    initializer ran (kept before it runs, a copy of each; the same objects get
+    their values back), and the registrations and "initialized" marks it set."""
+
+    def __init__(self) -> None:
+        self.attributes: list[tuple[Any, str, Any]] = []
+        self.tables: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+        self.modules: set[int] = set()
+
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        """``owner.name = value`` in its ``__dict__`` (no ``Module.__setattr__``)."""
+        d = owner.__dict__
+        self.attributes.append((owner, name, d.get(name, _MISSING)))
+        d[name] = value
+
+    def keep(self, module: nn.Module) -> None:
+        """Keep what an initializer run on ``module`` may change: every tensor below."""
+        stack = [module]
+        while stack:
+            sub = stack.pop()
+            if id(sub) in self.modules or isinstance(sub, Deferred):
+                continue  # a placeholder's tensors have no values to keep
+            self.modules.add(id(sub))
+            stack.extend(m for m in sub._modules.values() if m is not None)
+            for table in (sub._parameters, sub._buffers):
+                self.tables.append((table, dict(table)))
+                for tensor in table.values():
+                    if tensor is None or id(tensor) in self.tensors or tensor.is_meta:
+                        continue
+                    if isinstance(tensor, UninitializedTensorMixin):
+                        continue
+                    data = tensor.data  # the same storage: put back if replaced
+                    self.tensors[id(tensor)] = (
+                        tensor,
+                        data,
+                        data.clone(),
+                        tensor.requires_grad,
+                    )
+
+    def rollback(self) -> None:
+        for table, items in reversed(self.tables):
+            table.clear()
+            table.update(items)
+        with torch.no_grad():
+            for tensor, data, saved, requires_grad in self.tensors.values():
+                tensor.data = data
+                data.copy_(saved)
+                if tensor.requires_grad != requires_grad:
+                    tensor.requires_grad_(requires_grad)
+        for owner, name, value in reversed(self.attributes):
+            if value is _MISSING:
+                owner.__dict__.pop(name, None)
+            else:
+                owner.__dict__[name] = value
+
+
+_LEFT_BY_BUILD = "The layer is left as it was before this build or initialization."
+_LEFT_BY_INITIALIZE = (
+    "Every layer is left as it was before this di.initialize call (values, parameter "
+    "objects, registrations)."
+)
+
+
 @contextlib.contextmanager
 def _reported(
-    module: nn.Module, init: Initializer, prefix: str, name: str | None = None
+    module: nn.Module,
+    init: Initializer,
+    prefix: str,
+    name: str | None = None,
+    *,
+    error: type[DeferredInitError] = InferenceError,
+    left: str = _LEFT_BY_BUILD,
 ) -> Iterator[None]:
-    """An initializer's error, the same ``InferenceError`` on every path that runs
-    it (the first forward, ``di.build``, ``di.materialize``, ``di.initialize``),
-    naming the layer and chained to the original. Errors that are already ours,
-    and ``BaseException`` (Ctrl-C, ``SystemExit``), pass unchanged; each caller
-    undoes its own step. ``name`` is the layer's qualified name where the module
-    is a stand-in outside the model (di.materialize)."""
+    """An initializer's error, the same ``InferenceError`` on every path that
+    builds (the first forward, ``di.build``, ``di.materialize``; a plain
+    ``DeferredInitError`` from ``di.initialize`` on built layers, where nothing was
+    inferred), naming the layer and chained to the original. Errors that are
+    already ours, and ``BaseException`` (Ctrl-C, ``SystemExit``), pass unchanged;
+    each caller undoes its own step. ``name`` is the layer's qualified name where
+    the module is a stand-in outside the model (di.materialize)."""
     try:
         yield
     except DeferredInitError:
         raise
-    except Exception as error:
+    except Exception as failure:
         if name is None:
             name = qualified_name(module)
         if name is None and prefix:
             name = prefix[:-1]
         layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
-        raise InferenceError(
+        raise error(
             f"{layer}: the initializer {_shown(init)} registered with "
-            f"di.initialize raised {type(error).__name__}: {error}. The layer is left as "
-            f"it was before this build or initialization. Fix: make the initializer "
-            f"accept this layer (test isinstance(module, ...) in a function, or narrow "
-            f"the glob patterns)."
-        ) from error
+            f"di.initialize raised {type(failure).__name__}: {failure}. {left} Fix: make "
+            f"the initializer accept this layer (test isinstance(module, ...) in a "
+            f"function, or narrow the glob patterns)."
+        ) from failure
 
 
 def _shown(init: Initializer) -> str:
