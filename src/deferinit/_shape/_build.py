@@ -23,11 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-)
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._become._become import become, release
@@ -40,13 +36,14 @@ from .._declare._layout import quiet
 from .._declare._recording import holds_record
 from .._declare._rules import Described
 from .._declare._state import declared_defaults
-from .._errors import DeferredInitError, InferenceError, NotBuiltError
+from .._errors import DeferredInitError, NotBuiltError
 from .._lazy import refuse_lazy
 from .._naming import names_by_id, qualified_name, root_scope
 from .._random import Drawing, Generators
 from .._tensors import has_meta_tensors
 from ._config import BUILT_FROM, plan
 from ._recurrent import RecurrentShapes
+from ._valued import answer_from_shapes, reads_values
 
 __all__ = ["ShapePass", "build", "shadow", "shape_pass"]
 
@@ -66,7 +63,8 @@ class ShapePass:
     outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
 
 
-def _fake(example: Any, mode: Any, home: torch.device) -> Any:
+def _fake(example: Any, mode: Any, home: torch.device, dtype: torch.dtype) -> Any:
+    """A meta or fake tensor for each example; a shape becomes one of ``dtype``."""
     if isinstance(example, torch.Size) or (
         isinstance(example, tuple)
         and example
@@ -75,7 +73,7 @@ def _fake(example: Any, mode: Any, home: torch.device) -> Any:
         if any(s < 0 for s in example):
             raise ValueError(f"di.build: an example shape has a negative size: {tuple(example)}")
         with mode:
-            return torch.empty(tuple(example), dtype=torch.float32, device=home)
+            return torch.empty(tuple(example), dtype=dtype, device=home)
     if isinstance(example, torch.Tensor):
         device = home if home.type == "meta" or example.device.type == "meta" else example.device
         with mode:
@@ -83,10 +81,60 @@ def _fake(example: Any, mode: Any, home: torch.device) -> Any:
                 tuple(example.shape), tuple(example.stride()), dtype=example.dtype, device=device
             )
     if isinstance(example, list | tuple):
-        return type(example)(_fake(e, mode, home) for e in example)
+        return type(example)(_fake(e, mode, home, dtype) for e in example)
     if isinstance(example, dict):
-        return {k: _fake(v, mode, home) for k, v in example.items()}
+        return {k: _fake(v, mode, home, dtype) for k, v in example.items()}
     return example
+
+
+def example_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a shape-only example takes: a shape says nothing of it, so the
+    one an eager user's data would have for this model, that of its first floating
+    parameter (else buffer) in registration order, where a deferred layer counts
+    with the dtype it is declared with (read off its declaration, making no
+    placeholder); torch's default dtype for a model with none.
+
+    >>> from deferinit import nn as dnn
+    >>> example_dtype(nn.Sequential(nn.ReLU(), dnn.Linear(4, dtype=torch.float64)))
+    torch.float64
+    >>> example_dtype(nn.ReLU())
+    torch.float32
+    """
+    with torch._C.DisableTorchFunctionSubclass():  # plain .dtype reads on Parameters
+        for sub in module.modules():
+            if isinstance(sub, Deferred):
+                found = _declared_dtype(sub)
+            else:
+                found = _floating_dtype(sub)
+            if found is not None:
+                return found
+    return torch.get_default_dtype()
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    d = module.__dict__
+    tables: tuple[dict[str, torch.Tensor | None] | None, ...] = (
+        d.get("_parameters"),
+        d.get("_buffers"),
+    )
+    for table in tables:
+        for t in (table or {}).values():
+            if t is not None and t.dtype.is_floating_point:
+                return t.dtype
+    return None
+
+
+def _declared_dtype(layer: Deferred) -> torch.dtype | None:
+    """The dtype of the deferred layer's first floating tensor as declared: what
+    its construction in the shape-only pass gives it (a later ``.double()`` is
+    applied to the built layer only)."""
+    state = layer.__dict__["_di"]
+    layout = state.layout
+    if layout is not None:
+        dtypes = (t.dtype for t in layout.tensors if t.dtype is not None)
+        return next((d for d in dtypes if d.is_floating_point), None)
+    dtype = state.arguments.get("dtype")
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _home(module: nn.Module) -> torch.device:
@@ -124,19 +172,22 @@ def shape_pass(
     tensors on the default device, reads a value, or the model holds tensors a
     meta copy cannot stand for), it runs under torch's FakeTensorMode, in which
     real parameters take part unchanged. On either, torch's recurrent kernels are
-    answered from their arguments' shapes (:class:`RecurrentShapes`).
+    answered from their arguments' shapes (:class:`RecurrentShapes`), and so are
+    the torch layers whose forward depends on tensor values (:mod:`._valued`).
+    Shapes given as examples take :func:`example_dtype`.
     """
     with BUILD_LOCK:
+        dtype = example_dtype(module)
         if _meta_copyable(module):
             try:
-                return _run(module, args, kwargs, None, _META, outputs)
+                return _run(module, args, kwargs, None, _META, dtype, outputs)
             except Exception:  # noqa: S110 - retried below, where the error is raised
                 pass
         home = _home(module)
         if home.type == "meta":
             home = torch.get_default_device()
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        return _run(module, args, kwargs, mode, home, outputs)
+        return _run(module, args, kwargs, mode, home, dtype, outputs)
 
 
 def shadow(root: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
@@ -210,6 +261,7 @@ def _run(
     kwargs: Mapping[str, Any],
     mode: FakeTensorMode | None,
     home: torch.device,
+    dtype: torch.dtype,
     outputs: bool,
 ) -> ShapePass:
     result = ShapePass()
@@ -219,14 +271,21 @@ def _run(
     names = names_by_id(copy)
     if outputs:
         _record_outputs(copy, names, result.outputs)
+    answer_from_shapes(copies.values())
     token = SHAPE_PASS.set(recorder)
     try:
         # Quiet: the shadow's constructions and forward warn at the real ones.
         with root_scope(copy), quiet():
             if mode is None:
-                _run_on_meta(copy, copies, args, kwargs)
+                _run_on_meta(copy, copies, args, kwargs, dtype)
             else:
-                _run_on_fakes(copy, copies, args, kwargs, mode, home)
+                try:
+                    _run_on_fakes(copy, copies, args, kwargs, mode, home, dtype)
+                except Exception as error:
+                    plainly = reads_values(error, copy, names_by_id(copy) | names)
+                    if plainly is None:
+                        raise
+                    raise plainly from None
         names = names_by_id(copy) | names  # layers the pass constructed inside blocks
         for original_id, sub in copies.items():
             if id(sub) in names:  # an original the forward reached by another path
@@ -262,10 +321,11 @@ def _run_on_meta(
     copies: Mapping[int, nn.Module],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
+    dtype: torch.dtype,
 ) -> None:
     _meta_copies(copies.values())
-    meta_args = _fake(args, contextlib.nullcontext(), _META)
-    meta_kwargs = _fake(dict(kwargs), contextlib.nullcontext(), _META)
+    meta_args = _fake(args, contextlib.nullcontext(), _META, dtype)
+    meta_kwargs = _fake(dict(kwargs), contextlib.nullcontext(), _META, dtype)
     # A forward may still make real tensors (noise drawn on the CPU): their random
     # numbers come from a private generator, never from the default ones.
     with Drawing(0), RecurrentShapes(), torch.no_grad():
@@ -318,10 +378,11 @@ def _run_on_fakes(
     kwargs: Mapping[str, Any],
     mode: FakeTensorMode,
     home: torch.device,
+    dtype: torch.dtype,
 ) -> None:
     _stand_ins(copies.values(), mode, home)
-    fake_args = _fake(args, mode, home)
-    fake_kwargs = _fake(dict(kwargs), mode, home)
+    fake_args = _fake(args, mode, home, dtype)
+    fake_kwargs = _fake(dict(kwargs), mode, home, dtype)
     with mode, RecurrentShapes(), torch.no_grad():
         copy(*fake_args, **fake_kwargs)
 
@@ -369,9 +430,13 @@ def build(
     a build config.
 
     The examples, ``example_args`` and ``example_kwargs``, are what the forward
-    takes, each a tensor, a shape (a tuple of ints or ``torch.Size``, float32), or
-    a meta/fake tensor (``torch.empty(2, 16, dtype=torch.long, device="meta")`` for
-    token ids). Nothing is computed and no activation memory is used.
+    takes, each a tensor, a shape (a tuple of ints or ``torch.Size``: a tensor in the
+    dtype of the model's first floating parameter, a deferred layer's as declared,
+    else torch's default dtype), or a meta/fake tensor (``torch.empty(2, 16,
+    dtype=torch.long, device="meta")`` for token ids). Nothing is computed and no
+    activation memory is used. A layer whose forward depends on tensor values
+    (``nn.AdaptiveLogSoftmaxWithLoss``) is answered from shapes; any other such
+    forward is an ``InferenceError`` naming it.
     ``config=`` (what :func:`deferinit.build_config` returned for the same model,
     JSON included) gives every layer's inferred arguments instead: no examples, no
     checkpoint, no forward; a config that does not fit the model (an unknown or
@@ -412,16 +477,7 @@ def build(
         if config is not None:
             _build_from_config(module, config, device)
             return module
-        try:
-            seen = shape_pass(module, example_args, example_kwargs)
-        except (DataDependentOutputException, DynamicOutputShapeException) as error:
-            raise InferenceError(
-                f"di.build: the forward of {type(module).__name__} reads tensor values "
-                f"({error.func}), which a shape-only pass does not have: it runs on meta "
-                f"or fake tensors. Nothing was built. Fix: build with a first forward on "
-                f"real data (model(example)), or keep value-dependent steps out of the "
-                f"forward."
-            ) from None
+        seen = shape_pass(module, example_args, example_kwargs)
         unreached = [
             name
             for name, sub in module.named_modules()
