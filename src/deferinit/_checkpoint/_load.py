@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.parameter import is_lazy
 
@@ -76,13 +77,19 @@ def load_state_dict(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"di.load_state_dict expects an nn.Module, got {type(module).__name__}")
-    state, shown, owned = read_source(source)
+    state, shown, owned, metadata = read_source(source)
     with BUILD_LOCK, root_scope(module):
         built: list[Transaction] = []
         try:
             devices: dict[int, torch.device] = {}
-            writes, extra, missing, unexpected = _plan(module, state, shown, strict, built, devices)
-            prepare(writes, devices, owned=owned, assign=assign)
+            # Ordinary tensors even under torch.inference_mode(), as torch's loader
+            # leaves them (it copies into the model's own); the writes themselves run
+            # in the caller's mode, as torch's copies do.
+            with torch.inference_mode(False):
+                writes, extra, missing, unexpected = _plan(
+                    module, state, metadata, shown, strict, built, devices
+                )
+                prepare(writes, devices, owned=owned, assign=assign)
             commit(writes, extra)
         except BaseException:
             for txn in reversed(built):
@@ -94,6 +101,7 @@ def load_state_dict(
 def _plan(
     module: nn.Module,
     state: dict[str, Any],
+    metadata: dict[str, Any],
     shown: str,
     strict: bool,
     built: list[Transaction],
@@ -112,7 +120,8 @@ def _plan(
         if key in state and (problem := value_problem(key, state[key])) is not None:
             problems.append(problem)
             bad.add(key)
-    missing = [k for k in expected if k not in state]
+    kept = _old_counts(module, state, metadata)
+    missing = [k for k in expected if k not in state and k not in kept]
     unexpected = _unexpected(module, state)
     writes: list[Write] = []
     extra: list[tuple[nn.Module, Any]] = []
@@ -144,6 +153,29 @@ def _plan(
             f"model (with strict=False, missing and unexpected keys are skipped)."
         )
     return writes, extra, missing, unexpected
+
+
+def _old_counts(module: nn.Module, state: dict[str, Any], metadata: dict[str, Any]) -> set[str]:
+    """BatchNorm's exemption, as its own loader: a checkpoint saved before version 2
+    (no ``_metadata``, or an older version) need not hold ``num_batches_tracked``; the
+    layer keeps its own count (returned: not missing), and a count on meta (nothing
+    to keep) is loaded as 0 (put in ``state``)."""
+    kept: set[str] = set()
+    for name, sub in module.named_modules():
+        cls = type(sub)._di_cls if isinstance(sub, Deferred) else type(sub)
+        if not issubclass(cls, _BatchNorm):
+            continue
+        count = sub._buffers.get("num_batches_tracked")  # None: no running stats
+        key = (name + "." if name else "") + "num_batches_tracked"
+        local = metadata.get(name)
+        version = local.get("version") if isinstance(local, Mapping) else None
+        if count is None or key in state or (isinstance(version, int) and version >= 2):
+            continue
+        if count.is_meta and not is_lazy(count):
+            state[key] = torch.tensor(0, dtype=torch.long)
+        else:
+            kept.add(key)
+    return kept
 
 
 def _where(owner: nn.Module, key: str) -> str:
@@ -262,8 +294,15 @@ def _build_from(
                 f" (keys under {prefix!r})"
             )
             continue
-        # The device each placeholder was declared on (or moved to): the built
+        # A tensor the checkpoint does not hold gets what eager's would: the layer's
+        # own initialization, so such a layer is constructed for real (its __init__,
+        # RNG use included, as eager's before its load), unless declared on meta.
+        tensors = placeholder_tensors(sub)
+        real = any(prefix + n not in state and t.device.type != "meta" for n, t in tensors)
+        # Else the device each placeholder was declared on (or moved to): the built
         # tensor, on meta for now, takes its values there.
-        devices.update({id(t): t.device for _, t in placeholder_tensors(sub)})
-        built.append(become(sub, values, built_from="a checkpoint", device="meta"))
+        devices.update({id(t): t.device for _, t in tensors})
+        built.append(
+            become(sub, values, built_from="a checkpoint", device=None if real else "meta")
+        )
     return problems

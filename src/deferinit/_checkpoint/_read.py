@@ -26,8 +26,20 @@ __all__ = ["Source", "read_source"]
 Source = Mapping[str, Any] | str | os.PathLike[str]
 
 
-def read_source(source: Source) -> tuple[dict[str, Any], str, bool]:
-    """The state dict, how to name it in messages, and whether its tensors are ours."""
+def read_source(source: Source) -> tuple[dict[str, Any], str, bool, dict[str, Any]]:
+    """The state dict, how to name it in messages, whether its tensors are ours, and
+    its ``_metadata`` (layer versions by prefix, as ``state_dict()`` saves them; empty
+    for a dict without it). Files are read outside ``torch.inference_mode()``: their
+    tensors become the model's ordinary parameters."""
+    with torch.inference_mode(False):
+        state, shown, owned = _read(source)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None and isinstance(source, Mapping):
+        metadata = getattr(source, "_metadata", None)
+    return dict(state), shown, owned, dict(metadata) if isinstance(metadata, Mapping) else {}
+
+
+def _read(source: Source) -> tuple[Mapping[str, Any], str, bool]:
     if isinstance(source, Mapping):
         bad = [k for k in source if not isinstance(k, str)]
         if bad:
@@ -36,7 +48,7 @@ def read_source(source: Source) -> tuple[dict[str, Any], str, bool]:
                 f"names such as '0.weight'); got {', '.join(repr(k) for k in bad[:5])}. "
                 f"Nothing was loaded. Fix: pass model.state_dict() of the saved model."
             )
-        return dict(source), "the state dict", False
+        return source, "the state dict", False
     if not isinstance(source, str | os.PathLike):
         raise TypeError(
             f"di.load_state_dict expects a state dict, or the path of a .safetensors or "
@@ -166,7 +178,7 @@ def _tensor_specs(
     return specs
 
 
-def _read_torch(path: Path, shown: str) -> dict[str, Any]:
+def _read_torch(path: Path, shown: str) -> Mapping[str, Any]:
     fix = "save it again with torch.save(model.state_dict(), path)."
     size = path.stat().st_size
     if size == 0:
@@ -196,7 +208,7 @@ def _read_torch(path: Path, shown: str) -> dict[str, Any]:
             f"di.load_state_dict: {shown} holds a {type(loaded).__name__}, not a state "
             f"dict. Nothing was loaded. Fix: save model.state_dict(), not the model."
         )
-    return dict(loaded)
+    return loaded
 
 
 def _what_was_refused(message: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from .._become._adopt import sizes_text
@@ -259,8 +260,10 @@ def swappable(modules: list[nn.Module]) -> Iterator[None]:
 
 def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
     """Give every meta tensor of ``module`` (not its children) uninitialized memory
-    on its device in ``devices`` (by tensor id), keeping the tensor objects."""
-    with swappable([module]), torch.no_grad():
+    on its device in ``devices`` (by tensor id), keeping the tensor objects: ordinary
+    tensors, even under ``torch.inference_mode()``. Only for tensors that the loader
+    that follows writes whole."""
+    with swappable([module]), torch.no_grad(), torch.inference_mode(False):
         for table in (module._parameters, module._buffers):
             for leaf, tensor in table.items():
                 if tensor is None or tensor.device.type != "meta":
@@ -320,7 +323,33 @@ def load_into_placeholder(
     tensors memory (no random initialization, as torch's Lazy modules), then load
     as the built layer would. A layer whose saved values are all placeholders (a
     state dict saved before the build) stays deferred, as torch's Lazy modules do.
+
+    Outside ``torch.inference_mode()``: placeholders made now and the built layer's
+    tensors are ordinary tensors, as eager's construction made them.
     """
+    with torch.inference_mode(False):
+        _load_into_placeholder(
+            module,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+
+
+def _load_into_placeholder(
+    module: Deferred,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
     placeholders = placeholder_tensors(module)
     names = {name for name, _ in placeholders}
     mine = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
@@ -346,8 +375,14 @@ def load_into_placeholder(
         error_msgs.append(f"{where} cannot load: {'; '.join(problems)}")
         return
     before, mixed = saved_before_build(module, mine)
+    # Not in the checkpoint, in registration order, as torch lists them; without a
+    # BatchNorm's count in a checkpoint saved before version 2, as its loader exempts.
+    old = issubclass(type(module)._di_cls, _BatchNorm) and local_metadata.get("version", 1) < 2
+    absent = [
+        n for n, _ in placeholders if n not in mine and not (old and n == "num_batches_tracked")
+    ]
     if before or mixed:
-        missing_keys.extend(prefix + n for n in sorted(names - set(mine)))
+        missing_keys.extend(prefix + n for n in absent)
         if mixed:
             error_msgs.append(
                 f"{where} is not built, and the checkpoint holds values for some of its "
@@ -361,7 +396,7 @@ def load_into_placeholder(
         # As torch: missing keys are listed (strict loading raises on them, a
         # non-strict load leaves the layer deferred). Keys that are there but do
         # not determine the sizes are an error either way.
-        missing_keys.extend(prefix + n for n in sorted(names - set(shapes)))
+        missing_keys.extend(prefix + n for n in absent)
         if not shapes:
             return
         error_msgs.append(
@@ -388,9 +423,15 @@ def load_into_placeholder(
     }
     if strict:
         del unexpected_keys[len(unexpected_keys) - len(unexpected) :]
-    become(module, values, built_from="a checkpoint", device="meta")
-    for sub in module.modules():
-        meta_to_empty(sub, devices)
+    # A tensor the checkpoint does not hold gets what eager's would: the layer's own
+    # initialization, so such a layer is constructed for real (its __init__, RNG use
+    # included, as eager's before its load), unless declared on meta. Else on meta,
+    # and every tensor is given memory that the loader below writes whole.
+    real = any(n not in mine and t.device.type != "meta" for n, t in placeholders)
+    become(module, values, built_from="a checkpoint", device=None if real else "meta")
+    if not real:
+        for sub in module.modules():
+            meta_to_empty(sub, devices)
     type(module)._load_from_state_dict(  # the built class's own loader
         module,
         state_dict,
