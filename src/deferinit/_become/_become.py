@@ -40,7 +40,7 @@ from .._declare._state import State, declared_defaults
 from .._errors import DeferredInitError, InferenceError
 from .._naming import label
 from ._adopt import adopt_placeholders, check_ties, sizes_text
-from ._guard import guard_for
+from ._guard import guard_for, sizes_unenforced
 from ._hooks import (
     fast_path_taken,
     own_hooks_to_run,
@@ -157,7 +157,7 @@ def _take_over(
     built.ties, built.queued = tuple(ties), queued or None
     built.built_keys, built.built_modules = built_keys, built_modules
     new["_di"] = built
-    guard = guard_for(module, type(real))
+    guard = guard_for(module, type(real), sizes_unenforced(real))
     new["forward"] = _Held(guard) if hold else guard
     # Dict first, then class: a thread that looks in between finds the guard.
     object.__setattr__(module, "__dict__", new)

@@ -21,16 +21,20 @@ import inspect
 import sys
 import types
 import weakref
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
+from torch._compile import _disable_dynamo
 
-from .._declare._rules import Call, RuleError, describe
+from .._declare._deferred import Deferred
+from .._declare._rules import Call, Rule, RuleError, describe
 from .._declare._signature import forward_signature
 from .._errors import DeferredInitError, ShapeMismatchError
 from .._naming import label
+from ..nn import TWINS
 
-__all__ = ["Guard", "InputGuard", "guard_for"]
+__all__ = ["CheckingGuard", "Guard", "InputGuard", "guard_for", "sizes_unenforced"]
 
 
 class Guard:
@@ -42,7 +46,7 @@ class Guard:
     ``forward`` must still outlive the layer's other references, as eager's
     bound method does (``fwd = make_model().forward``): when the layer dies
     while someone else still holds its guard, the guard keeps a copy of the
-    layer's state (see :func:`_outlive`).
+    layer's state (see :class:`_Outlive`).
 
     One subclass per layer class (:func:`guard_for`): it carries the class and
     names ``__call__`` like the class's ``forward``, so that a call with wrong
@@ -51,10 +55,11 @@ class Guard:
 
     __slots__ = ("__weakref__", "_heir", "_ref")
     layer_class: ClassVar[type[nn.Module]] = nn.Module
+    checks: ClassVar[bool] = False  # a CheckingGuard: sizes compared before forward
 
     def __init__(self, module: nn.Module) -> None:
-        self._ref = _LayerRef(module, _outlive)
-        self._ref.guard = weakref.ref(self)
+        # A plain weak reference: torch.compile traces calling it (not a subclass's).
+        self._ref = weakref.ref(module, _Outlive(self))
         self._heir: nn.Module | None = None
 
     @property
@@ -103,8 +108,8 @@ class Guard:
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._ref() is not None:
-            return (_rebuild, (self._ref(),))
-        return (_rebuild_kept, (self.module,))
+            return (_rebuild, (self._ref(), self.checks))
+        return (_rebuild_kept, (self.module, self.checks))
 
     def __repr__(self) -> str:
         module = self._ref()
@@ -143,32 +148,82 @@ class InputGuard(Guard):
             raise
 
 
-def _rebuild(module: nn.Module) -> Guard:
+class CheckingGuard(Guard):
+    """The guard of a layer whose tensors do not depend on its inferred sizes
+    (``InstanceNorm2d()``, ``GroupNorm(2, affine=False)``): torch accepts any size
+    there, so it raises nothing to explain. This one compares the sizes the input
+    gives with the built ones before the forward runs; chosen at build for those
+    layers only (:func:`sizes_unenforced`), so layers with weights pay nothing."""
+
+    __slots__ = ()
+    checks = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._ref()
+        if module is None:
+            module = self.module
+        _check(module, args, kwargs)
+        try:
+            return type(module).forward(module, *args, **kwargs)
+        except Exception as error:
+            _explain(module, args, kwargs, error)
+            raise
+
+
+def _rebuild(module: nn.Module, checks: bool = False) -> Guard:
     # A copied forward alone: its layer was copied whole first, guard included.
     # A copied layer: its state (and guard) is not set yet, so a guard is made.
     existing = module.__dict__.get("forward")
     if isinstance(existing, Guard):
         return existing
-    return guard_for(module, type(module))
+    return guard_for(module, type(module), checks=checks)
 
 
-def _rebuild_kept(module: nn.Module) -> Guard:
+def _rebuild_kept(module: nn.Module, checks: bool = False) -> Guard:
     """A guard that outlived its layer, copied: it holds its copy of the layer."""
-    guard = guard_for(module, type(module))
+    guard = guard_for(module, type(module), checks=checks)
     guard._heir = module
     return guard
 
 
-def guard_for(module: nn.Module, cls: type[nn.Module]) -> Guard:
-    """The guard of ``module``, a built ``cls``."""
-    return _kind(cls)(module)  # type: ignore[arg-type]  # classes hash; Module's stub confuses mypy
+def guard_for(module: nn.Module, cls: type[nn.Module], checks: bool | None = None) -> Guard:
+    """The guard of ``module``, a built ``cls``; ``checks``: whether it compares the
+    sizes before each forward (None: as :func:`sizes_unenforced` says of ``module``)."""
+    if checks is None:
+        checks = "_parameters" in module.__dict__ and sizes_unenforced(module)
+    return _kind(cls, checks)(module)  # type: ignore[arg-type]  # classes hash; Module's stub confuses mypy
+
+
+def sizes_unenforced(layer: nn.Module) -> bool:
+    """Whether torch would accept any inferred size in ``layer``: it holds no
+    parameter or buffer at all (every torch layer with one checks its sizes).
+
+    >>> sizes_unenforced(nn.InstanceNorm2d(3)), sizes_unenforced(nn.GroupNorm(2, 4))
+    (True, False)
+    """
+    stack = [layer]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, Deferred):
+            return False  # a layer within, still deferred: it will have its own
+        d = module.__dict__
+        if any(t is not None for t in d["_parameters"].values()):
+            return False
+        if any(t is not None for t in d["_buffers"].values()):
+            return False
+        stack.extend(m for m in d["_modules"].values() if m is not None)
+    return True
 
 
 @functools.lru_cache(maxsize=256)
-def _kind(cls: type[nn.Module]) -> type[Guard]:
+def _kind(cls: type[nn.Module], checks: bool = False) -> type[Guard]:
     """The guard class for layers of ``cls`` (bounded: a process may define classes
     without end; an evicted class just gets a new guard class next time)."""
-    base: type[Guard] = InputGuard if _takes_one_input(cls.forward) else Guard
+    base: type[Guard]
+    if checks:
+        base = CheckingGuard
+    else:
+        base = InputGuard if _takes_one_input(cls.forward) else Guard
     call = base.__call__
     renamed = types.FunctionType(
         call.__code__, call.__globals__, "forward", call.__defaults__, call.__closure__
@@ -215,33 +270,33 @@ def _takes_one_input(forward: Any) -> bool:
     )
 
 
-class _LayerRef(weakref.ref):  # type: ignore[type-arg]  # of nn.Module
-    """A guard's weak reference to its layer, which knows its guard (by weak
-    reference too) for :func:`_outlive`: two objects per built layer, where a
-    callback bound with ``functools.partial`` takes four."""
+class _Outlive(weakref.ref):  # type: ignore[type-arg]  # of Guard
+    """The callback of a guard's weak reference to its layer, called as the
+    layer is freed (its ``__dict__`` still intact): if the guard is held elsewhere
+    (a kept bound ``forward``), it gets a copy of the layer.
 
-    __slots__ = ("guard",)
+    It is itself a weak reference to the guard: two objects per built layer, where
+    a callback bound with ``functools.partial`` takes four. The layer's reference
+    stays a plain ``weakref.ref``: torch.compile traces calling only that type.
 
-    guard: weakref.ref[Guard]
-
-
-def _outlive(ref: _LayerRef) -> None:
-    """Called as a guarded layer is freed (its ``__dict__`` still intact): if the
-    guard is held elsewhere (a kept bound ``forward``), give it a copy of the layer.
-
-    The weak reference cannot simply be made strong: a layer's ``__dict__`` holds
-    its guard, so any strong path back from the guard is a cycle. The rare holder
+    That reference cannot simply be strong: a layer's ``__dict__`` holds its
+    guard, so any strong path back from the guard is a cycle. The rare holder
     pays for finding that ``__dict__`` (a search of the heap); every other layer
     is freed as an eager one.
     """
-    guard = ref.guard()
-    if guard is None:
-        return
-    probe = object()
-    holder = {"forward": probe}  # the layer's __dict__ as the only other holder
-    if sys.getrefcount(guard) > sys.getrefcount(probe):
-        _keep_state(guard)
-    del holder
+
+    __slots__ = ()
+
+    def __call__(self, _layer: object = None) -> None:  # type: ignore[override]
+        guard = weakref.ref.__call__(self)
+        if guard is None:
+            return
+        probe = object()
+        holder = {"forward": probe}  # the layer's __dict__ as the only other holder
+        # Counted here, in the same frame: a held guard has one reference more.
+        if sys.getrefcount(guard) > sys.getrefcount(probe):
+            _keep_state(guard)  # type: ignore[arg-type]
+        del holder
 
 
 def _keep_state(guard: Guard) -> None:
@@ -254,6 +309,53 @@ def _keep_state(guard: Guard) -> None:
             object.__setattr__(heir, "__dict__", state)
             guard._heir = heir
             return
+
+
+def _check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise ``ShapeMismatchError`` before the forward if an inferred size changed.
+
+    Sizes are read with the rules of the built torch class where deferinit has a
+    twin of it (a rank-generic twin's rules read a batched input only, and
+    ``InstanceNorm2d`` also takes an unbatched one); an input no rule can read is
+    left to the forward.
+    """
+    state = module.__dict__.get("_di")
+    if state is None or state.values is None:
+        return
+    deferred = state.deferred
+    rules = TWINS.get(type(module), deferred._di_rules)
+    call = Call(args, kwargs, functools.partial(forward_signature, deferred))
+    changed = _changed(state, rules, call)
+    if changed:
+        _refuse(module, state, args, changed)
+
+
+def _refuse_eagerly(
+    module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
+) -> None:
+    raise _mismatch(module, state, args, changed)
+
+
+# Under torch.compile, a changed size is a graph break, then this error raised
+# eagerly (naming the layer walks the model, which Dynamo cannot trace); a matching
+# size traces the check alone. _disable_dynamo: torch.compiler.disable, importing
+# the compiler only when first called (see _become.py).
+_refuse = _disable_dynamo(_refuse_eagerly)
+
+
+def _changed(state: Any, rules: Mapping[str, Rule], call: Call) -> list[tuple[str, Any, Any]]:
+    """The inferred sizes ``call`` gives otherwise than the layer was built with."""
+    changed = []
+    for name, rule in rules.items():
+        if name not in state.values:
+            continue
+        try:
+            now = rule.infer(call, state.options)
+        except RuleError:
+            continue
+        if now != state.values[name]:
+            changed.append((name, state.values[name], now))
+    return changed
 
 
 def _explain(
@@ -270,17 +372,14 @@ def _explain(
             signature.bind(*args, **kwargs)
         except TypeError:
             return  # wrong arguments: torch's own error says so
-    call = Call(args, kwargs, signature)
-    changed = []
-    for name, rule in cls._di_rules.items():
-        try:
-            now = rule.infer(call, state.options)
-        except RuleError:
-            continue
-        if now != state.values[name]:
-            changed.append((name, state.values[name], now))
-    if not changed:
-        return
+    changed = _changed(state, cls._di_rules, Call(args, kwargs, signature))
+    if changed:
+        raise _mismatch(module, state, args, changed) from error
+
+
+def _mismatch(
+    module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
+) -> ShapeMismatchError:
     was = ", ".join(f"{n}={old!r}" for n, old, _ in changed)
     now_text = ", ".join(f"{n}={new!r}" for n, _, new in changed)
     got = ", ".join(describe(a) for a in args) or "keyword arguments"
@@ -294,6 +393,6 @@ def _explain(
     else:
         how = f"was constructed with {was} given explicitly"
         fix = f"give it inputs that match {was}, or construct it without {was} to infer it"
-    raise ShapeMismatchError(
+    return ShapeMismatchError(
         f"{label(module)} {how}, but received {got}, which would need {now_text}. Fix: {fix}."
-    ) from error
+    )
