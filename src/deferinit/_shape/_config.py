@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from .._declare._deferred import Deferred
+from .._declare._rules import Rule, _Function
 from .._declare._state import State
 from .._errors import DeferredInitError, NotBuiltError
+from ..nn import SpatialDims
 
 __all__ = ["BUILT_FROM", "FORMAT", "VERSION", "ConfigPlan", "build_config", "class_name", "plan"]
 
@@ -325,8 +327,56 @@ def _differences(name: str, layer: nn.Module, entry: _Entry) -> list[str]:
     built = not isinstance(layer, Deferred)
     fixed = (state.values or {}) if built else state.explicit
     how = "built with" if built else "given"
-    return [
+    found = [
         f"{shown}: {how} {k}={value!r}, the config says {k}={entry.arguments[k]!r}"
         for k, value in fixed.items()
         if _from_json(value) != entry.arguments[k]
     ]
+    for k in rules:
+        if k in fixed:
+            continue
+        expected = _value_problem(deferred._di_rules[k], state.options, entry.arguments[k])
+        if expected is not None:
+            found.append(
+                f"{shown}: the config says {k}={entry.arguments[k]!r}, which no input gives "
+                f"({k} is {expected})"
+            )
+    return found
+
+
+def _value_problem(rule: Rule, options: Mapping[str, Any], value: Any) -> str | None:
+    """What ``rule`` infers, where ``value`` is not something a forward could have
+    made it infer (a zero, negative, bool or float size, a rank no input has);
+    None where it could. A user's rule class is not second-guessed; a callable
+    rule's value is checked as its forward checks it.
+
+    >>> from deferinit import nn as dnn
+    >>> _value_problem(dnn.Linear._di_rules["in_features"], {}, True)
+    'a positive int (a size)'
+    >>> _value_problem(dnn.LayerNorm._di_rules["normalized_shape"], {"ndim": 2}, (4, 3)) is None
+    True
+    """
+    if isinstance(rule, SpatialDims):
+        allowed = [spatial for _, spatial in rule.ranks]
+        if _size(value) and value in allowed:
+            return None
+        return f"one of {', '.join(map(str, allowed))} (the number of spatial dimensions)"
+    if isinstance(rule, _Function):
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            return "a positive size (what the rule returns)"
+        return None
+    if not type(rule).__module__.startswith("deferinit."):
+        return None
+    like = rule.provisional(1, options)
+    if like is None:  # a size only where it differs from another (kdim, vdim)
+        return None if value is None or _size(value) else "None or a positive int (a size)"
+    if isinstance(like, tuple):
+        if isinstance(value, tuple) and len(value) == len(like) and all(map(_size, value)):
+            return None
+        return f"{len(like)} positive int(s) (sizes)"
+    return None if _size(value) else "a positive int (a size)"
+
+
+def _size(value: Any) -> bool:
+    """Whether ``value`` could be an inferred size: a positive int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
