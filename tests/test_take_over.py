@@ -1,10 +1,9 @@
 """Who keeps which tensor object at the first call (docs/design.md §3.2: identity).
 
-A placeholder that anything outside its layer can reach (a variable, an optimizer,
-a weak reference, an init call waiting on it) takes the real tensor over and stays
-the object the built layer holds. One that nothing else holds cannot be told from
-the fresh tensor, so the layer keeps its fresh tensor, as eager construction does.
-Either way the values are eager's, bitwise.
+A placeholder once made (looked at) always takes the real tensor over and stays the
+object the built layer holds, whoever else holds it. A layer no one looked at never
+made one and keeps its fresh tensors, as eager construction does. Either way the
+values are eager's, bitwise.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ def test_a_placeholder_an_init_call_waits_on_is_the_built_parameter() -> None:
     assert bool((layer.weight == 0.5).all())
 
 
-def test_placeholders_nothing_else_holds_give_way_to_eager_tensors(
+def test_a_layer_no_one_looked_at_keeps_plain_eager_tensors(
     assert_same_state: AssertSameState,
 ) -> None:
     layer, eager = dnn.BatchNorm1d(), nn.BatchNorm1d(3)
