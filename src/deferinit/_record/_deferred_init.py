@@ -30,11 +30,16 @@ from .._declare._recording import HOOKS, RECORD_KEY
 from .._errors import NotBuiltError
 from .._tensors import is_meta
 from ._errors import RecordError
-from ._placeholders import swap_in_placeholders
+from ._placeholders import python_state, swap_in_placeholders
 from ._recorder import Recorder
-from ._tape import Record, TensorRef
+from ._tape import PART_KEY, Part, Record, TensorRef
 
-__all__ = ["RECORD_KEY", "deferred_init", "recording"]  # RECORD_KEY re-exported
+__all__ = [
+    "RECORD_KEY",
+    "deferred_init",
+    "record_construction",
+    "recording",
+]  # RECORD_KEY re-exported
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -79,6 +84,21 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     """
     if recording():
         return factory(*args, **kwargs)
+    module, record = record_construction(factory, *args, **kwargs)
+    if record.guarded:  # materialize may record it again, under its own state
+        record.rerun = (factory, args, kwargs)
+        record.fingerprint = python_state(module)
+    for name, sub in module.named_modules():
+        if name:  # a part knows its record: materializing it alone is refused (see _replay)
+            sub.__dict__[PART_KEY] = Part(record, name)
+    module.__dict__[RECORD_KEY] = record
+    module.register_forward_pre_hook(_before_materialize)
+    return module
+
+
+def record_construction(factory: Callable[..., M], *args: Any, **kwargs: Any) -> tuple[M, Record]:
+    """The recording itself: the module, its fake tensors swapped for placeholders,
+    and its record (not yet kept on it)."""
     device = torch.get_default_device()
     # Reading the state draws nothing; value reads steered by random numbers are
     # simulated from it (see _values).
@@ -95,6 +115,7 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
             # warning is noise (and an error under -W error).
             warnings.filterwarnings("ignore", _DATA_PTR, UserWarning)
             module = factory(*args, **kwargs)
+        recorder.reseeded()  # after the last draw: eager leaves the generator there
     finally:
         _state.active = False
         HOOKS.declared = HOOKS.queued = None
@@ -117,9 +138,7 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
 
     record.finals = swap_in_placeholders(module, describe)
     record.make_plan()
-    module.__dict__[RECORD_KEY] = record
-    module.register_forward_pre_hook(_before_materialize)
-    return module
+    return module, record
 
 
 def _before_materialize(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -27,12 +27,13 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .._declare._recording import RECORD_KEY
 from ._errors import RecordError
-from ._tape import Final, TensorRef
+from ._tape import PART_KEY, Final, TensorRef
 
-__all__ = ["swap_in_placeholders"]
+__all__ = ["python_state", "swap_in_placeholders"]
 
 _TABLES = (("_parameters", "parameter"), ("_buffers", "buffer"))
-_SKIP = {"_parameters", "_buffers", "_modules", RECORD_KEY}
+_SKIP = {"_parameters", "_buffers", "_modules", RECORD_KEY, PART_KEY}
+_PLAIN = (bool, int, str, bytes, type(None), torch.dtype, torch.device)
 
 
 class _Swapper:
@@ -118,3 +119,42 @@ def _leftover(root: nn.Module) -> str | None:
             if any(isinstance(v, FakeTensor) for v in items):
                 return f"{prefix or '<root>'}.{key} ({type(module).__name__})"
     return None
+
+
+def python_state(root: nn.Module) -> list[tuple[str, str, list[tuple[str, Any]]]]:
+    """What a construction left in Python, comparable across two recordings: each
+    module's name and class, and its attributes, plain values (numbers, strings,
+    and containers of them, to three levels) by value, anything else (tensors
+    included: the record's finals compare them) by its class.
+    Two runs of one factory differ here only where a value read steered them.
+
+    >>> python_state(nn.Linear(2, 3))[0][2][-2:]
+    [('in_features', 2), ('out_features', 3)]
+    """
+    return [
+        (
+            name,
+            type(module).__qualname__,
+            [(key, _plain(v, 0)) for key, v in vars(module).items() if key not in _SKIP],
+        )
+        for name, module in root.named_modules(remove_duplicate=False)
+    ]
+
+
+def _plain(value: Any, depth: int) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, float | complex):
+        return repr(value)  # nan equals itself this way
+    if depth < 3 and isinstance(value, list | tuple):
+        return (type(value).__qualname__, [_plain(v, depth + 1) for v in value])
+    if depth < 3 and isinstance(value, dict):
+        # Keys other than strings (hook handles' ids) come from global counters.
+        return (
+            "dict",
+            [
+                (k if isinstance(k, str) else type(k).__qualname__, _plain(v, depth + 1))
+                for k, v in value.items()
+            ],
+        )
+    return type(value).__qualname__

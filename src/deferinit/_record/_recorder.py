@@ -13,7 +13,11 @@ What is recorded and what is not:
   of a real CPU tensor, whose value is kept as a literal;
 - not views (``view``, ``t``, ``detach``, ``slice``...): a tensor read later is
   rebuilt from its descriptor, so the view itself needs no replay;
-- value reads (``.item()``): answered when known at record time (see ``_values``).
+- value reads (``.item()``): answered when known at record time (see ``_values``);
+- reseeds of the default CPU generator by the construction (``torch.manual_seed``,
+  ``torch.set_rng_state``): the recording draws nothing, so a state changed since
+  the last look is the construction's doing. It is looked at before each draw and
+  deferred layer's event, and at the end, and recorded there (a ``Reseed``).
 
 >>> import torch
 >>> from torch._subclasses.fake_tensor import FakeTensorMode
@@ -42,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from .._declare._pending import owner_of
 from ._errors import RecordError, where
-from ._tape import Declared, Op, Queued, Record, TensorRef, map_refs, refs_in
+from ._tape import Declared, Op, Queued, Record, Reseed, TensorRef, map_refs, refs_in
 from ._values import Values
 
 __all__ = ["Recorder"]
@@ -83,6 +87,7 @@ class Recorder(TorchDispatchMode):
         self.ids: dict[int, int] = {}  # storage address -> storage number
         # Pinned so that no later storage can reuse an address while recording.
         self.pins: list[torch.UntypedStorage] = []
+        self.rng = torch.default_generator.get_state()  # as last seen (reading draws nothing)
 
     # -- descriptors -------------------------------------------------------------
     def sid(self, t: torch.Tensor, *, create: bool = False) -> int | None:
@@ -159,6 +164,9 @@ class Recorder(TorchDispatchMode):
             # A factory's dtype left to the default: fix it now, since the default
             # dtype may differ at replay (transformers sets it around construction).
             enc_kwargs = {**enc_kwargs, "dtype": results[0].dtype}
+        random = _RANDOM in func.tags
+        if random:
+            self.reseeded()
         creates: list[tuple[int, int]] = []
         for r in fresh:
             if self.sid(r) is None:
@@ -174,13 +182,26 @@ class Recorder(TorchDispatchMode):
                 tuple(creates),
                 frozenset(r.storage for r in inputs),
                 frozenset(self.sid(t) for t in written),  # type: ignore[misc]
-                _RANDOM in func.tags,
+                random,
             )
         )
+
+    def reseeded(self) -> None:
+        """Record a reseed of the default CPU generator since the last look, here.
+        A reseed to the very state last seen cannot be told from none."""
+        with _disable_current_modes():  # real tensors, compared for real
+            state = torch.default_generator.get_state()
+            if torch.equal(state, self.rng):
+                return
+            seed = torch.default_generator.initial_seed()
+            fresh = torch.equal(torch.Generator().manual_seed(seed).get_state(), state)
+        self.rng = state
+        self._event(Reseed(state, seed if fresh else None))
 
     # -- deferred layers (told by the declare stage, see _declare._recording) ----
     def declared(self, layer: nn.Module) -> None:
         """A deferred layer declared now: replay constructs it at this place."""
+        self.reseeded()
         self._event(Declared(layer))
 
     def queued(self, placeholder: torch.Tensor, call: Any) -> None:
@@ -201,9 +222,10 @@ class Recorder(TorchDispatchMode):
                 f"(torch.nn instead of deferinit.nn), or register the init with "
                 f"di.initialize(layer, init)."
             )
+        self.reseeded()
         self._event(Queued(placeholder, call, *owner_of(placeholder)))
 
-    def _event(self, event: Declared | Queued) -> None:
+    def _event(self, event: Declared | Queued | Reseed) -> None:
         empty: frozenset[int] = frozenset()
         self.record.ops.append(Op(None, (), {}, (), (), empty, empty, False, event=event))
 

@@ -9,7 +9,14 @@ All or nothing: the module is untouched until every value exists; each swap, and
 the removal of each record, is logged on an undo list that the caller (
 ``di.materialize``, whose later steps may still fail) runs newest first to put
 every placeholder back on meta. Putting the default generators back is the
-caller's part too (``di.materialize`` saves them before this runs).
+caller's part too (``di.materialize`` saves them before this runs). A reseed the
+construction made (``torch.manual_seed`` in its ``__init__``) is made again at its
+place, as eager construction makes it at that line.
+
+A part of a recorded model (a submodule given alone) cannot be replayed bitwise: the
+draws of the whole construction come in program order. Without ``seed=`` it is refused
+before anything changes; with ``seed=`` the record replays with the part's tensors
+named below it, filling only them, so its own init code is kept.
 
 >>> import torch
 >>> from torch import nn
@@ -36,9 +43,11 @@ from .._tensors import is_meta, kind_of
 from ._deferred_init import RECORD_KEY
 from ._engine import Engine
 from ._errors import RecordError, ReplayError
+from ._parts import part_refused, parts
+from ._rerecord import current
 from ._seeded import draw_owners, seed_of
 from ._sharded import Normal, Sharded, Target, holders, place_sharded, targets
-from ._tape import Record
+from ._tape import PART_KEY, Part, Record, Reseed
 from ._twins import TwinReplay, check_twins, twin_tensors
 
 __all__ = ["Undo", "awaiting_replay", "records", "replay", "replay_recorded"]
@@ -71,8 +80,18 @@ def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Te
     >>> from deferinit._record import deferred_init
     >>> [tuple(t.shape) for t in awaiting_replay(deferred_init(nn.Linear, 2, 3))]
     [(3, 2), (3,)]
+
+    Raises:
+        ReplayError: without ``seed``, a part of a recorded model below ``module``
+            waits for values (see :func:`parts`); before anything changes.
     """
     found: list[torch.Tensor] = []
+    for name, sub, view, inside in parts(module):
+        if seed is None:
+            raise ReplayError(part_refused(name, sub))
+        for i, where in enumerate(targets(sub, view)):
+            if i in inside and isinstance(where, Normal | Sharded):
+                found.append(where.placeholder if isinstance(where, Normal) else where.current)
     for name, record in records(module):
         for where in targets(module.get_submodule(name), record):
             if isinstance(where, Normal):
@@ -161,6 +180,10 @@ def replay(
         for index, op in enumerate(record.ops):
             if not plan.needed[index]:
                 continue
+            if isinstance(op.event, Reseed):
+                if seed is None:  # seed=: every draw from its own generator
+                    op.event.apply()
+                continue
             if op.event is not None:
                 if twins is not None:
                     twins.run(op.event)
@@ -245,9 +268,9 @@ def _swapper(placeholder: torch.Tensor, new: torch.Tensor) -> Undo:
     return back
 
 
-def _record_restorer(module: nn.Module, record: Record) -> Undo:
+def _record_restorer(module: nn.Module, record: Record | Part, key: str) -> Undo:
     def back() -> None:
-        module.__dict__[RECORD_KEY] = record
+        module.__dict__[key] = record
 
     return back
 
@@ -328,18 +351,28 @@ def replay_recorded(
     found = records(module)
     for name, record in found:
         check_twins(module, name, record)
+    pieces: list[tuple[str, nn.Module, Record, set[int] | None]] = [
+        (name, module.get_submodule(name), record, None) for name, record in found
+    ]
+    for name, sub, view, own in parts(module):
+        if seed is None:
+            raise ReplayError(part_refused(name, sub))
+        pieces.append((name, sub, view, own))
     names = {id(sub): name for name, sub in module.named_modules()}
     try:
         pairs: list[Swap] = []
-        for name, record in found:
-            owner = module.get_submodule(name)
+        for name, owner, record, inside in pieces:
             where = targets(owner, record)
+            if inside is not None:  # a part: only its own tensors
+                where = [w if i in inside else None for i, w in enumerate(where)]
             twins = None
             if seed is None:
                 twins = TwinReplay(target, names)
                 twins.skip = {id(f.placeholder) for f in record.finals}
             if all(w is None for w in where) and not (twins and twin_tensors(record)):
                 continue  # every value loaded already: nothing to draw or fill
+            if seed is None:
+                record = current(record, target)  # guards from the state eager starts at
             keep = [_keep(w, target, dtype) for w in where]
             values = replay(record, target, seed, f"{name}." if name else "", twins, keep)
             twin_made = _twin_swaps(twins, dtype) if twins is not None else []
@@ -359,11 +392,16 @@ def replay_recorded(
                 advance(done)
             del values, made, twin_made
         _swap_all(pairs, log)
-        _run_registered(module, found, names)
+        _run_registered(module, [(name, view) for name, _, view, _ in pieces], names)
         for name, record in found:
             owner = module.get_submodule(name)
             del owner.__dict__[RECORD_KEY]
-            log.append(_record_restorer(owner, record))
+            log.append(_record_restorer(owner, record, RECORD_KEY))
+            for sub in owner.modules():  # its parts: nothing of it is left to replay
+                part = sub.__dict__.get(PART_KEY)
+                if isinstance(part, Part) and part.record is record:
+                    del sub.__dict__[PART_KEY]
+                    log.append(_record_restorer(sub, part, PART_KEY))
     except BaseException:
         if undo is None:
             for action in reversed(log[mark:]):

@@ -16,6 +16,7 @@ views are not recorded at all, a literal keeps its (small) value.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PART_KEY",
     "Declared",
     "Final",
     "Op",
+    "Part",
     "Plan",
     "Queued",
     "Record",
+    "Reseed",
     "TensorRef",
     "map_refs",
     "refs_in",
@@ -79,7 +83,7 @@ class Op(NamedTuple):
     random: bool
     literal: torch.Tensor | None = None
     guard: Any = None  # a value read steered by random numbers: (expected value, where)
-    event: Declared | Queued | None = None  # a deferred layer's place in program order
+    event: Declared | Queued | Reseed | None = None  # its place in program order
 
 
 class Declared(NamedTuple):
@@ -96,6 +100,23 @@ class Queued(NamedTuple):
     call: Any
     layer: nn.Module | None  # the deferred layer it belongs to, and its name there:
     leaf: str  # sharding may put another object at that name before replay
+
+
+class Reseed(NamedTuple):
+    """The construction set the default CPU generator here (``torch.manual_seed``,
+    ``torch.set_rng_state``): replay sets it here too, as eager construction does at
+    that line. Seen at the next draw (or at the end) as a changed state, since the
+    recording itself draws nothing."""
+
+    state: torch.Tensor  # the CPU generator's state right after
+    seed: int | None  # the seed, when the state is a fresh torch.manual_seed(seed)
+
+    def apply(self) -> None:
+        """Set the default generator(s) as the construction did."""
+        if self.seed is not None:
+            torch.manual_seed(self.seed)  # every device, as torch.manual_seed does
+        else:
+            torch.default_generator.set_state(self.state)
 
 
 class Final(NamedTuple):
@@ -120,6 +141,20 @@ class Plan:
     free_after: list[list[int]]
 
 
+PART_KEY = "_di_recorded_in"  # on each submodule of a recorded model: its Part
+
+
+class Part(NamedTuple):
+    """What a submodule of a recorded model knows of it: the record (kept on the
+    recorded module) and its own qualified name there."""
+
+    record: Record
+    name: str
+
+
+Rerun = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
 @dataclass
 class Record:
     """A whole recorded construction, kept on the module ``deferred_init`` returned."""
@@ -130,13 +165,34 @@ class Record:
     externals: dict[int, torch.Tensor] = field(default_factory=dict)
     finals: list[Final] = field(default_factory=list)
     plan: Plan | None = None
+    # Kept only where a read value steers the construction (a guard): the factory and
+    # its arguments, to record again from the state at materialize (see _rerecord),
+    # and the plain Python values the construction left, to compare with that run.
+    rerun: Rerun | None = None
+    fingerprint: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Operators by name: aten overloads cannot be pickled themselves, so a
-        recorded model can be pickled (and deep-copied) before ``materialize``."""
+        recorded model can be pickled (and deep-copied) before ``materialize``. The
+        factory is left out (a lambda cannot be pickled): an unpickled record with a
+        guard replays under the state at deferred_init only."""
         state = dict(self.__dict__)
         state["ops"] = [op._replace(func=_name_of(op.func)) for op in self.ops]
+        state["rerun"] = None
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Record:
+        """A copy records again with the same factory and arguments (not copied)."""
+        new = Record.__new__(Record)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new.rerun = self.rerun
+        return new
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a value read steered by random numbers chose the path recorded."""
+        return any(op.guard is not None for op in self.ops)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["ops"] = [op._replace(func=_overload(op.func)) for op in state["ops"]]
@@ -172,7 +228,7 @@ class Record:
 
     def events(self) -> list[Declared | Queued]:
         """The deferred layers declared, and init calls queued on them, in order."""
-        return [op.event for op in self.ops if op.event is not None]
+        return [op.event for op in self.ops if isinstance(op.event, Declared | Queued)]
 
 
 def _name_of(func: Any) -> str | None:

@@ -19,6 +19,11 @@ now, only the recorded operations the value depends on:
   before the read, an explicit user generator, a non-CPU default device), the read
   raises :class:`ValueReadError` naming the operation and the module.
 
+When ``materialize`` runs under another state, the replay records the construction
+again from that state first (``_replay``), so the guards hold whenever eager
+construction would take the recorded path. A reseed recorded in the construction
+(``Reseed``) sets the private generator as it sets the default one at replay.
+
 >>> import torch
 >>> from deferinit._record import deferred_init
 >>> from torch import nn
@@ -39,7 +44,7 @@ import torch
 
 from ._engine import Engine
 from ._errors import ValueReadError
-from ._tape import Op, Record, TensorRef, map_refs
+from ._tape import Op, Record, Reseed, TensorRef, map_refs
 
 __all__ = ["SIMULATION_LIMIT", "Values"]
 
@@ -105,6 +110,8 @@ class Values:
             while self.passed < upto:
                 index, op = self.passed, ops[self.passed]
                 self.passed += 1
+                if isinstance(op.event, Reseed):
+                    self.generator.set_state(op.event.state)
                 if not op.random:
                     continue
                 self.states[index] = self.generator.get_state()
