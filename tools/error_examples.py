@@ -85,6 +85,27 @@ def infer_forward() -> None:
     nn.Sequential(dnn.Linear(4))(torch.ones(2, 3, dtype=torch.long))
 
 
+def infer_build_dtype() -> None:
+    di.build(nn.Sequential(dnn.Linear(4)), torch.ones(2, 3, dtype=torch.long))
+
+
+def infer_build_negative_shape() -> None:
+    di.build(nn.Sequential(dnn.Linear(4)), (2, -1))
+
+
+class Positives(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0]
+
+
+def infer_reads_values() -> None:
+    di.build(nn.Sequential(dnn.Linear(4), Positives()), (2, 3))
+
+
+def not_built_no_examples() -> None:
+    di.build(nn.Sequential(dnn.Linear(4)))
+
+
 def not_built_attribute() -> None:
     _ = dnn.Linear(4).in_features
 
