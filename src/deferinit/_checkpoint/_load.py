@@ -35,7 +35,7 @@ from torch.nn.parameter import is_lazy
 from .._become._become import become
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
-from .._declare._placeholder import placeholder_tensors
+from .._declare._placeholder import Holder, placeholder_tensors
 from .._errors import DeferredInitError
 from .._naming import label, root_scope
 from .._tensors import own_tensors
@@ -178,17 +178,28 @@ def _old_counts(module: nn.Module, state: dict[str, Any], metadata: dict[str, An
     return kept
 
 
-def _where(owner: nn.Module, key: str) -> str:
+def _where(root: nn.Module, owner: nn.Module, key: str) -> str:
+    if isinstance(owner, Holder):  # a sublayer of a placeholder: name the layer
+        return f"{key} ({_deferred_owner(root, key)})"
     owner_name = key.rpartition(".")[0]
     kind = type(owner).__name__
     return f"{key} ({kind} layer {owner_name!r})" if owner_name else f"{key} ({kind})"
+
+
+def _deferred_owner(root: nn.Module, key: str) -> str:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        sub = root.get_submodule(".".join(parts[:i]))
+        if isinstance(sub, Deferred):
+            return label(sub)
+    return "a deferred layer"
 
 
 def _fit(
     root: nn.Module, owner: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor
 ) -> str | None:
     """Why ``value`` cannot go into ``target``, or None."""
-    where = _where(owner, key)
+    where = _where(root, owner, key)
     if is_lazy(target):
         if is_lazy(value):
             return None  # saved before the build into a layer not built: stays deferred
@@ -267,16 +278,32 @@ def _build_from(
 ) -> list[str]:
     """Build every deferred layer that the checkpoint gives sizes for, on meta."""
     problems: list[str] = []
+    saved_as: dict[int, str] = {}  # tensor id -> the first key the checkpoint holds it under
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if key in state and isinstance(tensor, torch.Tensor):
+            saved_as.setdefault(id(tensor), key)
     # A live walk: a block built here may construct deferred children, next in order.
     for name, sub in module.named_modules():
         if not isinstance(sub, Deferred):
             continue
         prefix = name + "." if name else ""
+        tensors = placeholder_tensors(sub)
         mine = {
             n: state[prefix + n]
-            for n, _ in placeholder_tensors(sub)
+            for n, _ in tensors
             if prefix + n in state and prefix + n not in bad
         }
+        # A placeholder tied (before the build) to a tensor that the checkpoint holds
+        # under another key counts as saved: safetensors' save_model and Hugging Face
+        # store a tie once. It takes that key's sizes; the tie stays one object.
+        tied = {
+            n: state[alias]
+            for n, t in tensors
+            if prefix + n not in state
+            and (alias := saved_as.get(id(t))) is not None
+            and alias not in bad
+        }
+        mine.update(tied)
         before, mixed = saved_before_build(sub, mine)
         if not mine or before:
             continue  # nothing saved, or saved before a build: stays deferred
@@ -297,8 +324,10 @@ def _build_from(
         # A tensor the checkpoint does not hold gets what eager's would: the layer's
         # own initialization, so such a layer is constructed for real (its __init__,
         # RNG use included, as eager's before its load), unless declared on meta.
-        tensors = placeholder_tensors(sub)
-        real = any(prefix + n not in state and t.device.type != "meta" for n, t in tensors)
+        real = any(
+            prefix + n not in state and n not in tied and t.device.type != "meta"
+            for n, t in tensors
+        )
         # Else the device each placeholder was declared on (or moved to): the built
         # tensor, on meta for now, takes its values there.
         devices.update({id(t): t.device for _, t in tensors})

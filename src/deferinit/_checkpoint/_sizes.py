@@ -167,8 +167,14 @@ def infer_from_shapes(
             found = _solve(base_shapes, shapes_with(module, trial), shapes, v0, 2 * v0)
             problem = _unsolved(name, found, shapes)
             if problem is not None:
-                problems.append(problem)
-                break
+                # Not linear in every dimension (``in_features // 4``): a size that one
+                # dimension gives, checked against the layer built with it.
+                exact, misfit = _checked(module, base, name, i, found, shapes)
+                if exact is None:
+                    problems.append(misfit or problem)
+                    break
+                solved.append(exact)
+                continue
             solved.append(next(v for v in found.values() if v is not None))
         else:
             values[name] = solved[0] if isinstance(base[name], int) else type(base[name])(solved)
@@ -216,6 +222,54 @@ def _solve(
             whole = size.denominator == 1 and size > 0
             found[f"{key}[{d}]"] = int(size) if whole else None
     return found
+
+
+def _checked(
+    module: Deferred,
+    base: dict[str, Any],
+    name: str,
+    i: int,
+    found: dict[str, int | None],
+    saved: dict[str, tuple[int, ...]],
+) -> tuple[int | None, str | None]:
+    """The one size among those the saved dimensions give (``found``, by
+    ``"key[d]"``) for item ``i`` of argument ``name`` with which the layer, built on
+    meta, has every one of those dimensions as saved; else None, and where only one
+    size was given, which saved tensors the layer built with it does not fit."""
+    fits: list[int] = []
+    sizes = sorted({v for v in found.values() if v is not None})
+    misfit: str | None = None
+    for size in sizes:
+        flat = _flat(base[name])
+        assert flat is not None  # only called for a size or a tuple of sizes
+        flat[i] = size
+        trial = dict(base)
+        trial[name] = flat[0] if isinstance(base[name], int) else type(base[name])(flat)
+        try:
+            built = shapes_with(module, trial)
+        except Exception:  # the class refuses this size
+            continue
+        wrong = [at for at in found if not _dimension_fits(at, built, saved)]
+        if not wrong:
+            fits.append(size)
+        elif len(sizes) == 1:
+            keys = dict.fromkeys(at.partition("[")[0] for at in wrong)
+            given = ", ".join(at for at, v in found.items() if v == size)
+            misfit = f"{name} = {size} (from {given}) does not fit " + ", ".join(
+                f"{key}: checkpoint {saved[key]}, built {built.get(key)}" for key in keys
+            )
+    return (fits[0], None) if len(fits) == 1 else (None, misfit)
+
+
+def _dimension_fits(
+    at: str, built: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]]
+) -> bool:
+    key, _, rest = at.partition("[")
+    shape = built.get(key)
+    if not rest or shape is None or len(shape) != len(saved[key]):
+        return False  # a tensor of another rank
+    d = int(rest[:-1])
+    return shape[d] == saved[key][d]
 
 
 def _unsolved(
@@ -390,7 +444,12 @@ def _load_into_placeholder(
                 f"Fix: save the checkpoint after the model is built."
             )
         return  # saved before the build: the layer stays deferred
-    shapes = {n: tuple(v.shape) for n, v in mine.items()}
+    # A tensor with sizes already (tied before the build to a layer built earlier in
+    # this load: safetensors' save_model and Hugging Face store a tie once) sizes the
+    # layer as a saved one would; the tie stays one object, its key missing as torch's.
+    counts = counts_of(module)
+    held = {n: t for n, t in placeholders if n not in mine and n not in counts and not is_lazy(t)}
+    shapes = {n: tuple(v.shape) for n, v in {**held, **mine}.items()}
     values, problems = infer_from_shapes(module, shapes)
     if problems:
         # As torch: missing keys are listed (strict loading raises on them, a
@@ -427,7 +486,7 @@ def _load_into_placeholder(
     # initialization, so such a layer is constructed for real (its __init__, RNG use
     # included, as eager's before its load), unless declared on meta. Else on meta,
     # and every tensor is given memory that the loader below writes whole.
-    real = any(n not in mine and t.device.type != "meta" for n, t in placeholders)
+    real = any(n not in mine and n not in held and t.device.type != "meta" for n, t in placeholders)
     become(module, values, built_from="a checkpoint", device=None if real else "meta")
     if not real:
         for sub in module.modules():
