@@ -41,7 +41,13 @@ from .._naming import label, root_scope
 from .._tensors import own_tensors
 from ._commit import Write, commit, prepare
 from ._read import Source, read_source
-from ._sizes import counts_of, infer_from_shapes, saved_before_build, value_problem
+from ._sizes import (
+    counts_of,
+    infer_from_shapes,
+    other_shapes,
+    saved_before_build,
+    value_problem,
+)
 
 __all__ = ["load_state_dict"]
 
@@ -313,7 +319,11 @@ def _build_from(
                 f"(saved before a build, no values) for {', '.join(prefix + n for n in mixed)}"
             )
             continue
-        shapes = {n: tuple(v.shape) for n, v in mine.items()}
+        names = {n for n, _ in tensors}
+        shapes = {
+            **other_shapes(sub, state, prefix, names),  # (bad values are left out there)
+            **{n: tuple(v.shape) for n, v in mine.items()},
+        }
         values, found = infer_from_shapes(sub, shapes)
         if found:
             problems.append(

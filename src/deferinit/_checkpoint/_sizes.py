@@ -21,7 +21,7 @@ under a parameter object that a recurrent layer holds by weak reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any
@@ -37,7 +37,7 @@ from .._become._become import become
 from .._declare._deferred import Deferred
 from .._declare._layout import KNOWN, probe_shapes
 from .._declare._placeholder import Holder, placeholder_tensors
-from .._declare._rules import MISSING, RuleError
+from .._declare._rules import MISSING, Rule, RuleError
 from .._declare._signature import constructor_call
 from .._naming import label
 from .._swap import exchange_or_raise
@@ -48,6 +48,7 @@ __all__ = [
     "infer_from_shapes",
     "load_into_placeholder",
     "meta_to_empty",
+    "other_shapes",
     "saved_before_build",
     "shapes_with",
     "swappable",
@@ -106,6 +107,32 @@ def saved_before_build(module: nn.Module, saved: dict[str, Any]) -> tuple[bool, 
     if sized:
         return False, lazy
     return bool(saved), []
+
+
+def other_shapes(
+    module: Deferred, state: Mapping[str, Any], prefix: str, names: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """The shapes of the saved tensors under ``prefix`` that ``module``'s placeholders
+    do not name (a layout its arguments change: MultiheadAttention's
+    ``q_proj_weight`` when ``kdim`` differs), for rules that read a value off them;
+    keys of a submodule of its own are its submodule's. Empty when no rule of the
+    layer reads values off shapes (the common case: no walk over the checkpoint)."""
+    rules = type(module)._di_rules.values()
+    if all(type(r).from_shapes is Rule.from_shapes for r in rules):
+        return {}
+    children = {
+        n for n, m in module._modules.items() if m is not None and not isinstance(m, Holder)
+    }
+    return {
+        rest: tuple(v.shape)
+        for k, v in state.items()
+        if k.startswith(prefix)
+        and (rest := k[len(prefix) :]) not in names
+        and rest.split(".", 1)[0] not in children
+        and isinstance(v, torch.Tensor)
+        and value_problem(k, v) is None
+        and not is_lazy(v)
+    }
 
 
 def _flat(value: Any) -> list[int] | None:
@@ -450,6 +477,7 @@ def _load_into_placeholder(
     counts = counts_of(module)
     held = {n: t for n, t in placeholders if n not in mine and n not in counts and not is_lazy(t)}
     shapes = {n: tuple(v.shape) for n, v in {**held, **mine}.items()}
+    shapes = {**other_shapes(module, state_dict, prefix, names), **shapes} if shapes else {}
     values, problems = infer_from_shapes(module, shapes)
     if problems:
         # As torch: missing keys are listed (strict loading raises on them, a
