@@ -12,11 +12,6 @@ import deferinit as di
 from deferinit import nn as dnn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs SizeIfDiffers.from_shapes in deferinit/nn.py (another owner): kdim/vdim "
-    "read off k_proj_weight/v_proj_weight",
-)
 @pytest.mark.parametrize("loader", ["di", "torch"])
 def test_separate_projections_load_into_unbuilt_twin(loader: str) -> None:
     torch.manual_seed(0)

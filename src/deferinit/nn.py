@@ -187,6 +187,16 @@ class SizeIfDiffers(Rule):
     def provisional(self, size: int, options: Mapping[str, Any]) -> None:
         return None
 
+    def from_shapes(self, shapes: Mapping[str, tuple[int, ...]], options: Mapping[str, Any]) -> Any:
+        # A checkpoint of separate projections (kdim/vdim set) holds k_proj_weight and
+        # v_proj_weight, of shape (embed_dim, kdim/vdim); a packed one holds neither.
+        saved = shapes.get(f"{self.arg[0]}_proj_weight")
+        if saved is None:
+            return MISSING
+        if len(saved) != 2:
+            raise RuleError(f"{self.arg[0]}_proj_weight of 2 dimensions", str(saved))
+        return saved[1]
+
     def describe(self) -> str:
         return f"the last size of {self.arg}, when it differs from {self.ref}'s"
 
