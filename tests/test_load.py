@@ -793,10 +793,18 @@ def test_something_not_a_module_is_a_type_error(thing: Any) -> None:
         di.load_state_dict(thing, _mlp_state())
 
 
-def test_multihead_attention_with_unknown_key_sizes_refuses_a_q_k_v_checkpoint() -> None:
-    # Without kdim/vdim the placeholder expects in_proj_weight: the keys are named.
+def test_multihead_attention_with_unknown_key_sizes_takes_them_from_a_q_k_v_checkpoint() -> None:
+    # kdim/vdim are read off k_proj_weight/v_proj_weight (test_load_attention_kdim.py).
     eager = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
     model = dnn.MultiheadAttention(num_heads=2)
-    with pytest.raises(di.DeferredInitError, match=r"q_proj_weight"):
+    di.load_state_dict(model, eager.state_dict())
+    assert (model.kdim, model.vdim) == (6, 5) and di.pending(model) == []
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in eager.state_dict().items())
+
+
+def test_multihead_attention_refuses_a_q_k_v_checkpoint_that_contradicts_its_kdim() -> None:
+    eager = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+    model = dnn.MultiheadAttention(num_heads=2, kdim=4, vdim=5)  # fixed: not the saved 6
+    with pytest.raises(di.DeferredInitError, match=r"k_proj_weight"):
         di.load_state_dict(model, eager.state_dict())
-    assert di.pending(model) == [""]
