@@ -11,6 +11,7 @@ from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._layout import layout_of
 from .._declare._placeholder import Holder, install_placeholders, placeholder_tensors
 from .._declare._state import State, replace
+from .._lazy import waiting_lazy
 from .._tensors import table_of, tensor_at
 from ._transaction import hook_tables
 
@@ -26,7 +27,9 @@ def _check(module: object, fn: str) -> None:
 
 def pending(module: nn.Module) -> list[str]:
     """Qualified names of the layers below ``module`` that are still deferred,
-    in registration order (``""`` for ``module`` itself).
+    in registration order (``""`` for ``module`` itself): deferinit's layers not yet
+    built, and torch's own ``nn.Lazy*`` modules still waiting for their first
+    forward (which :func:`deferinit.adopt` turns into deferinit layers).
 
     >>> import torch, deferinit as di
     >>> from torch import nn
@@ -41,7 +44,8 @@ def pending(module: nn.Module) -> list[str]:
     return [
         name
         for name, sub in module.named_modules()
-        if isinstance(sub, Deferred) and not _inside_placeholder(module, name)
+        if (isinstance(sub, Deferred) or waiting_lazy(sub))
+        and not _inside_placeholder(module, name)
     ]
 
 
@@ -56,7 +60,9 @@ def _inside_placeholder(root: nn.Module, name: str) -> bool:
 
 
 def is_built(module: nn.Module) -> bool:
-    """Whether no layer below ``module`` (or ``module`` itself) is still deferred.
+    """Whether no layer below ``module`` (or ``module`` itself) is still deferred:
+    neither a deferinit layer nor a torch ``nn.Lazy*`` module waiting for its first
+    forward (the layers :func:`pending` lists).
 
     >>> import torch, deferinit as di
     >>> from deferinit import nn as dnn
@@ -68,7 +74,7 @@ def is_built(module: nn.Module) -> bool:
     True
     """
     _check(module, "is_built")
-    return not any(isinstance(sub, Deferred) for sub in module.modules())
+    return not any(isinstance(sub, Deferred) or waiting_lazy(sub) for sub in module.modules())
 
 
 def reset(module: M) -> M:
