@@ -20,7 +20,16 @@ from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._declare._deferred import placeholders_made
-from .._declare._pending import QUEUE, Call, pending_calls, run_pending, take_pending
+from .._declare._pending import (
+    DTYPES,
+    QUEUE,
+    Call,
+    convert_through,
+    dtypes_passed,
+    pending_calls,
+    run_pending,
+    take_pending,
+)
 from .._declare._placeholder import placeholder_tensors
 from .._declare._rules import Described
 from .._errors import ShapeMismatchError
@@ -78,6 +87,7 @@ def adopt_placeholders(
     name)."""
     if not placeholders_made(module):
         return [], {}  # no one has seen a placeholder: the fresh tensors stay
+    _convert_unplaced(module, real, keep_device=keep_device)  # before any is adopted
     ties: list[str] = []
     became: dict[str, torch.Tensor] = {}
     adopted: dict[int, torch.Tensor] = {}  # real tensor -> the placeholder now holding it
@@ -109,6 +119,9 @@ def adopt_placeholders(
         adopted[id(value)] = placeholder
         data = value.data
         device = data.device if keep_device else placeholder.device
+        passed = dtypes_passed(placeholder)
+        if passed:  # .half().float(): rounded through half precision, as eager's
+            data = convert_through(data, passed)
         if data.dtype != placeholder.dtype or data.device != device:
             # The user moved the placeholder (.double(), .to(device)): as eager code
             # would, initialize in the constructor's dtype and device, then convert.
@@ -151,6 +164,65 @@ def adopt_placeholders(
         # initializer, if any, runs next).
         run_pending(calls)
     return ties, waiting if any(queue for _, queue in waiting.values()) else {}
+
+
+def _convert_unplaced(module: nn.Module, real: nn.Module, *, keep_device: bool) -> None:
+    """The real layer's tensors under names that have no placeholder (a
+    MultiheadAttention whose inferred kdim differs from embed_dim has
+    ``q_proj_weight`` where its placeholders have ``in_proj_weight``) take the
+    conversions the layer's placeholders took, as eager's conversion after
+    construction converts every tensor alike: the placeholders' common dtype (and
+    the dtypes they passed through) for a floating tensor, device, and
+    ``requires_grad`` for a parameter. Where the placeholders disagree (converted
+    one by one), that conversion is not guessed: the tensor stays as constructed."""
+    if (
+        not real._modules
+        and real._parameters.keys() == module._parameters.keys()
+        and real._buffers.keys() == module._buffers.keys()
+    ):
+        return  # the common flat layer: every name has its placeholder
+    placeholders = dict(placeholder_tensors(module))
+    fresh = [
+        (name, t)
+        for name, t in [
+            *real.named_parameters(remove_duplicate=False),
+            *real.named_buffers(remove_duplicate=False),
+        ]
+        if name not in placeholders
+    ]
+    if not fresh:
+        return
+    waiting = [t for t in placeholders.values() if isinstance(t, UninitializedTensorMixin)]
+    floats = {(t.dtype, dtypes_passed(t)) for t in waiting if t.dtype.is_floating_point}
+    devices = {t.device for t in waiting}
+    grads = {t.requires_grad for t in waiting if isinstance(t, nn.Parameter)}
+    done: dict[int, torch.Tensor] = {}  # a tensor under two names is converted once
+    for name, value in fresh:
+        owner_name, _, leaf = name.rpartition(".")
+        table = table_of(real.get_submodule(owner_name), leaf)
+        if id(value) in done:
+            table[leaf] = done[id(value)]
+            continue
+        data = original = value.data
+        passed: tuple[torch.dtype, ...] = ()
+        if len(floats) == 1 and data.dtype.is_floating_point:
+            ((dtype, passed),) = floats
+            data = convert_through(data, passed).to(dtype=dtype)
+        if len(devices) == 1 and not keep_device:
+            data = data.to(device=next(iter(devices)))
+        converted = value
+        if data is not original:
+            if torch._has_compatible_shallow_copy_type(value, data):
+                value.data = data
+            else:  # cpu -> meta: a new tensor (no one else holds the fresh one)
+                keep = value.requires_grad
+                converted = nn.Parameter(data, keep) if isinstance(value, nn.Parameter) else data
+                table[leaf] = converted
+        if len(grads) == 1 and isinstance(value, nn.Parameter):
+            converted.requires_grad_(*grads)
+        if passed and converted.is_meta:  # for di.materialize, as on the placeholders
+            converted.__dict__[DTYPES] = passed
+        done[id(value)] = converted
 
 
 def _building(module: nn.Module, tensor: str) -> str:

@@ -7,6 +7,11 @@ every in-place call made on it (a ``Tensor`` method ending in ``_``, or a
 ``torch.nn.init`` function that dispatches on its tensor); the queue runs on the
 real tensor, the same Python object, right after the layer is constructed.
 Anything that needs the sizes or values now raises :class:`NotBuiltError`.
+
+A placeholder also remembers the dtypes it was converted through (``DTYPES``):
+eager's ``.half().float()`` after construction rounds every value to half
+precision and back, so the built tensor is converted through the same dtypes
+(:func:`convert_through`), not only put in the last one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from .._naming import label
 from ._recording import HOOKS
 
 __all__ = [
+    "DTYPES",
     "Call",
+    "convert_through",
+    "dtypes_passed",
     "owner_of",
     "pending_calls",
     "run_pending",
@@ -44,6 +52,9 @@ _OWNER = "_di_owner"  # (weak reference to the deferred layer, name within it)
 # In-place by name, but not initialization: they stay torch's (allowed or refused).
 _NOT_INIT = {"requires_grad_", "share_memory_", "retain_grad_", "set_", "resize_"}
 _DATA = torch.Tensor.data
+# In the placeholder's __dict__: the dtypes it was converted through, the one it had
+# before the first conversion first and its current one last (absent: none).
+DTYPES = "_di_dtypes"
 _DETACH = torch._C.TensorBase.detach
 
 
@@ -67,12 +78,78 @@ def pending_calls(tensor: torch.Tensor) -> list[Call]:
 
 def take_pending(tensor: torch.Tensor, *, keep_queue: bool) -> dict[str, Any]:
     """Remove the owner note (a weak reference would not pickle with the built
-    tensor) and, unless ``keep_queue``, the waiting calls; returns what was removed
+    tensor) and, unless ``keep_queue``, the waiting calls and the dtypes passed
+    (kept on meta for ``di.materialize``); returns what was removed
     (:func:`run_pending` takes it, a rollback puts it back)."""
     removed = {_OWNER: tensor.__dict__.pop(_OWNER)} if _OWNER in tensor.__dict__ else {}
-    if not keep_queue and QUEUE in tensor.__dict__:
-        removed[QUEUE] = tensor.__dict__.pop(QUEUE)
+    if not keep_queue:
+        for key in (QUEUE, DTYPES):
+            if key in tensor.__dict__:
+                removed[key] = tensor.__dict__.pop(key)
     return removed
+
+
+def dtypes_passed(tensor: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes a placeholder was converted through, from the one it had before
+    (the constructor's) to its current one; ``()`` if it never changed dtype, or
+    only through steps that keep every value and back (``.double().float()``).
+
+    >>> import torch
+    >>> from deferinit import nn as dnn
+    >>> layer = dnn.Linear(4).half().float()
+    >>> dtypes_passed(layer.weight)
+    (torch.float32, torch.float16, torch.float32)
+    >>> dtypes_passed(dnn.Linear(4).double().float().weight)
+    ()
+    """
+    passed: tuple[torch.dtype, ...] = tensor.__dict__.get(DTYPES, ())
+    return passed
+
+
+def convert_through(data: torch.Tensor, passed: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """``data``, constructed in ``passed[0]``, converted through every later dtype of
+    ``passed`` (:func:`dtypes_passed`), as eager's conversions after construction
+    would have converted it.
+
+    >>> import torch
+    >>> x = torch.tensor([1 / 3])
+    >>> convert_through(x, (torch.float32, torch.float16, torch.float32)).item()
+    0.333251953125
+    """
+    for dtype in passed[1:]:
+        data = data.to(dtype=dtype)
+    return data
+
+
+def _passed(
+    passed: tuple[torch.dtype, ...], before: torch.dtype, after: torch.dtype
+) -> tuple[torch.dtype, ...]:
+    """``passed`` after one more conversion, from ``before`` to ``after``. A return
+    to the dtype before a step that kept every value (float32 -> float64 -> float32)
+    undoes that step."""
+    if before == after:
+        return passed
+    steps = passed or (before,)
+    if len(steps) >= 2 and steps[-2] == after and _keeps_every_value(after, before):
+        steps = steps[:-1]
+    else:
+        steps = (*steps, after)
+    return steps if len(steps) > 1 else ()
+
+
+def _keeps_every_value(source: torch.dtype, target: torch.dtype) -> bool:
+    """Every ``source`` value is exactly a ``target`` value (float16 -> float32)."""
+    if not (source.is_floating_point and target.is_floating_point):
+        return False
+    a, b = torch.finfo(source), torch.finfo(target)
+    return b.eps <= a.eps and b.max >= a.max and b.smallest_normal <= a.smallest_normal
+
+
+def _note_passed(tensor: torch.Tensor, passed: tuple[torch.dtype, ...]) -> None:
+    if passed:
+        tensor.__dict__[DTYPES] = passed
+    else:
+        tensor.__dict__.pop(DTYPES, None)
 
 
 def run_pending(calls: list[Call], swap: Mapping[int, torch.Tensor] | None = None) -> None:
@@ -142,9 +219,18 @@ def waiting_torch_function(
     kwargs = kwargs or {}
     # torch.nn.init functions hand their tensor over as a keyword.
     target = args[0] if args else kwargs.get("tensor")
-    is_getter = type(func).__name__ == "method-wrapper" and func.__name__ == "__get__"
-    if is_getter and func.__self__ is _DATA:
-        return target  # so that in-place init on .data waits too
+    wrapper = type(func).__name__ == "method-wrapper"
+    if wrapper and func.__self__ is _DATA and isinstance(target, cls):
+        if func.__name__ == "__get__":
+            return target  # so that in-place init on .data waits too
+        if func.__name__ == "__set__":
+            # placeholder.data = converted (nn.Module._apply): the dtype it passes
+            # through is noted, so the built tensor is rounded through it as well.
+            with torch._C.DisableTorchFunctionSubclass():
+                before, after = target.dtype, args[1].dtype
+            result = _default(cls, func, types, args, kwargs)
+            _note_passed(target, _passed(dtypes_passed(target), before, after))
+            return result
     if isinstance(target, cls) and _waits(func):
         call = (next(_numbers), func, args, dict(kwargs))
         target.__dict__.setdefault(QUEUE, []).append(call)
@@ -158,6 +244,18 @@ def waiting_torch_function(
         copy = torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
         copy.__dict__.update(target.__dict__)
         return copy
-    if func in cls._allowed_methods or type(func).__name__ == "method-wrapper":
-        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
+    if func in cls._allowed_methods or wrapper:
+        result = _default(cls, func, types, args, kwargs)
+        if isinstance(result, cls) and result is not target and isinstance(target, cls):
+            # A conversion (.half(), .to(...)): the copy knows the dtypes passed, so
+            # that a Parameter made of it (nn.Module._apply to meta) knows them too.
+            with torch._C.DisableTorchFunctionSubclass():
+                before, after = target.dtype, result.dtype
+            _note_passed(result, _passed(dtypes_passed(target), before, after))
+        return result
     raise refuse(target, func)
+
+
+def _default(cls: Any, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """torch's own handling of ``func`` (the placeholder classes' base behaviour)."""
+    return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]

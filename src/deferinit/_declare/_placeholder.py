@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ._layout import Layout, TensorSpec
-from ._pending import QUEUE, refuse, set_owner, waiting_torch_function
+from ._pending import DTYPES, QUEUE, refuse, set_owner, waiting_torch_function
 
 __all__ = [
     "Holder",
@@ -50,9 +50,10 @@ class _Portable:
 
     def __reduce_ex__(self, proto: Any) -> Any:
         # The waiting init calls travel along (they refer to the placeholder itself,
-        # which pickle has memoized by the time it writes the state).
-        state = {QUEUE: self.__dict__[QUEUE]} if QUEUE in self.__dict__ else None
-        return (type(self), (self.requires_grad, self.device, self.dtype), state)
+        # which pickle has memoized by the time it writes the state), and so do the
+        # dtypes it was converted through.
+        state = {k: self.__dict__[k] for k in (QUEUE, DTYPES) if k in self.__dict__}
+        return (type(self), (self.requires_grad, self.device, self.dtype), state or None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -61,6 +62,8 @@ class _Portable:
         if id(self) not in memo:
             copy = type(self)(self.requires_grad, self.device, self.dtype)  # type: ignore[call-arg]
             memo[id(self)] = copy
+            if DTYPES in self.__dict__:
+                copy.__dict__[DTYPES] = self.__dict__[DTYPES]
             if QUEUE in self.__dict__:
                 copy.__dict__[QUEUE] = [
                     (n, f, deepcopy(a, memo), deepcopy(k, memo))
