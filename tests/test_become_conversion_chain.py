@@ -153,11 +153,6 @@ def test_lossless_round_trips_leave_nothing_to_round() -> None:
     assert torch.equal(layer.weight, nn.Linear(3, 4).weight)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="di.materialize (src/deferinit/_fill/_placing.py) converts the constructed value "
-    "straight to the meta tensor's dtype; it must go through dtypes_passed (see the report)",
-)
 @pytest.mark.parametrize("move", LOSSY.values(), ids=LOSSY.keys())
 def test_built_on_meta_then_materialized_equals_eager(
     move: Move, assert_same_state: AssertSameState

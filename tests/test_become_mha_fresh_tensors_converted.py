@@ -94,11 +94,6 @@ def test_cross_attention_built_on_meta_after_double_materializes_as_eager(
     assert_same_state(layer, eager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="di.materialize (src/deferinit/_fill/_placing.py) converts the constructed value "
-    "straight to the meta tensor's dtype; it must go through dtypes_passed (see the report)",
-)
 def test_cross_attention_built_on_meta_after_half_float_materializes_as_eager(
     assert_same_state: AssertSameState,
 ) -> None:

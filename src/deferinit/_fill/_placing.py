@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._declare._pending import convert_through, dtypes_passed
 from .._errors import DeferredInitError
 from .._shards import is_dtensor, local_slice, sharded_like
 from .._swap import exchange, wraps
@@ -77,6 +78,9 @@ def place_under_object(
     every other reference made before materialization see them. ``qualified`` names
     the tensor in errors. Never a new object: where the swap is unsound, a
     :class:`DeferredInitError` saying why, and the model is put back."""
+    passed = dtypes_passed(old)
+    if passed:  # converted before its build on meta (.half().float()): rounded as eager's
+        new = convert_through(new.detach(), passed)
     want = dtype if dtype is not None and new.is_floating_point() else old.dtype
     data = new.detach().to(dtype=want) if new.dtype != want else new.detach()
     data.requires_grad_(old.requires_grad)
