@@ -35,12 +35,6 @@ def test_di_load_names_the_key_and_the_layer() -> None:
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="torch's built-layer loader reads .shape of the placeholder value; the "
-    "wording lives in deferinit/_declare/_pending.py refuse (another owner)",
-)
 def test_torch_load_names_the_key_and_the_layer() -> None:
     m = _built()
     before = {k: v.clone() for k, v in m.state_dict().items()}

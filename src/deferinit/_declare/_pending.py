@@ -193,7 +193,37 @@ def _operation(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", func))
 
 
+_TORCH_MODULE = "torch.nn.modules.module"
+
+
+def _loaded_into_built(tensor: Any) -> NotBuiltError | None:
+    """A placeholder saved in a checkpoint (before its layer was built) whose shape
+    torch's loader of a built layer reads: the key, the layer and the fix."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "_load_from_state_dict"
+            and frame.f_globals.get("__name__") == _TORCH_MODULE
+            and frame.f_locals.get("input_param") is tensor
+        ):
+            layer, prefix = frame.f_locals.get("self"), str(frame.f_locals.get("prefix", ""))
+            key = str(frame.f_locals.get("key", ""))
+            kind = type(layer).__name__
+            where = f"{kind} layer {prefix[:-1]!r}" if prefix else kind
+            return NotBuiltError(
+                f"{where}: load_state_dict: the checkpoint holds a placeholder for {key!r} "
+                f"(saved before the layer was built, so it has no values), the model's layer "
+                f"is built. Fix: save the checkpoint after the "
+                f"build (a forward pass or di.build, then state_dict()), or load it into an "
+                f"unbuilt model."
+            )
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def refuse(tensor: Any, func: Any) -> NotBuiltError:
+    if (error := _loaded_into_built(tensor)) is not None:
+        return error
     owner = tensor.__dict__.get(_OWNER) if isinstance(tensor, torch.Tensor) else None
     layer = owner[0]() if owner else None
     where = (
