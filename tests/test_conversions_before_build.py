@@ -74,3 +74,16 @@ def test_well_formed_dim_rules_are_accepted() -> None:
     assert di.dim(-1).axis == -1
     assert di.dim(1, arg="x", ndim=(3, 4)).ndim == (3, 4)
     assert di.dim(1, 2, 4).arg == 2
+
+
+def test_init_waiting_on_a_placeholder_survives_a_move_to_meta() -> None:
+    layer = dnn.Linear(4)
+    nn.init.ones_(layer.bias)
+    net = nn.Sequential(layer).to("meta")
+    di.build(net, (2, 3))
+    torch.manual_seed(0)
+    di.materialize(net)
+    torch.manual_seed(0)
+    eager = nn.Linear(3, 4)
+    nn.init.ones_(eager.bias)
+    assert torch.equal(net[0].weight, eager.weight) and torch.equal(net[0].bias, eager.bias)

@@ -271,19 +271,37 @@ def waiting_torch_function(
         # Parameter(placeholder) detaches its argument: nn.Module._apply does that when
         # moving a parameter to a device it cannot share storage with (.to("meta")).
         # The copy is a placeholder of the same layer, its waiting calls included.
-        copy = torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
-        copy.__dict__.update(target.__dict__)
+        copy = _default(cls, func, types, args, kwargs)
+        _inherit(copy, target)
         return copy
     if func in cls._allowed_methods or wrapper:
         result = _default(cls, func, types, args, kwargs)
         if isinstance(result, cls) and result is not target and isinstance(target, cls):
-            # A conversion (.half(), .to(...)): the copy knows the dtypes passed, so
-            # that a Parameter made of it (nn.Module._apply to meta) knows them too.
+            # A conversion (.half(), .to(...)): the copy waits for the same init calls
+            # and knows the dtypes passed, so that a Parameter made of it
+            # (nn.Module._apply to meta) does too.
+            _inherit(result, target)
             with torch._C.DisableTorchFunctionSubclass():
                 before, after = target.dtype, result.dtype
             _note_passed(result, _passed(dtypes_passed(target), before, after))
         return result
     raise refuse(target, func)
+
+
+def _inherit(copy: torch.Tensor, original: torch.Tensor) -> None:
+    """``copy`` (a conversion or detached copy of the placeholder ``original``) belongs
+    to the same layer and waits for the same init calls, made on itself."""
+
+    def mine(x: Any) -> Any:
+        return copy if x is original else x
+
+    copy.__dict__.update(original.__dict__)
+    calls = original.__dict__.get(QUEUE)
+    if calls is not None:
+        copy.__dict__[QUEUE] = [
+            (n, f, tuple(mine(a) for a in args), {k: mine(v) for k, v in kwargs.items()})
+            for n, f, args, kwargs in calls
+        ]
 
 
 def _default(cls: Any, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
