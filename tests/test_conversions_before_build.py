@@ -86,4 +86,6 @@ def test_init_waiting_on_a_placeholder_survives_a_move_to_meta() -> None:
     torch.manual_seed(0)
     eager = nn.Linear(3, 4)
     nn.init.ones_(eager.bias)
-    assert torch.equal(net[0].weight, eager.weight) and torch.equal(net[0].bias, eager.bias)
+    built = net[0]
+    assert isinstance(built, nn.Linear)
+    assert torch.equal(built.weight, eager.weight) and torch.equal(built.bias, eager.bias)
