@@ -209,3 +209,22 @@ def test_build_reset_cycles_keep_memory_flat_and_leave_no_module_alive() -> None
     assert all(ref() is None for ref in refs)  # freed at once, without the collector
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+def test_training_goes_on_after_reset_while_a_graph_from_before_is_alive() -> None:
+    # The ordinary loop: the last loss of the old sizes still holds its graph (and the
+    # parameters' gradient accumulators) while the first forward of the new sizes runs.
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(torch.randn(4, 20)).sum()
+    loss.backward()
+    opt.step()
+    di.reset(net)
+    loss = net(torch.randn(4, 30)).sum()
+    loss.backward()
+    first = net[0]
+    assert isinstance(first, nn.Linear)
+    before = first.weight.detach().clone()
+    opt.step()
+    assert first.weight.grad is not None and first.weight.grad.shape == (8, 30)
+    assert not torch.equal(first.weight, before)  # the optimizer made before trains it

@@ -167,7 +167,13 @@ def unbecome(module: nn.Module) -> bool:
         sub.training = new["training"]
     for old, kind in to_empty:
         old.grad = None  # a gradient of the old sizes would not fit the next build
-        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        # torch keeps a tensor's gradient accumulator (and the sizes it expects) while a
+        # graph from before holds it, across .data assignments of another shape; one of
+        # another dtype drops it, so the next build's graph gets one of its own sizes.
+        dtype, device = old.dtype, old.device
+        other = torch.float64 if dtype != torch.float64 else torch.float32
+        old.data = torch.empty(0, dtype=other, device=device)
+        old.data = torch.empty(0, dtype=dtype, device=device)
         old.__class__ = kind
     return True
 
