@@ -89,3 +89,22 @@ def test_init_waiting_on_a_placeholder_survives_a_move_to_meta() -> None:
     built = net[0]
     assert isinstance(built, nn.Linear)
     assert torch.equal(built.weight, eager.weight) and torch.equal(built.bias, eager.bias)
+
+
+@pytest.mark.parametrize("device", [None, "meta"], ids=["cpu", "meta"])
+def test_di_build_of_a_model_converted_before_the_build_runs_in_its_dtype(
+    device: str | None,
+) -> None:
+    # The shape pass's copies are constructed in the declared dtype: a float64 example
+    # must still reach a Conv2d converted with .double(), as the first forward does.
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(dnn.Conv2d(4, 3), nn.Flatten(), dnn.Linear(10)).double()
+    di.build(model, x, device=device)
+    torch.manual_seed(0)
+    if device == "meta":
+        di.materialize(model)
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 10)).double()
+    ours, theirs = model.state_dict(), eager.state_dict()
+    assert all(ours[k].dtype == torch.float64 and torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
 from .._declare._pending import Call
-from .._declare._placeholder import Holder
+from .._declare._placeholder import Holder, placeholder_tensors
 from .._declare._rules import Described, describe
 from .._declare._signature import constructor_call
 from .._declare._state import State, declared_defaults
@@ -386,8 +387,13 @@ def _record_shapes(
         return from_spec(recorder.memo[key])
     given = [*args, *kwargs.values()]
     device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
+    moved = _moved_dtype(module)
     txn = become(module, values, built_from=built_from, device=device, adopt=False)
     recorder.records.append((module, values, built_from, txn))
+    if moved is not None:  # .double() before the build: the pass runs it in that dtype too
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.is_floating_point() and t.dtype != moved:
+                t.data = t.data.to(moved)
     own_hooks = _resolved(own_hooks, module)
     args, kwargs = run_own_pre_hooks(module, args, kwargs, own_hooks)
     try:
@@ -403,6 +409,23 @@ def _record_shapes(
         if spec is not None:
             recorder.memo[key] = spec
     return output
+
+
+def _moved_dtype(module: Deferred) -> torch.dtype | None:
+    """The floating dtype every placeholder of ``module`` was converted to before the
+    build (``.double()``, ``.to(torch.bfloat16)``), where it differs from the one
+    the layer is constructed in; ``None`` if none was, or they disagree."""
+    if not placeholders_made(module):
+        return None  # nobody looked at them, so nothing converted them
+    dtypes = {
+        t.dtype
+        for _, t in placeholder_tensors(module)
+        if isinstance(t, UninitializedTensorMixin) and t.dtype.is_floating_point
+    }
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    return dtype if dtype != module.__dict__["_di"].dtype else None
 
 
 def _build_and_run_for_compile(

@@ -87,8 +87,9 @@ def example_dtype(module: nn.Module) -> torch.dtype:
     (``torch.long``) where its first leaf layer in registration order takes
     indices (an ``nn.Embedding`` or ``nn.EmbeddingBag``, deferred or not); else
     that of its first floating parameter (else buffer) in registration order,
-    where a deferred layer counts with the dtype it is declared with (read off its
-    declaration, making no placeholder); torch's default dtype for a model with none.
+    where a deferred layer counts with the dtype it will be built in (its
+    placeholders' where they were converted, else its declaration's, read without
+    making a placeholder); torch's default dtype for a model with none.
 
     >>> from deferinit import nn as dnn
     >>> example_dtype(nn.Sequential(nn.ReLU(), dnn.Linear(4, dtype=torch.float64)))
@@ -103,7 +104,7 @@ def example_dtype(module: nn.Module) -> torch.dtype:
     with torch._C.DisableTorchFunctionSubclass():  # plain .dtype reads on Parameters
         for sub in module.modules():
             if isinstance(sub, Deferred):
-                found = _declared_dtype(sub)
+                found = layer_dtype(sub)  # converted before the build (.double()) counts
             else:
                 found = _floating_dtype(sub)
             if found is not None:
