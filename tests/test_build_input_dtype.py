@@ -107,3 +107,35 @@ def test_defer_classes_are_not_checked() -> None:
     lookup = di.defer(_Lookup, in_features=di.dim(-1))
     model = di.build(nn.Sequential(lookup(out_features=3)), torch.ones(2, 5, dtype=torch.long))
     assert model[0].in_features == 5
+
+
+_FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+_NORM_LIKE = {
+    "BatchNorm1d": (dnn.BatchNorm1d, (2, 4)),
+    "LayerNorm": (dnn.LayerNorm, (2, 4)),
+    "GroupNorm": (lambda: dnn.GroupNorm(2), (2, 4, 3)),
+    "InstanceNorm1d": (dnn.InstanceNorm1d, (2, 4, 3)),
+    "InstanceNorm1d-affine": (lambda: dnn.InstanceNorm1d(affine=True), (2, 4, 3)),
+    "RMSNorm": (dnn.RMSNorm, (2, 4)),
+    "Linear": (lambda: dnn.Linear(3), (2, 4)),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # InstanceNorm's own, on odd inputs
+@pytest.mark.parametrize("name", list(_NORM_LIKE))
+def test_di_build_takes_exactly_the_example_dtypes_the_first_forward_takes(name: str) -> None:
+    make, shape = _NORM_LIKE[name]
+    for layer_dtype in _FLOATS:
+        for input_dtype in _FLOATS:
+            x = torch.randn(shape).to(input_dtype)
+            try:
+                di.build(nn.Sequential(make()).to(layer_dtype), x)  # type: ignore[operator]
+                built = True
+            except di.InferenceError:
+                built = False
+            try:
+                nn.Sequential(make()).to(layer_dtype)(x)  # type: ignore[operator]
+                ran = True
+            except (RuntimeError, ValueError):
+                ran = False
+            assert built == ran, (name, layer_dtype, input_dtype, built, ran)

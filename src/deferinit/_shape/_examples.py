@@ -146,7 +146,7 @@ def layer_dtype(layer: Deferred) -> torch.dtype | None:
 
 
 # The torch layers whose eager forward refuses an input of any dtype but their
-# parameters' (outside autocast); the others (the norms) refuse integers only.
+# parameters' (outside autocast); the norms below; the others refuse integers only.
 _SAME_DTYPE: frozenset[type[nn.Module]] = frozenset(
     [
         nn.Linear,
@@ -171,6 +171,23 @@ _SAME_DTYPE: frozenset[type[nn.Module]] = frozenset(
         nn.AdaptiveLogSoftmaxWithLoss,
     ]
 )
+# The norms' eager forward (CPU) takes their parameters' dtype, or a bfloat16/float16
+# input into float32 parameters (mixed precision); where they hold no tensor (no
+# affine, no running statistics) any floating input. RMSNorm takes any.
+_NORMS: frozenset[type[nn.Module]] = frozenset(
+    [
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+    ]
+)
+_HALVES = (torch.bfloat16, torch.float16)
 _TWINS_MODULE = "deferinit.nn"
 
 
@@ -196,12 +213,12 @@ def _refuse_dtype(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     expected = layer_dtype(layer)
     if x.is_floating_point() or x.is_complex():
         classes = getattr(_class_of(layer), "classes", (_class_of(layer),))
-        if (
-            expected is None
-            or x.dtype == expected
-            or not all(c in _SAME_DTYPE for c in classes)
-            or _autocast(x)
-        ):
+        if expected is None or x.dtype == expected or _autocast(x):
+            return
+        if all(c in _NORMS for c in classes):
+            if expected == torch.float32 and x.dtype in _HALVES:
+                return  # mixed precision, which the norms take
+        elif not all(c in _SAME_DTYPE for c in classes):
             return
         fix = (
             f"pass an example of dtype {_dtype_text(expected)}, give a shape instead (it takes "
