@@ -26,6 +26,11 @@ FACTORIES: dict[str, Factory] = {
     "decoder-layer-between-linears": lambda: nn.Sequential(
         nn.Linear(3, 3), nn.TransformerDecoderLayer(16, 4, 32), nn.Linear(2, 2)
     ),
+    # No tensor of its own; its _reset_parameters re-draws every submodule's weights.
+    "transformer": lambda: nn.Transformer(8, 2, 1, 1, 16, batch_first=True),
+    "transformer-inside": lambda: nn.Sequential(
+        nn.Linear(2, 2), nn.Transformer(8, 2, 1, 1, 16, batch_first=True)
+    ),
 }
 
 

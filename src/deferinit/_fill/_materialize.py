@@ -83,6 +83,16 @@ def _plan(
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
+        if (
+            seed is None
+            and not own_tensors(sub)
+            and _whole_model_reset(sub)
+            and any(is_meta(t) and id(t) not in replayed for t in sub.parameters())
+        ):
+            # nn.Transformer: no tensor of its own, and a _reset_parameters that
+            # re-initializes its submodules' once they are constructed (eager's order).
+            after.append((name, ("reset", name, sub)))
+            continue
         if any(is_meta(t) and id(t) not in replayed for t in own_tensors(sub).values()):
             has_init = sub.__dict__.get("_di_meta_init") is not None
             reset = own_reset(sub)
@@ -97,6 +107,17 @@ def _plan(
                 unfit.append(f"{name or '<root>'} ({type(sub).__name__})")
     steps.extend(step for _, step in reversed(after))
     return steps, deferred, unfit
+
+
+def _whole_model_reset(module: nn.Module) -> bool:
+    """Whether the module's own initialization is a ``_reset_parameters`` of torch's
+    own class (``nn.Transformer``'s sets every submodule's weights)."""
+    reset = own_reset(module)
+    return (
+        reset is not None
+        and reset.__name__ == "_reset_parameters"
+        and str(getattr(reset, "__module__", "")).startswith("torch.")
+    )
 
 
 def _below(name: str, prefix: str) -> bool:
