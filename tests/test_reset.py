@@ -228,3 +228,23 @@ def test_training_goes_on_after_reset_while_a_graph_from_before_is_alive() -> No
     opt.step()
     assert first.weight.grad is not None and first.weight.grad.shape == (8, 30)
     assert not torch.equal(first.weight, before)  # the optimizer made before trains it
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [lambda m: m.half().float(), lambda m: m.bfloat16().double()],
+    ids=["half-float", "bfloat16-double"],
+)
+def test_a_rebuild_after_reset_rounds_through_the_conversions_as_the_first_build(
+    convert: Callable[[nn.Module], nn.Module],
+) -> None:
+    layer = convert(dnn.Linear(3))
+    torch.manual_seed(0)
+    di.build(layer, (2, 4))
+    di.reset(layer)
+    torch.manual_seed(0)
+    di.build(layer, (2, 4))
+    torch.manual_seed(0)
+    eager = convert(nn.Linear(4, 3))
+    assert isinstance(layer, nn.Linear) and isinstance(eager, nn.Linear)
+    assert torch.equal(layer.weight, eager.weight) and torch.equal(layer.bias, eager.bias)

@@ -78,14 +78,13 @@ def pending_calls(tensor: torch.Tensor) -> list[Call]:
 
 def take_pending(tensor: torch.Tensor, *, keep_queue: bool) -> dict[str, Any]:
     """Remove the owner note (a weak reference would not pickle with the built
-    tensor) and, unless ``keep_queue``, the waiting calls and the dtypes passed
-    (kept on meta for ``di.materialize``); returns what was removed
-    (:func:`run_pending` takes it, a rollback puts it back)."""
+    tensor) and, unless ``keep_queue``, the waiting calls (kept on meta for
+    ``di.materialize``); returns what was removed (:func:`run_pending` takes it, a
+    rollback puts it back). The dtypes passed stay: after ``di.reset`` the next
+    build converts through them again, as the first did."""
     removed = {_OWNER: tensor.__dict__.pop(_OWNER)} if _OWNER in tensor.__dict__ else {}
-    if not keep_queue:
-        for key in (QUEUE, DTYPES):
-            if key in tensor.__dict__:
-                removed[key] = tensor.__dict__.pop(key)
+    if not keep_queue and QUEUE in tensor.__dict__:
+        removed[QUEUE] = tensor.__dict__.pop(QUEUE)
     return removed
 
 
