@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -32,7 +32,8 @@ from .._tensors import is_meta
 from ._errors import RecordError
 from ._placeholders import python_state, swap_in_placeholders
 from ._recorder import Recorder
-from ._tape import PART_KEY, Part, Record, TensorRef
+from ._tape import PART_KEY, Declared, Part, Queued, Record, TensorRef, keep_twin_part
+from ._twins import declared
 
 __all__ = [
     "RECORD_KEY",
@@ -84,27 +85,34 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     """
     if recording():
         return factory(*args, **kwargs)
-    module, record = record_construction(factory, *args, **kwargs)
+    module, record = record_construction(factory, args, kwargs)
     if record.guarded:  # materialize may record it again, under its own state
         record.rerun = (factory, args, kwargs)
         record.fingerprint = python_state(module)
     for name, sub in module.named_modules():
         if name:  # a part knows its record: materializing it alone is refused (see _replay)
             sub.__dict__[PART_KEY] = Part(record, name)
+            if any(layer is sub for layer in declared(record)):
+                keep_twin_part(sub, Part(record, name))
     module.__dict__[RECORD_KEY] = record
     module.register_forward_pre_hook(_before_materialize)
     return module
 
 
-def record_construction(factory: Callable[..., M], *args: Any, **kwargs: Any) -> tuple[M, Record]:
+def record_construction(
+    factory: Callable[..., M],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    twins: Sequence[Declared | Queued] = (),
+) -> tuple[M, Record]:
     """The recording itself: the module, its fake tensors swapped for placeholders,
-    and its record (not yet kept on it)."""
+    and its record (not yet kept on it). ``twins``: see ``Recorder``."""
     device = torch.get_default_device()
     # Reading the state draws nothing; value reads steered by random numbers are
     # simulated from it (see _values).
     record = Record(device, torch.get_rng_state() if device.type == "cpu" else None)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    recorder = Recorder(fake, record)
+    recorder = Recorder(fake, record, twins)
     _state.active = True
     HOOKS.declared, HOOKS.queued = recorder.declared, recorder.queued
     HOOKS.outside = _disable_current_modes

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .._declare._recording import RECORD_KEY
-from .._tensors import is_meta
-from ._tape import PART_KEY, Part, Record
+from .._tensors import is_meta, tensors_by_name
+from ._tape import Record, part_of
+from ._twins import declared
 
 __all__ = ["Piece", "part_refused", "parts"]
 
@@ -33,8 +34,9 @@ Piece = tuple[str, nn.Module, Record, set[int]]  # (name, part, record named bel
 
 def parts(module: nn.Module) -> list[Piece]:
     """Parts of recorded models below ``module`` whose recorded root is not below it
-    and that still wait for values (topmost ones): each with a view of the record in
-    which the finals it holds are named below it (``inside``, by index), the others
+    and that still wait for values (topmost ones; a deferred layer declared in the
+    recording counts, the replay fills it in program order): each with a view of the record
+    in which the finals it holds are named below it (``inside``, by index), the others
     under names no tensor of it has, so that ``seed=`` streams go by its names.
 
     >>> from torch import nn
@@ -46,8 +48,8 @@ def parts(module: nn.Module) -> list[Piece]:
     own = {id(sub.__dict__[RECORD_KEY]) for sub in module.modules() if RECORD_KEY in sub.__dict__}
     found: list[Piece] = []
     for name, sub in module.named_modules():
-        part = sub.__dict__.get(PART_KEY)
-        if not isinstance(part, Part) or id(part.record) in own:
+        part = part_of(sub)
+        if part is None or id(part.record) in own:
             continue
         if any(_below(name, prefix) for prefix, _, _, _ in found):
             continue
@@ -65,9 +67,19 @@ def parts(module: nn.Module) -> list[Piece]:
             finals.append(final._replace(name=leaf))
             if is_meta(final.placeholder):
                 inside.add(i)
-        if inside:
+        if inside or _twin_waits(sub, record):
             found.append((name, sub, dataclasses.replace(record, finals=finals, plan=None), inside))
     return found
+
+
+def _twin_waits(sub: nn.Module, record: Record) -> bool:
+    """Whether a deferred layer declared in the recording (its placeholders are an
+    event of the record, not among its finals) lies below ``sub`` and waits for values."""
+    below = {id(m) for m in sub.modules()}
+    return any(
+        id(layer) in below and any(is_meta(t) for t in tensors_by_name(layer).values())
+        for layer in declared(record)
+    )
 
 
 def _below(name: str, prefix: str) -> bool:
@@ -83,7 +95,8 @@ def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def part_refused(name: str, sub: nn.Module) -> str:
     """Why a part without ``seed=`` is refused, and what to do."""
-    part: Part = sub.__dict__[PART_KEY]
+    part = part_of(sub)
+    assert part is not None
     shown = name or part.name
     there = f" (at {part.name!r} in it)" if name and name != part.name else ""
     return (

@@ -32,6 +32,7 @@ What is recorded and what is not:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,17 +78,28 @@ class Recorder(TorchDispatchMode):
     Args:
         fake: the fake mode below (used to make fake tensors of values computed now).
         record: where operations are appended.
+        twins: recording again at materialize, the deferred layers declared (and init
+            calls queued) the first time, sizes known now: value reads simulate their
+            draws (see ``_values``).
     """
 
-    def __init__(self, fake: FakeTensorMode, record: Record) -> None:
+    def __init__(
+        self, fake: FakeTensorMode, record: Record, twins: Sequence[Declared | Queued] = ()
+    ) -> None:
         super().__init__()
         self.fake = fake
         self.record = record
-        self.values = Values(record)
+        self.values = Values(record, twins)
         self.ids: dict[int, int] = {}  # storage address -> storage number
         # Pinned so that no later storage can reuse an address while recording.
         self.pins: list[torch.UntypedStorage] = []
         self.rng = torch.default_generator.get_state()  # as last seen (reading draws nothing)
+        # Reseeds not undone yet (fork_rng nests): the point right before each (its
+        # number in ``Reseed.back``), the state there, and whether that state came
+        # from the state at the start (then a return to it is a restore).
+        self.open: list[tuple[int, torch.Tensor, bool]] = []
+        self.reseeds = 0
+        self.relative = True  # the state now came from the state at the start
 
     # -- descriptors -------------------------------------------------------------
     def sid(self, t: torch.Tensor, *, create: bool = False) -> int | None:
@@ -188,15 +200,25 @@ class Recorder(TorchDispatchMode):
 
     def reseeded(self) -> None:
         """Record a reseed of the default CPU generator since the last look, here.
-        A reseed to the very state last seen cannot be told from none."""
+        A reseed to the very state last seen cannot be told from none. A return to
+        the state right before the last reseed not undone, where that state came
+        from the state at the start, is a restore (``fork_rng``'s exit): replayed as
+        the state the replay had there. Any other state is set as recorded (a state
+        an earlier reseed set is that reseed again)."""
         with _disable_current_modes():  # real tensors, compared for real
             state = torch.default_generator.get_state()
             if torch.equal(state, self.rng):
                 return
+            back = None
+            if self.open and self.open[-1][2] and torch.equal(self.open[-1][1], state):
+                back = self.open.pop()[0]
             seed = torch.default_generator.initial_seed()
             fresh = torch.equal(torch.Generator().manual_seed(seed).get_state(), state)
-        self.rng = state
-        self._event(Reseed(state, seed if fresh else None))
+        self.reseeds += 1
+        if back is None:
+            self.open.append((self.reseeds, self.rng, self.relative))
+        self.rng, self.relative = state, back is not None
+        self._event(Reseed(state, seed if fresh and back is None else None, back))
 
     # -- deferred layers (told by the declare stage, see _declare._recording) ----
     def declared(self, layer: nn.Module) -> None:

@@ -47,7 +47,7 @@ from ._parts import part_refused, parts
 from ._rerecord import current
 from ._seeded import draw_owners, seed_of
 from ._sharded import Normal, Sharded, Target, holders, place_sharded, targets
-from ._tape import PART_KEY, Part, Record, Reseed
+from ._tape import PART_KEY, Part, Points, Record, Reseed
 from ._twins import TwinReplay, check_twins, twin_tensors
 
 __all__ = ["Undo", "awaiting_replay", "records", "replay", "replay_recorded"]
@@ -169,6 +169,7 @@ def replay(
     engine.pooled = {sid for sids in drop_after.values() for sid in sids}
     owners = draw_owners(record, prefix) if seed is not None else {}
     generators: dict[str, torch.Generator] = {}
+    points = Points(torch.default_generator)  # the replay's own states, for restores
 
     def settle(index: int) -> None:
         for i in take_after.get(index, ()):
@@ -182,7 +183,7 @@ def replay(
                 continue
             if isinstance(op.event, Reseed):
                 if seed is None:  # seed=: every draw from its own generator
-                    op.event.apply()
+                    points.reseed(op.event)
                 continue
             if op.event is not None:
                 if twins is not None:

@@ -41,7 +41,7 @@ from ._deferred_init import record_construction, recording
 from ._engine import same
 from ._errors import ReplayError
 from ._placeholders import python_state
-from ._tape import Final, Op, Record
+from ._tape import Declared, Final, Op, Queued, Record
 
 __all__ = ["current"]
 
@@ -50,29 +50,51 @@ def current(record: Record, device: torch.device) -> Record:
     """The record to replay now, without ``seed=``, on ``device``: ``record`` where its
     guards were simulated from the state the default generator has now (or cannot be
     recorded again: then the replay checks each guard), else a new recording."""
+    twins = record.events()
     if (
         not record.guarded
         or record.rerun is None
         or record.start_state is None  # recorded on another device than the CPU
         or device != record.default_device
         or torch.get_default_device() != record.default_device
-        or record.events()  # its deferred layers would come back unbuilt
         or recording()
-        or torch.equal(torch.get_rng_state(), record.start_state)
+        # Deferred layers declared in it draw at replay, but the guards were simulated
+        # without them (sizes unknown then): recorded again with their sizes.
+        or (not twins and torch.equal(torch.get_rng_state(), record.start_state))
     ):
         return record
     factory, args, kwargs = record.rerun
     with warnings.catch_warnings(), _untouched():
         warnings.simplefilter("ignore")  # shown once already, at deferred_init
-        module, fresh = record_construction(factory, *args, **kwargs)
+        module, fresh = record_construction(factory, args, kwargs, twins)
     difference = _difference(record, fresh, python_state(module))
+    if difference is None:
+        difference = _other_events(twins, fresh.events())
     if difference is not None:
         raise ReplayError(_another_path(record, fresh, difference))
     fresh.finals = [
         new._replace(placeholder=old.placeholder)
         for old, new in zip(record.finals, fresh.finals, strict=True)
     ]
+    # The layers the user holds (built) replay at the new run's places.
+    given = iter(twins)
+    fresh.ops = [
+        op._replace(event=next(given)) if isinstance(op.event, Declared | Queued) else op
+        for op in fresh.ops
+    ]
+    fresh.plan = None
+    fresh.make_plan()
     return fresh
+
+
+def _other_events(old: list[Declared | Queued], new: list[Declared | Queued]) -> str | None:
+    """How the deferred layers declared (and init calls queued) differ, or ``None``."""
+    if len(old) != len(new):
+        return f"it declares {len(new)} deferred layers and init calls, the model {len(old)}"
+    for a, b in zip(old, new, strict=True):
+        if type(a) is not type(b) or (isinstance(a, Queued) and a.leaf != b.leaf):  # type: ignore[union-attr]
+            return f"it declares {b} where the model has {a}"
+    return None
 
 
 @contextlib.contextmanager
@@ -109,8 +131,8 @@ def _difference(old: Record, new: Record, state: Any) -> str | None:
         where = f"{name or '<root>'} ({cls})"
         if (name, cls) != (old_name, old_cls):
             return f"it builds {where} where the model has {old_name or '<root>'} ({old_cls})"
-        if attrs != old_attrs:
-            theirs, ours = dict(attrs), dict(old_attrs)
+        theirs, ours = dict(attrs), dict(old_attrs)
+        if theirs != ours:  # in any order: a deferred layer sets its own late
             key = next(k for k in {**ours, **theirs} if ours.get(k) != theirs.get(k))
             return (
                 f"attribute {key!r} of {where} would be {theirs.get(key)!r}, the model "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -32,11 +33,14 @@ __all__ = [
     "Op",
     "Part",
     "Plan",
+    "Points",
     "Queued",
     "Record",
     "Reseed",
     "TensorRef",
+    "keep_twin_part",
     "map_refs",
+    "part_of",
     "refs_in",
 ]
 
@@ -108,15 +112,43 @@ class Reseed(NamedTuple):
     that line. Seen at the next draw (or at the end) as a changed state, since the
     recording itself draws nothing."""
 
-    state: torch.Tensor  # the CPU generator's state right after
+    state: torch.Tensor  # the CPU generator's state right after (as recorded)
     seed: int | None  # the seed, when the state is a fresh torch.manual_seed(seed)
+    # A restore (``torch.random.fork_rng``'s exit): the state is the one the generator
+    # held at an earlier point, which depends on the state the replay started from.
+    # The point: 0, the construction's start; k, right before the k-th reseed.
+    back: int | None = None
 
-    def apply(self) -> None:
-        """Set the default generator(s) as the construction did."""
-        if self.seed is not None:
-            torch.manual_seed(self.seed)  # every device, as torch.manual_seed does
+
+class Points:
+    """Replays reseeds on ``generator`` (the default CPU one, or the simulation's
+    private one), keeping its state at each point a restore may go back to: the start
+    and right before each reseed, as this run has them.
+
+    >>> g = torch.Generator().manual_seed(3)
+    >>> points = Points(g)
+    >>> points.reseed(Reseed(torch.Generator().manual_seed(1).get_state(), 1))
+    >>> g.initial_seed()
+    1
+    >>> points.reseed(Reseed(torch.empty(0), None, back=1))  # fork_rng's exit
+    >>> g.initial_seed()
+    3
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.saved = [generator.get_state()]
+
+    def reseed(self, event: Reseed) -> None:
+        """Set the generator as the construction did at ``event``."""
+        before = self.generator.get_state()
+        if event.back is not None:
+            self.generator.set_state(self.saved[event.back])
+        elif event.seed is not None and self.generator is torch.default_generator:
+            torch.manual_seed(event.seed)  # every device, as torch.manual_seed does
         else:
-            torch.default_generator.set_state(self.state)
+            self.generator.set_state(event.state)
+        self.saved.append(before)
 
 
 class Final(NamedTuple):
@@ -150,6 +182,29 @@ class Part(NamedTuple):
 
     record: Record
     name: str
+
+
+# A deferred layer declared in a recording: di.build gives it a new ``__dict__`` (its
+# PART_KEY is lost there), so its Part is kept here too, the record weakly (the record
+# holds the layer: a strong reference would keep both alive for ever).
+_TWIN_PARTS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[Record], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def keep_twin_part(layer: nn.Module, part: Part) -> None:
+    """Remember that ``layer``, declared in a recording, is ``part`` of its model."""
+    _TWIN_PARTS[layer] = (weakref.ref(part.record), part.name)
+
+
+def part_of(module: nn.Module) -> Part | None:
+    """The Part ``module`` is of a recorded model, or ``None``."""
+    part = module.__dict__.get(PART_KEY)
+    if isinstance(part, Part):
+        return part
+    found = _TWIN_PARTS.get(module)
+    record = found[0]() if found is not None else None
+    return None if record is None or found is None else Part(record, found[1])
 
 
 Rerun = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]

@@ -45,10 +45,11 @@ from ._tape import Declared, Queued, Record
 if TYPE_CHECKING:  # the DTensor stack loads only where a DTensor exists (see _shards)
     from torch.distributed.tensor import DTensor
 
-__all__ = ["TwinReplay", "check_twins", "twin_tensors"]
+__all__ = ["TwinReplay", "check_twins", "declared", "twin_tensors"]
 
 
-def _declared(record: Record) -> list[nn.Module]:
+def declared(record: Record) -> list[nn.Module]:
+    """The deferred layers declared in the recording, in order."""
     return [e.layer for e in record.events() if isinstance(e, Declared)]
 
 
@@ -58,7 +59,7 @@ def twin_tensors(record: Record) -> list[torch.Tensor]:
     finals = {id(f.placeholder) for f in record.finals}
     seen: set[int] = set()
     found: list[torch.Tensor] = []
-    for layer in _declared(record):
+    for layer in declared(record):
         if isinstance(layer, Deferred):
             continue
         for t in tensors_by_name(layer).values():
@@ -72,7 +73,7 @@ def check_twins(root: nn.Module, name: str, record: Record) -> None:
     """Before anything is allocated: every layer declared in the recording has its
     sizes (a deferred one inside the model is refused earlier, by materialize)."""
     inside = {id(m) for m in root.modules()}
-    for layer in _declared(record):
+    for layer in declared(record):
         if isinstance(layer, Deferred):
             where = "in the model" if id(layer) in inside else "and then dropped from the model"
             raise RecordError(

@@ -22,7 +22,10 @@ now, only the recorded operations the value depends on:
 When ``materialize`` runs under another state, the replay records the construction
 again from that state first (``_replay``), so the guards hold whenever eager
 construction would take the recorded path. A reseed recorded in the construction
-(``Reseed``) sets the private generator as it sets the default one at replay.
+(``Reseed``) sets the private generator as it sets the default one at replay. A
+deferred layer declared before the read draws at replay but has no sizes at
+``deferred_init``: ``materialize`` records again with its sizes (then known), and the
+simulation constructs it (and runs init calls queued on it) at its place.
 
 >>> import torch
 >>> from deferinit._record import deferred_init
@@ -44,7 +47,8 @@ import torch
 
 from ._engine import Engine
 from ._errors import ValueReadError
-from ._tape import Op, Record, Reseed, TensorRef, map_refs
+from ._tape import Declared, Op, Points, Queued, Record, Reseed, TensorRef, map_refs
+from ._twins import TwinReplay
 
 __all__ = ["SIMULATION_LIMIT", "Values"]
 
@@ -73,11 +77,16 @@ class Values:
         record: the record being written (read, never changed here).
     """
 
-    def __init__(self, record: Record) -> None:
+    def __init__(self, record: Record, twins: Sequence[Declared | Queued] = ()) -> None:
         self.record = record
+        # Recording again at materialize: the deferred layers declared (sizes known
+        # now) and their queued init calls, in order, to draw as the replay will.
+        self.twins = list(twins)
+        self.twin_replay = TwinReplay(torch.device("cpu"), {})
         self.generator = torch.Generator()
         if record.start_state is not None:
             self.generator.set_state(record.start_state)
+        self.points = Points(self.generator)
         self.states: dict[int, torch.Tensor] = {}  # random op index -> state before it
         self.passed = 0  # every random op below this index has its state in self.states
 
@@ -111,11 +120,32 @@ class Values:
                 index, op = self.passed, ops[self.passed]
                 self.passed += 1
                 if isinstance(op.event, Reseed):
-                    self.generator.set_state(op.event.state)
+                    self.points.reseed(op.event)
+                elif op.event is not None:
+                    self._twin_draws(op.event)
                 if not op.random:
                     continue
                 self.states[index] = self.generator.get_state()
                 self._scratch_draw(op, what, cpu)
+
+    def _twin_draws(self, event: Declared | Queued) -> None:
+        """The draws of a deferred layer's construction (or of an init call queued on
+        it), made on the private generator, when its sizes are known; a layer that
+        does not correspond is left to the comparison of the two recordings."""
+        earlier = self.record.ops[: self.passed - 1]
+        number = sum(1 for op in earlier if isinstance(op.event, Declared | Queued))
+        if number >= len(self.twins) or type(self.twins[number]) is not type(event):
+            return
+        default = torch.default_generator
+        saved = default.get_state()
+        default.set_state(self.generator.get_state())
+        try:
+            self.twin_replay.run(self.twins[number])
+        except Exception:  # noqa: BLE001, S110  the replay raises it again, naming the layer
+            pass
+        finally:
+            self.generator.set_state(default.get_state())
+            default.set_state(saved)
 
     def _scratch_draw(self, op: Op, what: str, cpu: torch.device) -> None:
         size = sum(nbytes for _, nbytes in op.creates) + sum(
