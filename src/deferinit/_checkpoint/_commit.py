@@ -146,7 +146,8 @@ def _swap_in(w: Write) -> Callable[[], None]:
     exchange_or_raise(
         target,
         fresh,
-        f"di.load_state_dict: {kind_of(target)} {w.key!r} of {label(w.owner)}",
+        # Worded only if refused: naming a layer walks the model, once per tensor here.
+        lambda: f"di.load_state_dict: {kind_of(target)} {w.key!r} of {label(w.owner)}",
         "drop those references (del them) and load again. The model is left as it was.",
     )
     cls = type(target)

@@ -254,25 +254,62 @@ def _extra_state_keys(module: nn.Module) -> set[str]:
     }
 
 
+class _KeysUnder:
+    """The checkpoint's entries under each prefix (``"enc.0."``), by the rest of their
+    key, grouped in one pass when first asked: a walk per layer would make loading
+    a model of many layers quadratic."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
+        self.index: dict[str, dict[str, Any]] | None = None
+
+    def get(self, prefix: str) -> Mapping[str, Any]:
+        if not prefix:
+            return self.state
+        if self.index is None:
+            self.index = {}
+            for key, value in self.state.items():
+                dot = key.find(".")
+                while dot != -1:
+                    self.index.setdefault(key[: dot + 1], {})[key[dot + 1 :]] = value
+                    dot = key.find(".", dot + 1)
+        return self.index.get(prefix, {})
+
+
 def _unexpected(module: nn.Module, state: Mapping[str, Any]) -> list[str]:
-    """Torch's unexpected keys, in torch's order: per module (preorder), each key
-    under its prefix that names neither a child nor a tensor of that module."""
-    out: list[str] = []
-    for name, sub in module.named_modules():
-        prefix = name + "." if name else ""
-        local = set(own_tensors(sub))
-        local -= sub._non_persistent_buffers_set
-        if type(sub).get_extra_state is not nn.Module.get_extra_state:
-            local.add(_EXTRA_STATE)
-        for key in state:
-            if not key.startswith(prefix):
+    """Torch's unexpected keys, in torch's order (``Module._load_from_state_dict``):
+    per module (preorder), each key under its prefix, other than its extra state,
+    whose rest is dotted with a head naming no child, or undotted naming none of its
+    persistent tensors; keys below a child set to ``None`` are nobody's. Each key
+    walks down its own path (one pass over the keys, not one per module)."""
+    order = {id(sub): i for i, (_, sub) in enumerate(module.named_modules())}
+    locals_: dict[int, set[str]] = {}
+    found: list[tuple[int, int, str]] = []  # (module's preorder place, key's place, key)
+    for place, key in enumerate(state):
+        sub, rest = module, key
+        while rest != _EXTRA_STATE:
+            head, dot, tail = rest.partition(".")
+            if dot:
+                if head not in sub._modules:
+                    found.append((order.get(id(sub), len(order)), place, key))
+                    break
+                child = sub._modules[head]
+                if child is None:
+                    break  # torch's load never visits it
+                sub, rest = child, tail
                 continue
-            head = key[len(prefix) :].split(".", 1)[0]
-            if head not in sub._modules and head not in local:
-                out.append(key)
-            elif head in sub._modules and sub._modules[head] is None:
-                out.append(key)
-    return out
+            local = locals_.get(id(sub))
+            if local is None:
+                local = locals_[id(sub)] = _local_keys(sub)
+            if head not in local:
+                found.append((order.get(id(sub), len(order)), place, key))
+            break
+    return [key for _, _, key in sorted(found)]
+
+
+def _local_keys(sub: nn.Module) -> set[str]:
+    """The names under which ``sub`` itself reads keys: its persistent tensors."""
+    return set(own_tensors(sub)) - sub._non_persistent_buffers_set
 
 
 def _build_from(
@@ -288,6 +325,7 @@ def _build_from(
     for key, tensor in module.state_dict(keep_vars=True).items():
         if key in state and isinstance(tensor, torch.Tensor):
             saved_as.setdefault(id(tensor), key)
+    under = _KeysUnder(state)
     # A live walk: a block built here may construct deferred children, next in order.
     for name, sub in module.named_modules():
         if not isinstance(sub, Deferred):
@@ -321,7 +359,7 @@ def _build_from(
             continue
         names = {n for n, _ in tensors}
         shapes = {
-            **other_shapes(sub, state, prefix, names),  # (bad values are left out there)
+            **other_shapes(sub, under.get(prefix), "", names),  # (bad values left out there)
             **{n: tuple(v.shape) for n, v in mine.items()},
         }
         values, found = infer_from_shapes(sub, shapes)

@@ -21,6 +21,7 @@ under a parameter object that a recurrent layer holds by weak reference.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from fractions import Fraction
@@ -361,9 +362,14 @@ def meta_to_empty(module: nn.Module, devices: dict[int, torch.device]) -> None:
                 exchange_or_raise(
                     tensor,
                     fresh,
-                    f"di.load_state_dict: {kind_of(tensor)} {leaf!r} of {label(module)}",
+                    # Worded only if refused (naming a layer walks the model).
+                    functools.partial(_what, module, tensor, leaf),
                     "drop those references (del them) and load again.",
                 )
+
+
+def _what(module: nn.Module, tensor: torch.Tensor, leaf: str) -> str:
+    return f"di.load_state_dict: {kind_of(tensor)} {leaf!r} of {label(module)}"
 
 
 def _misfits(
