@@ -94,6 +94,7 @@ class Recorder(TorchDispatchMode):
         # Pinned so that no later storage can reuse an address while recording.
         self.pins: list[torch.UntypedStorage] = []
         self.rng = torch.default_generator.get_state()  # as last seen (reading draws nothing)
+        self.seen = [self.rng]  # the states a reseed (or the start) set: a set back to one is known
         # Reseeds not undone yet (fork_rng nests): the point right before each (its
         # number in ``Reseed.back``), the state there, and whether that state came
         # from the state at the start (then a return to it is a restore).
@@ -204,7 +205,10 @@ class Recorder(TorchDispatchMode):
         the state right before the last reseed not undone, where that state came
         from the state at the start, is a restore (``fork_rng``'s exit): replayed as
         the state the replay had there. Any other state is set as recorded (a state
-        an earlier reseed set is that reseed again)."""
+        an earlier reseed set is that reseed again). Any other change is not the
+        factory's to record: another thread drew from the generator meanwhile (the
+        recording itself draws nothing), which replaying would undo for that thread
+        (DESIGN §3.6); so is a state set that is neither a seed's nor one seen here."""
         with _disable_current_modes():  # real tensors, compared for real
             state = torch.default_generator.get_state()
             if torch.equal(state, self.rng):
@@ -214,6 +218,10 @@ class Recorder(TorchDispatchMode):
                 back = self.open.pop()[0]
             seed = torch.default_generator.initial_seed()
             fresh = torch.equal(torch.Generator().manual_seed(seed).get_state(), state)
+            if back is None and not fresh and not any(torch.equal(state, s) for s in self.seen):
+                self.rng = state  # not a reseed of the factory's: nothing recorded
+                return
+            self.seen.append(state)
         self.reseeds += 1
         if back is None:
             self.open.append((self.reseeds, self.rng, self.relative))

@@ -41,7 +41,7 @@ from ._deferred_init import record_construction, recording
 from ._engine import same
 from ._errors import ReplayError
 from ._placeholders import python_state
-from ._tape import Declared, Final, Op, Queued, Record
+from ._tape import Declared, Final, Op, Queued, Record, Reseed
 
 __all__ = ["current"]
 
@@ -64,7 +64,8 @@ def current(record: Record, device: torch.device) -> Record:
     ):
         return record
     factory, args, kwargs = record.rerun
-    with warnings.catch_warnings(), _untouched():
+    reseeds = any(isinstance(op.event, Reseed) for op in record.ops)
+    with warnings.catch_warnings(), _untouched(cpu=reseeds):
         warnings.simplefilter("ignore")  # shown once already, at deferred_init
         module, fresh = record_construction(factory, args, kwargs, twins)
     difference = _difference(record, fresh, python_state(module))
@@ -98,21 +99,26 @@ def _other_events(old: list[Declared | Queued], new: list[Declared | Queued]) ->
 
 
 @contextlib.contextmanager
-def _untouched() -> Iterator[None]:
-    """The generators as they were before, if the factory set them (``torch.manual_seed``
+def _untouched(*, cpu: bool) -> Iterator[None]:
+    """The generators as they were before, where the factory sets them (``torch.manual_seed``
     in its ``__init__``): the replay makes that reseed at its place, this extra run of
-    the factory must leave no trace (it draws nothing itself)."""
-    cpu, python = torch.get_rng_state(), random.getstate()
+    the factory must leave no trace (it draws nothing itself). The CPU generator is put
+    back only for a factory that the first recording saw reseed it (``cpu``): any other
+    change is another thread's draw, which putting it back would undo (DESIGN §3.6)."""
+    saved = torch.get_rng_state() if cpu else None
+    python = random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
-        if not torch.equal(torch.get_rng_state(), cpu):
-            torch.set_rng_state(cpu)
+        if saved is not None and not torch.equal(torch.get_rng_state(), saved):
+            torch.set_rng_state(saved)
         if random.getstate() != python:
             random.setstate(python)
         if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+            now = torch.cuda.get_rng_state_all()
+            if any(not torch.equal(a, b) for a, b in zip(cuda, now, strict=True)):
+                torch.cuda.set_rng_state_all(cuda)
 
 
 def _difference(old: Record, new: Record, state: Any) -> str | None:

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._random import Drawing
 from ._engine import Engine
 from ._errors import ValueReadError
 from ._tape import Declared, Op, Points, Queued, Record, Reseed, TensorRef, map_refs
@@ -136,16 +137,15 @@ class Values:
         number = sum(1 for op in earlier if isinstance(op.event, Declared | Queued))
         if number >= len(self.twins) or type(self.twins[number]) is not type(event):
             return
-        default = torch.default_generator
-        saved = default.get_state()
-        default.set_state(self.generator.get_state())
+        # Its draws go to the private generator through a dispatch mode (per thread):
+        # the process-wide one, which other threads may draw from, is never set.
+        drawing = Drawing(0)
+        drawing.generators[torch.device("cpu")] = self.generator
         try:
-            self.twin_replay.run(self.twins[number])
+            with drawing:
+                self.twin_replay.run(self.twins[number])
         except Exception:  # noqa: BLE001, S110  the replay raises it again, naming the layer
             pass
-        finally:
-            self.generator.set_state(default.get_state())
-            default.set_state(saved)
 
     def _scratch_draw(self, op: Op, what: str, cpu: torch.device) -> None:
         size = sum(nbytes for _, nbytes in op.creates) + sum(
