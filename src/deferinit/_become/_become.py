@@ -145,7 +145,9 @@ def _take_over(
     full = ours.get(_FULL)
     if full is not None and new.get(_FULL) is None:
         new[_FULL] = full  # torch collects _backward_hooks only when this is True
-    built_keys, built_modules = _shared(frozenset(new)), _shared(frozenset(new["_modules"]))
+    keys, names = frozenset(new), frozenset(new["_modules"])
+    built_keys = _SHARED.get(keys) or _shared(keys)  # the lookup inline: every build asks
+    built_modules = _SHARED.get(names) or _shared(names)
     if added is not None:
         new.update(added[0])
         new["_modules"].update(added[1])

@@ -207,11 +207,16 @@ def sizes_unenforced(layer: nn.Module) -> bool:
         if isinstance(module, Deferred):
             return False  # a layer within, still deferred: it will have its own
         d = module.__dict__
-        if any(t is not None for t in d["_parameters"].values()):
-            return False
-        if any(t is not None for t in d["_buffers"].values()):
-            return False
-        stack.extend(m for m in d["_modules"].values() if m is not None)
+        # Plain loops: every build asks, and most layers answer at their first weight.
+        for t in d["_parameters"].values():
+            if t is not None:
+                return False
+        for t in d["_buffers"].values():
+            if t is not None:
+                return False
+        for m in d["_modules"].values():
+            if m is not None:
+                stack.append(m)
     return True
 
 
