@@ -89,10 +89,11 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     if record.guarded:  # materialize may record it again, under its own state
         record.rerun = (factory, args, kwargs)
         record.fingerprint = python_state(module)
+    twins = {id(layer) for layer in declared(record)}  # once: a walk of the whole record
     for name, sub in module.named_modules():
         if name:  # a part knows its record: materializing it alone is refused (see _replay)
             sub.__dict__[PART_KEY] = Part(record, name)
-            if any(layer is sub for layer in declared(record)):
+            if id(sub) in twins:
                 keep_twin_part(sub, Part(record, name))
     module.__dict__[RECORD_KEY] = record
     module.register_forward_pre_hook(_before_materialize)
