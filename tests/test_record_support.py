@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+import deferinit as di
 from deferinit._record import Undo, deferred_init, replay_recorded
 
 M = TypeVar("M", bound=nn.Module)
@@ -312,3 +313,20 @@ def record_70b(layers: int = Config70B.n_layers) -> None:
         f"{deep_size(record.plan.__dict__) / 2**10:.0f} KiB"
     )
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (after imports: {base:.0f} MiB)")
+
+
+def assert_replays_as_eager(
+    factory: Callable[[], nn.Module], recorded_under: int, materialized_under: int
+) -> None:
+    """``factory`` recorded under one seed and materialized under another holds what
+    eager construction under the second gives, and leaves the generator where eager
+    construction leaves it."""
+    torch.manual_seed(materialized_under)
+    eager = factory()
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(recorded_under)
+    model: Any = di.deferred_init(factory)
+    torch.manual_seed(materialized_under)
+    di.materialize(model)
+    assert differing(eager, model) == []
+    assert torch.equal(torch.get_rng_state(), after_eager)

@@ -13,7 +13,7 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
-from test_record_support import differing
+from test_record_support import assert_replays_as_eager, differing
 
 
 class Reseeded(nn.Module):
@@ -67,15 +67,7 @@ FACTORIES: list[Callable[[], nn.Module]] = [
 def test_a_reseed_inside_init_replays_at_its_place(
     factory: Callable[[], nn.Module], recorded_under: int, materialized_under: int
 ) -> None:
-    torch.manual_seed(materialized_under)
-    eager = factory()
-    after_eager = torch.get_rng_state()
-    torch.manual_seed(recorded_under)
-    model: Any = di.deferred_init(factory)
-    torch.manual_seed(materialized_under)
-    di.materialize(model)
-    assert differing(eager, model) == []
-    assert torch.equal(torch.get_rng_state(), after_eager)
+    assert_replays_as_eager(factory, recorded_under, materialized_under)
 
 
 def test_deferred_init_itself_leaves_the_generator_alone() -> None:

@@ -6,14 +6,12 @@ at deferred_init."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-import deferinit as di
-from test_record_support import differing
+from test_record_support import assert_replays_as_eager
 
 
 class Forked(nn.Module):
@@ -58,12 +56,4 @@ FACTORIES: list[Callable[[], nn.Module]] = [Forked, DrawsThenForked, SaveAndRest
 def test_a_restore_replays_the_state_of_the_replay(
     factory: Callable[[], nn.Module], recorded_under: int, materialized_under: int
 ) -> None:
-    torch.manual_seed(materialized_under)
-    eager = factory()
-    after_eager = torch.get_rng_state()
-    torch.manual_seed(recorded_under)
-    model: Any = di.deferred_init(factory)
-    torch.manual_seed(materialized_under)
-    di.materialize(model)
-    assert differing(eager, model) == []
-    assert torch.equal(torch.get_rng_state(), after_eager)
+    assert_replays_as_eager(factory, recorded_under, materialized_under)

@@ -395,6 +395,7 @@ def _old_scalar(saved: tuple[int, ...], built: tuple[int, ...]) -> bool:
     return built == () and saved == (1,)
 
 
+@torch.inference_mode(False)
 def load_into_placeholder(
     module: Deferred,
     state_dict: dict[str, Any],
@@ -411,32 +412,9 @@ def load_into_placeholder(
     as the built layer would. A layer whose saved values are all placeholders (a
     state dict saved before the build) stays deferred, as torch's Lazy modules do.
 
-    Outside ``torch.inference_mode()``: placeholders made now and the built layer's
-    tensors are ordinary tensors, as eager's construction made them.
+    Outside ``torch.inference_mode()`` (the decorator): placeholders made now and the
+    built layer's tensors are ordinary tensors, as eager's construction made them.
     """
-    with torch.inference_mode(False):
-        _load_into_placeholder(
-            module,
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
-
-
-def _load_into_placeholder(
-    module: Deferred,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
     placeholders = placeholder_tensors(module)
     names = {name for name, _ in placeholders}
     mine = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
