@@ -16,8 +16,11 @@ rounds (the order alternating):
   thread count set to every core (``--threads``): ``di.materialize(seed=)``
   computes that many layers at once;
 * ``ceiling``: what that many threads gain on this machine now, deferinit aside
-  (each fills its own tensors against one thread filling them all): no ``seed=``
-  figure can beat it, and on a machine whose cores are busy it is near 1.
+  (each allocates and fills its share of the model's own tensors, split evenly,
+  against one thread doing all of it; and the same for 16 MiB tensors): no
+  ``seed=`` figure can beat its model's, and on a machine whose cores are busy
+  it is near 1. Small tensors gain less than large ones (a model's 1-4 MiB
+  tensors cost more page faults per element filled where huge pages are scarce).
 
 Throughput ratio = eager seconds / materialize seconds (bars: ≥ 1.0 exact, ≥ 1.6
 ``seed=`` on 2 cores). Prints a table and the ratios; exits 0 whether or not a bar
@@ -161,19 +164,48 @@ def _materialized(
     return build, sample(lambda: di.materialize(model, seed=seed))
 
 
-def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
+def model_tensors(factory: Factory, width: int, depth: int) -> list[tuple[torch.Size, torch.dtype]]:
+    """The shape and dtype of every parameter and buffer of the model, in
+    registration order (read off a build on meta: nothing allocated)."""
+    model = di.build(factory(width, depth, deferred=True), (2, width), device="meta")
+    return [(t.shape, t.dtype) for t in [*model.parameters(), *model.buffers()]]
+
+
+def _split(tensors: Sequence[tuple[torch.Size, torch.dtype]], parts: int) -> list[list[int]]:
+    """Indices of ``tensors`` in ``parts`` runs of consecutive tensors, each about the
+    same number of elements (the best balance a layer-by-layer split can reach)."""
+    total = sum(shape.numel() for shape, _ in tensors)
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    done = 0
+    for i, (shape, _) in enumerate(tensors):
+        groups[min(parts - 1, done * parts // max(total, 1))].append(i)
+        done += shape.numel()
+    return groups
+
+
+def ceiling(
+    threads: int,
+    repeat: int,
+    tensors: Sequence[tuple[torch.Size, torch.dtype]] | None = None,
+) -> float:
     """What ``threads`` threads can gain on this machine now, deferinit aside: each
-    thread allocates its own tensors and fills them from its own generator (a CPU
-    random fill runs on one thread), as ``seed=`` does, against one thread doing
-    all of it; ratio of medians, interleaved, each sample from fresh pages. On a
-    machine whose cores are busy with other work this is near 1, and no ``seed=``
-    figure can beat it."""
+    thread allocates its share of ``tensors`` (a model's, from :func:`model_tensors`;
+    default 4 tensors of 16 MiB a thread) and fills them from its own generator (a
+    CPU random fill runs on one thread), as ``seed=`` does, against one thread
+    doing all of it; ratio of medians, interleaved, each sample from fresh pages.
+    The shares are split evenly, which ``seed=`` (a layer at a time) can only
+    match. On a machine whose cores are busy with other work this is near 1, and
+    no ``seed=`` figure for those tensors can beat it."""
+    if tensors is None:
+        tensors = [(torch.Size([1 << 22]), torch.float32)] * (4 * threads)
+    groups = _split(tensors, threads)
     made: list[list[torch.Tensor]] = [[] for _ in range(threads)]
 
     def work(i: int) -> None:
         generator = torch.Generator().manual_seed(i)
-        for _ in range(4):
-            made[i].append(torch.empty(numel).uniform_(generator=generator))
+        for k in groups[i]:
+            shape, dtype = tensors[k]
+            made[i].append(torch.empty(shape, dtype=dtype).uniform_(generator=generator))
 
     def serial() -> list[list[torch.Tensor]]:
         for i in range(threads):
@@ -190,8 +222,8 @@ def ceiling(threads: int, repeat: int, numel: int = 1 << 22) -> float:
 
     def dropped(run: Callable[[], list[list[torch.Tensor]]]) -> float:
         seconds = timed(run)
-        for tensors in made:
-            tensors.clear()
+        for made_here in made:
+            made_here.clear()
         return seconds
 
     before = torch.get_num_threads()
@@ -280,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ratio {name} throughput materialize seed= / eager, {n} threads: {parallel:.2f} "
                 f"(bar ≥ {BAR_PARALLEL} on 2 cores: {met})"
             )
+        for name, factory, width, depth in cases:
+            limit = ceiling(n, repeat, model_tensors(factory, width, depth))
+            print(f"ceiling {name}: {n} threads filling its tensors / one thread: {limit:.2f}")
         limit = ceiling(n, repeat)
-        print(f"ceiling: {n} threads filling their own tensors / one thread: {limit:.2f}")
+        print(f"ceiling: {n} threads filling 16 MiB tensors / one thread: {limit:.2f}")
     finally:
         torch.set_num_threads(before)
     return 0

@@ -286,7 +286,12 @@ def _materialize_here(plan: Plan) -> Figures:
     with _threads(cores):
         for name, width, depth in plan.materialize:
             seeded[name] = _materialize_ratio(name, width, depth, rounds, seed=0)
-    limit = materialize_throughput.ceiling(cores, max(3, rounds // 2))
+    limits = {
+        name: materialize_throughput.ceiling(
+            cores, rounds, materialize_throughput.model_tensors(FACTORIES[name], width, depth)
+        )
+        for name, width, depth in plan.materialize
+    }
     _note(
         "materialize throughput (the worst model is the figure): exact "
         + ", ".join(f"{n} {r:.2f}" for n, r in exact.items())
@@ -294,8 +299,9 @@ def _materialize_here(plan: Plan) -> Figures:
         + ", ".join(f"{n} {r:.2f}" for n, r in seeded.items())
         + " (eager construction with the same threads; di.materialize(seed=) is measured "
         "as it is: whether it uses more than one core is its own business); ceiling: "
-        f"{cores} threads filling their own tensors gain {limit:.2f}x over one on this "
-        "machine now"
+        f"{cores} threads allocating and filling a model's own tensors gain "
+        + ", ".join(f"{n} {r:.2f}x" for n, r in limits.items())
+        + " over one on this machine now"
     )
     return {
         "materialize_ratio_vs_eager": min(exact.values()),
