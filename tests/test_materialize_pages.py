@@ -1,10 +1,12 @@
 """``di.materialize`` asks the kernel for transparent huge pages for a large
-layer's new CPU tensors (:mod:`deferinit._fill._hugepages`): only for layers with
-a tensor of at least 4 MiB, only in the thread that fills them, bitwise the same
-values as eager, and silently nothing where the advice is unavailable or fails."""
+layer's new CPU tensors, and to map their pages at once
+(:mod:`deferinit._fill._hugepages`): only for layers with a tensor of at least
+4 MiB, only in the thread that fills them, bitwise the same values as eager, and
+silently nothing where the advice is unavailable or fails."""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -53,7 +55,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Call]]:
         return 0
 
     monkeypatch.setattr(_hugepages, "_libc_madvise", lambda: record)
+    monkeypatch.setattr(_hugepages, "_huge_pages_mode", lambda: "madvise")
     yield made
+
+
+_HUGEPAGE, _POPULATE_WRITE = 14, 23
+
+
+def _advised(calls: list[Call], advice: int) -> list[Call]:
+    return [call for call in calls if call[2] == advice]
 
 
 def _failing(result: int | None) -> Callable[[int, int, int], int]:
@@ -68,16 +78,59 @@ def _failing(result: int | None) -> Callable[[int, int, int], int]:
 def test_a_large_layers_tensors_are_advised_on_their_aligned_part(calls: list[Call]) -> None:
     weight = _first_weight(di.materialize(_deferred(1024)))  # 4 MiB
     start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * 4
-    assert len(calls) == 1  # the 4 MiB weight only: the rest is under 2 MiB
-    address, length, advice = calls[0]
-    assert advice == 14  # MADV_HUGEPAGE
+    huge = _advised(calls, _HUGEPAGE)
+    assert len(huge) == 1  # the 4 MiB weight only: the rest is under 2 MiB
+    address, length, _ = huge[0]
     assert address % (2 * _MiB) == 0 and length % (2 * _MiB) == 0 and length > 0
     assert start <= address and address + length <= end
 
 
+def _pages(t: torch.Tensor) -> tuple[int, int]:
+    """The first and past-the-last byte of the 4 KiB pages ``t``'s bytes lie on."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    return start // 4096 * 4096, -(-end // 4096) * 4096
+
+
+def _covered(calls: list[Call]) -> list[tuple[int, int]]:
+    return sorted((address, address + length) for address, length, _ in calls)
+
+
+@pytest.mark.parametrize("mode", ["madvise", "always"])
+def test_a_large_layers_tensors_are_populated_on_their_small_pages(
+    calls: list[Call], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setattr(_hugepages, "_huge_pages_mode", lambda: mode)
+    weight = _first_weight(di.materialize(_deferred(1024)))  # 4 MiB; bias 4 KiB
+    first, last = _pages(weight)
+    huge = -(-first // (2 * _MiB)) * (2 * _MiB), last // (2 * _MiB) * (2 * _MiB)
+    populated = _covered(_advised(calls, _POPULATE_WRITE))
+    # The pages around the huge ones, each range once; the bias (under 64 KiB) not.
+    assert populated == [r for r in ((first, huge[0]), (huge[1], last)) if r[0] < r[1]]
+    assert _covered(_advised(calls, _HUGEPAGE)) == ([huge] if mode == "madvise" else [])
+    assert all(address % 4096 == 0 and length % 4096 == 0 for address, length, _ in calls)
+
+
+def test_every_page_is_populated_where_huge_pages_never_come(
+    calls: list[Call], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_hugepages, "_huge_pages_mode", lambda: "never")
+    weight = _first_weight(di.materialize(_deferred(1024)))
+    assert [advice for _, _, advice in calls] == [_POPULATE_WRITE]
+    assert _covered(calls) == [_pages(weight)]
+
+
+def test_a_tensor_with_no_whole_huge_page_is_populated_whole(calls: list[Call]) -> None:
+    meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
+    with _hugepages.huge_pages(meta, torch.device("cpu")):
+        small = torch.empty(1 * _MiB, dtype=torch.uint8)
+    assert [advice for _, _, advice in calls] == [_POPULATE_WRITE]
+    assert _covered(calls) == [_pages(small)]
+
+
 def test_seed_advises_too(calls: list[Call]) -> None:
     di.materialize(_deferred(1024), seed=0)
-    assert [advice for _, _, advice in calls] == [14]
+    advices = [advice for _, _, advice in calls]
+    assert advices[0] == _HUGEPAGE and set(advices) == {_HUGEPAGE, _POPULATE_WRITE}
 
 
 def test_small_layers_are_not_advised(calls: list[Call]) -> None:
@@ -136,7 +189,7 @@ def _vm_flags(address: int) -> list[str]:
 
 
 @pytest.mark.skipif(
-    _hugepages._libc_madvise() is None,
+    _hugepages._libc_madvise() is None or not _hugepages._huge_on_request(),
     reason="transparent huge pages on request only (Linux, THP 'madvise') are not here",
 )
 def test_the_kernel_holds_the_advice_on_linux() -> None:
@@ -165,7 +218,37 @@ def test_a_ranks_kept_slices_and_scratch_are_advised_and_exact(calls: list[Call]
     torch.manual_seed(3)
     eager = nn.Linear(width, width)
     assert torch.equal(local, eager.weight[: width // 2])
-    lengths = sorted(length for _, length, _ in calls)
-    assert all(advice == 14 for _, _, advice in calls)  # MADV_HUGEPAGE
+    lengths = sorted(length for _, length, _ in _advised(calls, _HUGEPAGE))
+    assert _advised(calls, _POPULATE_WRITE)
     assert any(6 * _MiB <= n <= 8 * _MiB for n in lengths), lengths  # the kept slice
     assert any(n >= 14 * _MiB for n in lengths), lengths  # the scratch buffer
+
+
+def _resident_pages(address: int, length: int) -> int:
+    """How many of the pages of ``[address, address + length)`` are in memory."""
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = length // 4096
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(address, length, vector) == 0
+    return sum(byte & 1 for byte in vector.raw)
+
+
+def _populate_works() -> bool:
+    """Whether this kernel maps pages on ``MADV_POPULATE_WRITE`` (Linux 5.14+)."""
+    madvise = _hugepages._libc_madvise()
+    if madvise is None:
+        return False
+    probe = torch.empty(16, dtype=torch.uint8)
+    address = probe.data_ptr() // 4096 * 4096
+    return madvise(address, 4096, _POPULATE_WRITE) == 0
+
+
+@pytest.mark.skipif(not _populate_works(), reason="MADV_POPULATE_WRITE (Linux 5.14+) is not here")
+def test_the_kernel_maps_a_new_tensors_small_pages_before_its_first_write() -> None:
+    meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
+    with _hugepages.huge_pages(meta, torch.device("cpu")):
+        fresh = torch.empty(1 * _MiB, dtype=torch.uint8)  # no whole huge page; unwritten
+    first = -(-fresh.data_ptr() // 4096) * 4096
+    length = (fresh.data_ptr() + fresh.numel()) // 4096 * 4096 - first
+    assert _resident_pages(first, length) == length // 4096

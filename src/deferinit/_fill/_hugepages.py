@@ -1,5 +1,5 @@
-"""Transparent huge pages for a large layer's new CPU tensors during
-``di.materialize`` (Linux).
+"""Transparent huge pages, and pages mapped at once, for a large layer's new CPU
+tensors during ``di.materialize`` (Linux).
 
 Filling a fresh tensor costs the kernel one page fault per 4 KiB page it touches
 first: a third of a transformer layer's construction, as much as the random fill
@@ -16,9 +16,18 @@ map 2 MiB: 128 MiB filled from fresh memory takes 118 ms instead of 150 ms here.
 tensor of at least 2 MiB that ``torch.empty`` and its kin allocate there. Values
 are untouched: the advice changes how memory is mapped, never what it holds.
 Small layers pay nothing; where the advice is unavailable (not Linux, huge pages
-``never`` or ``always`` already, no ``ctypes``, ``madvise`` failing) nothing
-happens. The advised range stays advised for as long as it is mapped (glibc may
+``never`` or ``always`` already, no ``ctypes``, ``madvise`` failing) no huge page
+is asked for. The advised range stays advised for as long as it is mapped (glibc may
 later reuse it for other allocations once the tensor is freed).
+
+The same tensors, from :data:`POPULATE` bytes, are also *populated* before their
+first touch (``madvise(MADV_POPULATE_WRITE)``, Linux 5.14 and later) where they
+lie on small pages: the kernel maps every such page in one call instead of one
+trap per 4 KiB as the fill first writes each. The pages are the ones the fill
+was about to fault in anyway (every tensor a layer's initialization allocates is
+written whole), zeroed as always; the call saves the traps, 3-5% of an exact
+``di.materialize`` of a transformer here. Where the kernel is older
+(``EINVAL``), nothing happens.
 """
 
 from __future__ import annotations
@@ -34,11 +43,14 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LARGE", "advise", "huge_pages"]
+__all__ = ["LARGE", "POPULATE", "advise", "huge_pages"]
 
 LARGE = 4 << 20  # a layer with a tensor of this many bytes gets the advice
 _HUGE = 2 << 20  # a transparent huge page on x86-64 and (4 KiB-page) arm64
+POPULATE = 64 << 10  # a new tensor of this many bytes in a large layer is mapped at once
+_PAGE = 4096  # the smallest page; madvise wants page-aligned ranges
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23
 _MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 # Allocations whose memory is not yet touched when they return.
@@ -55,12 +67,10 @@ Madvise = Callable[[int, int, int], int]
 
 @functools.cache
 def _libc_madvise() -> Madvise | None:
-    """libc's ``madvise`` where huge pages come on request only, else ``None``."""
+    """libc's ``madvise`` on Linux, else ``None``."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        if "[madvise]" not in _MODE.read_text():
-            return None
         function = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
         return None
@@ -70,9 +80,27 @@ def _libc_madvise() -> Madvise | None:
     return madvise
 
 
+@functools.cache
+def _huge_pages_mode() -> str:
+    """When the kernel hands out transparent huge pages: ``"always"``, on request
+    (``"madvise"``), or ``"never"`` (also where it does not say)."""
+    try:
+        text = _MODE.read_text()
+    except OSError:
+        return "never"
+    return next((mode for mode in ("always", "madvise") if f"[{mode}]" in text), "never")
+
+
+def _huge_on_request() -> bool:
+    """Whether the kernel hands out transparent huge pages on request only."""
+    return _huge_pages_mode() == "madvise"
+
+
 def advise(t: torch.Tensor) -> None:
     """Ask for huge pages on the 2 MiB-aligned part of ``t``'s memory (a CPU
-    tensor's), where there is one and the advice is available; errors ignored.
+    tensor's, not yet touched), where there is one and huge pages come on request;
+    then, from :data:`POPULATE` bytes, have its pages mapped at once. Errors are
+    ignored: the advice changes how memory is mapped, never what it holds.
 
     >>> import torch
     >>> advise(torch.empty(1 << 20))  # 4 MiB: one aligned 2 MiB page at least
@@ -81,16 +109,29 @@ def advise(t: torch.Tensor) -> None:
     if madvise is None or t.device.type != "cpu":
         return
     storage = t.untyped_storage()
-    address = storage.data_ptr()
-    start = -(-address // _HUGE) * _HUGE
-    end = (address + storage.nbytes()) // _HUGE * _HUGE
-    if end - start >= _HUGE:
-        with contextlib.suppress(OSError, ctypes.ArgumentError):
-            madvise(start, end - start, _MADV_HUGEPAGE)  # -1 (not advised): as if never asked
+    address, nbytes = storage.data_ptr(), storage.nbytes()
+    first = address // _PAGE * _PAGE  # the pages the tensor's bytes lie on
+    last = -(-(address + nbytes) // _PAGE) * _PAGE
+    huge = -(-address // _HUGE) * _HUGE, (address + nbytes) // _HUGE * _HUGE
+    if huge[1] - huge[0] < _HUGE or _huge_pages_mode() == "never":
+        huge = last, last  # no huge page: every page is populated
+    with contextlib.suppress(OSError, ctypes.ArgumentError):
+        # -1 (not advised, or a kernel without MADV_POPULATE_WRITE): as if never asked.
+        if huge[0] < huge[1] and _huge_on_request():
+            madvise(huge[0], huge[1] - huge[0], _MADV_HUGEPAGE)
+        if nbytes >= POPULATE:
+            # Huge pages are left to fault as the fill reaches them: one fault maps
+            # 2 MiB, and the fill then writes memory the kernel has just zeroed,
+            # still in the cache (populating them first is slower for a 16 MiB
+            # tensor). The small pages around them are what costs a trap each.
+            for start, end in ((first, huge[0]), (huge[1], last)):
+                if end > start:
+                    madvise(start, end - start, _MADV_POPULATE_WRITE)
 
 
 class _Advise(TorchFunctionMode):
-    """Advises every tensor of at least 2 MiB that an allocation returns."""
+    """Advises every tensor of at least :data:`POPULATE` bytes that an allocation
+    returns."""
 
     def __torch_function__(
         self,
@@ -101,7 +142,7 @@ class _Advise(TorchFunctionMode):
     ) -> Any:
         result = func(*args, **(kwargs or {}))
         if func in _ALLOCATING and isinstance(result, torch.Tensor):
-            if result.numel() * result.element_size() >= _HUGE:
+            if result.numel() * result.element_size() >= POPULATE:
                 advise(result)
         return result
 
@@ -109,8 +150,8 @@ class _Advise(TorchFunctionMode):
 def huge_pages(
     tensors: Iterable[torch.Tensor], device: torch.device
 ) -> contextlib.AbstractContextManager[Any]:
-    """Inside, in this thread, large new tensors get huge pages (see the module's
-    docstring), where ``device`` is the CPU and one of ``tensors`` (a layer's meta
+    """Inside, in this thread, large new tensors get huge pages and are populated
+    (see the module's docstring), where ``device`` is the CPU and one of ``tensors`` (a layer's meta
     tensors) holds at least :data:`LARGE` bytes; else nothing happens.
 
     >>> import torch
