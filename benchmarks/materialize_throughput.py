@@ -17,10 +17,12 @@ rounds (the order alternating):
   computes that many layers at once;
 * ``ceiling``: what that many threads gain on this machine now, deferinit aside
   (each allocates and fills its share of the model's own tensors, split evenly,
-  against one thread doing all of it; and the same for 16 MiB tensors): no
-  ``seed=`` figure can beat its model's, and on a machine whose cores are busy
-  it is near 1. Small tensors gain less than large ones (a model's 1-4 MiB
-  tensors cost more page faults per element filled where huge pages are scarce).
+  against one thread doing all of it; and the same for 16 MiB tensors), with
+  plain allocations: ``seed=`` can pass its model's only by spending less on
+  memory than plain allocations do (it asks for huge pages and populated pages,
+  ``deferinit._fill._hugepages``), and on a machine whose cores are busy it is
+  near 1. Small tensors gain less than large ones (a model's 1-4 MiB tensors
+  cost more page faults per element filled where huge pages are scarce).
 
 Throughput ratio = eager seconds / materialize seconds (bars: ≥ 1.0 exact, ≥ 1.6
 ``seed=`` on 2 cores). Prints a table and the ratios; exits 0 whether or not a bar
@@ -194,8 +196,8 @@ def ceiling(
     CPU random fill runs on one thread), as ``seed=`` does, against one thread
     doing all of it; ratio of medians, interleaved, each sample from fresh pages.
     The shares are split evenly, which ``seed=`` (a layer at a time) can only
-    match. On a machine whose cores are busy with other work this is near 1, and
-    no ``seed=`` figure for those tensors can beat it."""
+    match, on plain allocations (``seed=`` passes this only by spending less on
+    memory). On a machine whose cores are busy with other work this is near 1."""
     if tensors is None:
         tensors = [(torch.Size([1 << 22]), torch.float32)] * (4 * threads)
     groups = _split(tensors, threads)
