@@ -149,11 +149,13 @@ class InputGuard(Guard):
 
 
 class CheckingGuard(Guard):
-    """The guard of a layer whose tensors do not depend on its inferred sizes
-    (``InstanceNorm2d()``, ``GroupNorm(2, affine=False)``): torch accepts any size
-    there, so it raises nothing to explain. This one compares the sizes the input
-    gives with the built ones before the forward runs; chosen at build for those
-    layers only (:func:`sizes_unenforced`), so layers with weights pay nothing."""
+    """The guard of a layer whose forward may accept a changed inferred size: one
+    whose tensors do not depend on its sizes (``InstanceNorm2d()``,
+    ``GroupNorm(2, affine=False)``), or a user's class made deferrable with
+    ``di.defer`` (its forward may slice the input, ``x[..., : self.half]``). This
+    one compares the sizes the input gives with the built ones before the forward
+    runs; chosen at build for those layers only (:func:`sizes_unenforced`), so
+    torch's layers with weights pay nothing."""
 
     __slots__ = ()
     checks = True
@@ -195,12 +197,17 @@ def guard_for(module: nn.Module, cls: type[nn.Module], checks: bool | None = Non
 
 
 def sizes_unenforced(layer: nn.Module) -> bool:
-    """Whether torch would accept any inferred size in ``layer``: it holds no
-    parameter or buffer at all (every torch layer with one checks its sizes).
+    """Whether ``layer``'s forward may accept an input whose inferred sizes changed,
+    so that only a check before the forward can tell: a layer of a class deferinit
+    has no twin of (a user's block made deferrable with ``di.defer``, whose forward
+    may slice its input or hold no tensor shaped by the size), or one that holds
+    no parameter or buffer at all (every torch layer with one checks its sizes).
 
     >>> sizes_unenforced(nn.InstanceNorm2d(3)), sizes_unenforced(nn.GroupNorm(2, 4))
     (True, False)
     """
+    if type(layer) not in TWINS:
+        return True
     stack = [layer]
     while stack:
         module = stack.pop()
