@@ -18,11 +18,12 @@ class SplitHalf(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.half = in_dim // 2
-        self.proj = nn.Linear(self.half, out_dim)
+        self.kept = in_dim // 2
+        self.proj = nn.Linear(self.kept, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x[..., : self.half])
+        out: torch.Tensor = self.proj(x[..., : self.kept])
+        return out
 
 
 LazySplitHalf = di.defer(SplitHalf, in_dim=di.dim(-1))
@@ -33,7 +34,7 @@ def test_a_wider_input_to_a_slicing_block_is_a_shape_mismatch() -> None:
     net(torch.randn(2, 6))
     with pytest.raises(di.ShapeMismatchError, match=r"'0'.*in_dim=6.*di\.reset"):
         net(torch.randn(2, 10))
-    assert net[0].half == 3  # unchanged: still built for 6 features
+    assert net[0].kept == 3  # unchanged: still built for 6 features
 
 
 def test_the_same_sizes_and_other_batch_sizes_still_run() -> None:
@@ -49,7 +50,7 @@ def test_after_reset_the_new_size_is_inferred() -> None:
     net(torch.randn(2, 6))
     di.reset(net)
     assert net(torch.randn(2, 10)).shape == (2, 4)
-    assert net[0].half == 5
+    assert net[0].kept == 5
 
 
 def test_a_twin_of_a_torch_layer_with_weights_keeps_the_plain_guard() -> None:
