@@ -32,6 +32,14 @@ def _fake(example: Any, mode: Any, home: torch.device, dtype: torch.dtype, where
     if isinstance(example, torch.Size) or (isinstance(example, tuple) and _is_shape(example)):
         return _from_shape(tuple(example), mode, home, dtype, where)
     if isinstance(example, torch.Tensor):
+        if example.is_nested:
+            raise InferenceError(
+                f"di.build: example {where} is a nested tensor, which a shape-only pass "
+                f"cannot stand in for (its sizes vary by entry). Nothing was built. Fix: "
+                f"give a dense example of the same trailing sizes (a shape such as "
+                f"(2, 5, {example.size(-1)}) or a meta tensor), or call the model on the "
+                f"nested tensor itself: its first forward builds the layers."
+            )
         device = home if home.type == "meta" or example.device.type == "meta" else example.device
         with mode:
             return torch.empty_strided(
