@@ -135,6 +135,10 @@ def not_built_pickle() -> None:
     pickle.dumps(deferred(4))
 
 
+def arguments_rejected() -> None:
+    dnn.MultiheadAttention(num_heads=0)
+
+
 def load_misfit() -> None:
     state = {"0.weight": torch.zeros(4, 3), "0.bias": torch.zeros(5)}
     di.load_state_dict(nn.Sequential(dnn.Linear(4)), state)
@@ -157,7 +161,7 @@ CASES: dict[str, Callable[[], None]] = {
     for name, fn in list(globals().items())
     if callable(fn)
     and getattr(fn, "__module__", None) == __name__
-    and name.split("_")[0] in ("shape", "infer", "not", "load")
+    and name.split("_")[0] in ("shape", "infer", "not", "arguments", "load")
 }
 
 

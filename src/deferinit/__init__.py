@@ -29,6 +29,7 @@ from ._declare._placeholder import PlaceholderBuffer as _PlaceholderBuffer
 from ._declare._placeholder import PlaceholderParameter as _PlaceholderParameter
 from ._declare._rules import Rule, dim
 from ._errors import (
+    ArgumentsError,
     DeferredInitError,
     InferenceError,
     NotBuiltError,
@@ -55,6 +56,7 @@ _torch.serialization.add_safe_globals(
 )
 
 __all__ = [
+    "ArgumentsError",
     "Deferred",
     "DeferredInitError",
     "InferenceError",

@@ -7,6 +7,7 @@ what was expected, and how to fix it.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentsError",
     "DeferredInitError",
     "InferenceError",
     "NotBuiltError",
@@ -72,6 +73,21 @@ class NotBuiltError(DeferredInitError):
     ... except di.NotBuiltError:
     ...     print("sizes unknown until the first forward or di.build")
     sizes unknown until the first forward or di.build
+    """
+
+
+class ArgumentsError(DeferredInitError, TypeError):
+    """A deferred layer was declared with arguments its torch class rejects whatever
+    sizes are inferred (``dnn.MultiheadAttention(num_heads=0)``). Also a
+    ``TypeError``, as a wrong argument to a constructor is in Python.
+
+    >>> import deferinit as di
+    >>> from deferinit import nn as dnn
+    >>> try:
+    ...     dnn.LSTM(hidden_size=4, proj_size=4)
+    ... except di.DeferredInitError as error:
+    ...     print(isinstance(error, TypeError), "rejects these arguments" in str(error))
+    True True
     """
 
 

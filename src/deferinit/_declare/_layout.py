@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from .._errors import ArgumentsError
 from .._tensors import construct_on_meta
 from ._signature import constructor_args_of, constructor_call, qualname
 from ._state import State, declared_defaults
@@ -351,9 +352,11 @@ def _probe_declared(cls: type[Deferred], state: State) -> Layout:
                 found, error = probe_layout(construct, sizes[len(PROVISIONAL_SIZES) :])
     if found is None:
         shown = ", ".join(constructor_args_of(cls, state))
-        raise TypeError(
+        raise ArgumentsError(
             f"deferinit {cls.__name__}({shown}): {qualname(cls._di_cls)} rejects these "
-            f"arguments ({type(error).__name__}: {error}). Fix the constructor arguments."
+            f"arguments whatever sizes are inferred (tried with stand-ins for the '?' "
+            f"ones: {type(error).__name__}: {error}). Nothing was built. Fix the "
+            f"constructor arguments."
         ) from error
     return found
 
