@@ -41,30 +41,43 @@ def root_scope(root: nn.Module) -> Iterator[None]:
         _ROOT.reset(token)
 
 
-def _calling_root() -> nn.Module | None:
+def _calling_roots() -> list[nn.Module]:
+    """The models a layer may be named below, best first: the one a ``di.*`` call
+    named, else the outermost module being called, else the outermost module
+    whose own method is running (``net.to(...)``, ``net.apply(fn)``), then the
+    inner ones."""
     root = _ROOT.get()
     if root is not None:
-        return root
+        return [root]
     frame = sys._getframe(1)
-    outermost: nn.Module | None = None
+    called: list[nn.Module] = []
+    methods: list[nn.Module] = []
     while frame is not None:
-        if frame.f_code in _CALL_CODES:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, nn.Module):
-                outermost = candidate
+                (called if code in _CALL_CODES else methods).append(candidate)
         frame = frame.f_back  # type: ignore[assignment]
-    return outermost
+    return [*called[::-1], *methods[::-1]]
 
 
 def qualified_name(module: nn.Module, root: nn.Module | None = None) -> str | None:
-    """The path of ``module`` below ``root`` (or below the model being called).
+    """The path of ``module`` below ``root`` (or below the model being called, or
+    whose method is running: see :func:`_calling_roots`).
 
     ``""`` when ``module`` is the root itself; ``None`` when it cannot be found.
     """
-    root = root if root is not None else _calling_root()
-    if root is None:
-        return None
-    return names_by_id(root).get(id(module))
+    roots = [root] if root is not None else _calling_roots()
+    seen: set[int] = set()
+    for candidate in roots:
+        if id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        name = names_by_id(candidate).get(id(module))
+        if name is not None:
+            return name
+    return None
 
 
 def names_by_id(root: nn.Module) -> dict[int, str]:
