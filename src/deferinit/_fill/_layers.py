@@ -30,16 +30,17 @@ from .._declare._pending import Call, pending_calls, run_pending
 from .._declare._signature import constructor_call
 from .._declare._state import declared_defaults, default_device, on_device
 from .._errors import DeferredInitError, NotBuiltError
+from .._random import Drawing
 from .._shards import is_dtensor
 from .._tensors import construct_on_meta, is_meta, own_tensors, tensors_by_name
 from ._dispatch import saved_generators, storage_key, written_storages
 from ._each import each_tensor
 from ._hugepages import huge_pages
 from ._once import Scratch
-from ._placing import Owners, local_part, place_by_name
+from ._placing import Owners, Slot, local_part, place_attribute, place_by_name
 from ._streams import seeded_whole
 
-__all__ = ["Fill", "Rebuild", "ResetOnStandIn"]
+__all__ = ["Fill", "Rebuild", "ResetOnStandIn", "tensor_attributes"]
 
 _CPU = torch.device("cpu")
 Seeds = Callable[[str], int] | None  # a tensor's generator seed by its name (seed=)
@@ -145,7 +146,8 @@ class Rebuild(Fill):
     """A layer deferinit built on meta: constructed again for real with the arguments
     it was built with, its registered initializer applied to that copy (user code
     never holds the model's own tensors mid-way, so a failure can always be undone),
-    and the values placed under the layer's tensors."""
+    and the values placed under the layer's tensors, its plain tensor attributes on
+    meta included (``self.scale = torch.full(...)`` in its ``__init__``)."""
 
     def __init__(self, layer: nn.Module, prefix: str) -> None:
         again = _ConstructAgain(layer, prefix)
@@ -153,12 +155,77 @@ class Rebuild(Fill):
         old = {n: t for n, t in again.tensors.items() if is_meta(t)}
         super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
         self.key = again.key()
+        registered = {id(t) for t in again.tensors.values()}
+        held = tensor_attributes(layer, registered)
+        self.attributes = {n: (t, slot) for n, (t, slot) in held.items() if is_meta(t)}
+        self.made_attributes: dict[str, torch.Tensor] | None = None  # by _made's run
+
+    def values(
+        self, device: torch.device, dtype: torch.dtype | None, seeds: Seeds, scratch: Scratch
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`Fill.values`, then each meta tensor attribute's. Without ``seed=``
+        those are eager's: from the one run that gives the other tensors, or, where
+        the other tensors come a part at a time (sharded), from a whole run made first
+        from the same generator state (the layer held whole for a moment)."""
+        if not self.attributes:
+            yield from super().values(device, dtype, seeds, scratch)
+            return
+        whole_run = seeds is None and not any(is_dtensor(t) for t in self.old.values())
+        alone = None if whole_run else self._attributes_alone(device, seeds)
+        yield from super().values(device, dtype, seeds, scratch)
+        made = alone if alone is not None else self.made_attributes
+        assert made is not None  # whole_run: Fill.values took its values from _made
+        for name in self.attributes:
+            yield name, made[name]
+
+    def place(
+        self, name: str, value: torch.Tensor, dtype: torch.dtype | None, owners: Owners
+    ) -> None:
+        held = self.attributes.get(name)
+        if held is None:
+            super().place(name, value, dtype, owners)
+            return
+        owner = self.module.get_submodule(name.split("[", 1)[0].rpartition(".")[0])
+        qualified = f"{self.prefix}.{name}" if self.prefix else name
+        place_attribute(owner, held[0], value, held[1], qualified)
 
     def _made(self, device: torch.device) -> dict[str, torch.Tensor]:
         with on_device(device):
-            new = tensors_by_name(self.make())
+            module = self.make()
+        new = tensors_by_name(module)
         _check_known(self.module, self.prefix, self.old, new)
+        if self.attributes:
+            self.made_attributes = self._attributes_of(module)
         return new
+
+    def _attributes_alone(self, device: torch.device, seeds: Seeds) -> dict[str, torch.Tensor]:
+        """The tensor attributes of a run of their own, the default generators left as
+        they are. Without ``seeds``, from their state now, where the run giving the
+        other tensors starts too: eager's values. With ``seeds``, from the run
+        :func:`seeded_whole` makes (a generator per registered tensor) where it can,
+        else drawing from the layer's own stream (``seeds("")``): the same values
+        whether the layer is sharded or not."""
+        if seeds is None:
+            generators = saved_generators(device)
+            try:
+                with on_device(device):
+                    module = self.make()
+            finally:
+                generators.restore()
+        else:
+            whole = seeded_whole(self.make, device, seeds, construct=self.construct, key=self.key)
+            if whole is None:
+                with Drawing(seeds("")), on_device(device):
+                    whole = self.make()
+            module = whole
+        return self._attributes_of(module)
+
+    def _attributes_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s tensor attributes by name, each of :attr:`attributes` checked
+        to be one its constructor makes."""
+        made = {n: t for n, (t, _) in tensor_attributes(module).items()}
+        _check_attributes(self.module, self.prefix, self.attributes, made)
+        return made
 
     def _known(self, device: torch.device, made: set[str] | None) -> None:
         if made is None:  # construct again, for the error the dry run met
@@ -168,6 +235,81 @@ class Rebuild(Fill):
             finally:
                 generators.restore()
         _check_known(self.module, self.prefix, self.old, made)  # each name one it makes
+
+
+# torch's own tables in a module's __dict__: parameters, buffers, submodules.
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def tensor_attributes(
+    module: nn.Module, registered: set[int] | None = None
+) -> dict[str, tuple[torch.Tensor, Slot]]:
+    """The tensors held below ``module`` as plain attributes (neither parameters nor
+    buffers: ``registered`` holds their ids, default all of ``module``'s), in a
+    module's ``__dict__`` or one level inside a list, tuple or dict there, with
+    where each is held; by qualified name, a tensor object under its first name.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> net[0].scale, net[0].table = torch.ones(2), [net[0].weight, torch.zeros(1)]
+    >>> list(tensor_attributes(net))
+    ['0.scale', '0.table[1]']
+    """
+    if registered is None:
+        registered = {id(t) for t in tensors_by_name(module).values()}
+    seen = set(registered)
+    found: dict[str, tuple[torch.Tensor, Slot]] = {}
+    for prefix, sub in module.named_modules():
+        for key, value in sub.__dict__.items():
+            if key in _TABLES or key.startswith("_di"):  # deferinit's own state
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            for suffix, tensor, slot in _held(sub.__dict__, key, value):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    found[name + suffix] = (tensor, slot)
+    return found
+
+
+def _held(
+    holder: dict[str, Any], key: str, value: object
+) -> Iterator[tuple[str, torch.Tensor, Slot]]:
+    """(name suffix, tensor, slot) for ``value`` held at ``holder[key]`` when it is a
+    tensor, and for each tensor directly inside it when it is a list, tuple or dict."""
+    if isinstance(value, torch.Tensor):
+        yield "", value, (holder, key)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"[{i}]", item, (value, i) if isinstance(value, list) else None
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if isinstance(item, torch.Tensor):
+                yield f"[{k!r}]", item, (value, k)
+
+
+def _check_attributes(
+    layer: nn.Module,
+    prefix: str,
+    attributes: dict[str, tuple[torch.Tensor, Slot]],
+    made: dict[str, torch.Tensor],
+) -> None:
+    """Every meta tensor attribute of a rebuilt layer must be one its constructor
+    makes, of the same shape and dtype: one set after the build has no known value."""
+    unknown = []
+    for name, (old, _) in attributes.items():
+        new = made.get(name)
+        if new is None or new.shape != old.shape or new.dtype != old.dtype:
+            unknown.append(name)
+    if unknown:
+        raise NotBuiltError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}) holds the plain "
+            f"tensor attribute(s) {', '.join(repr(u) for u in unknown)} on meta (neither "
+            f"parameters nor buffers), which its constructor does not make as they are (set "
+            f"or replaced after it was built), so their values are unknown. The model is "
+            f"left as it was. Fix: set such attributes after di.materialize, or give them "
+            f"real tensors (e.g. module.extra = torch.zeros(...))."
+        )
 
 
 class _ConstructAgain:

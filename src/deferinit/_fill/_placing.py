@@ -29,7 +29,9 @@ __all__ = [
     "UNDO",
     "Owners",
     "Undo",
+    "Slot",
     "local_part",
+    "place_attribute",
     "place_by_name",
     "place_under_object",
     "sharded_owners",
@@ -114,6 +116,49 @@ def _swap_back(
             if value is old:  # under every name it has in this module (ties)
                 table[key] = data
     return f"{_tensor_kind(old)} {qualified!r} ({why})"
+
+
+# Where a plain tensor attribute is held: the mapping (a module's ``__dict__``, or a
+# dict held there) or list, and its key there; ``None`` inside a tuple.
+Slot = tuple[dict[Any, Any] | list[Any], Any] | None
+
+
+def place_attribute(
+    owner: nn.Module, old: torch.Tensor, new: torch.Tensor, slot: Slot, qualified: str
+) -> None:
+    """Put ``new``'s values under ``old``, a plain tensor attribute (neither parameter
+    nor buffer) of ``owner``'s, held at ``slot``: its own object keeps every reference
+    to it. Its dtype stays the constructed one, as ``module.to(dtype)`` leaves such
+    tensors alone. ``qualified`` names it in errors."""
+    data = new.detach()
+    data.requires_grad_(old.requires_grad)
+    why = exchange(old, data)
+    if why is not None:
+        raise DeferredInitError(
+            f"di.materialize: tensor attribute {qualified!r} of {type(owner).__name__} "
+            f"cannot be filled under its own object: {why}. deferinit never hands out a new "
+            f"object in its place (a reference made before would silently keep the meta "
+            f"one). The model is left as it was. Fix: drop those references (del them) and "
+            f"call di.materialize again."
+        )
+    on_undo(functools.partial(_attribute_back, old, data, slot, qualified))
+
+
+def _attribute_back(
+    old: torch.Tensor, data: torch.Tensor, slot: Slot, qualified: str
+) -> str | None:
+    """Undo a :func:`place_attribute`; where something made meanwhile still holds the
+    new data, the meta tensor goes back at ``slot`` under ``data``'s object, and the
+    caller reports it (as :func:`_swap_back` does for parameters and buffers)."""
+    why = exchange(old, data)
+    if why is None:
+        return None
+    if slot is None:
+        return f"tensor attribute {qualified!r}, held in a tuple, keeps its new values ({why})"
+    holder, key = slot
+    if holder[key] is old:
+        holder[key] = data
+    return f"tensor attribute {qualified!r} ({why})"
 
 
 def _replace_under_names(places: list[tuple[nn.Module, str]], fresh: torch.Tensor) -> None:
