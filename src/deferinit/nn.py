@@ -30,6 +30,7 @@ Linear(in_features=20, out_features=256, bias=True)
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from ._declare._rules import (
     tensor_argument,
 )
 from ._declare._signature import constructor_args_of, forward_signature, public_signature
+from ._errors import InferenceError
+from ._naming import label
 
 __all__ = [
     "RANK_GENERIC",
@@ -356,7 +359,8 @@ class SpatialDims(Rule):
     """``spatial_dims`` of a rank-generic twin: which of the 1d, 2d and 3d classes
     of ``family`` a batched input of each rank (``ranks``: pairs of input rank and
     spatial dims) builds. Unbatched input is refused: ``(C, H, W)`` is both a
-    batched 1d and an unbatched 2d input."""
+    batched 1d and an unbatched 2d input (with ``spatial_dims`` given, it is not
+    read: see ``_infer_by_rank``)."""
 
     family: str  # "Conv": the explicit classes are dnn.Conv1d, dnn.Conv2d, dnn.Conv3d
     ranks: tuple[tuple[int, int], ...]
@@ -481,6 +485,42 @@ def _rank_signature(classes: tuple[type[_nn.Module], ...]) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+def _infer_by_rank(
+    self: Deferred, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``Deferred.infer``, except that with ``spatial_dims`` given, an input that the
+    twin of that rank takes is read as that twin reads it: an unbatched ``(C,
+    *spatial)`` has its channel on axis 0, where the size rule of ``RANK_GENERIC``,
+    which must tell the rank from a batched input, reads axis 1. Any other input
+    goes the generic way, whose build then names the rank in its error."""
+    state, cls = self._di, type(self)
+    spatial = state.explicit.get("spatial_dims")
+    name = next(n for n in cls._di_rules if n != "spatial_dims")
+    if spatial is None or name in state.explicit:
+        return Deferred.infer(self, args, kwargs)
+    factory: type[_ByRank] = cls._di_cls  # type: ignore[assignment]
+    rule = TWINS[factory.classes[spatial - 1]][name]
+    assert isinstance(rule, dim)  # the fixed-rank twins' sizes are all dims
+    ranks = (rule.ndim,) if isinstance(rule.ndim, int) else rule.ndim
+    call = Call(args, kwargs, functools.partial(forward_signature, cls))
+    try:
+        rank = tensor_argument(call, 0).dim()
+    except RuleError:
+        return Deferred.infer(self, args, kwargs)  # it words the error
+    if ranks is None or rank not in ranks:
+        return Deferred.infer(self, args, kwargs)
+    try:
+        size = rule.infer(call, state.options)
+    except RuleError as error:  # worded as Deferred.infer words it
+        origin = rule.origin(call.signature).replace("``", "")
+        raise InferenceError(
+            f"{label(self)} cannot infer {name} (from {origin}): expected "
+            f"{error.expected}, got {error.got}. Fix: pass such an input, or give "
+            f"{name}=... explicitly to build without inference."
+        ) from None
+    return {**state.explicit, name: size}
+
+
 def _unranked_repr(self: Deferred) -> str:
     # The arguments as given: the layout's repr would show the provisional rank's
     # torch repr (``kernel_size=(3, 3)`` for a layer that may become a Conv1d).
@@ -493,6 +533,7 @@ def _rank_generic_twin(factory: type[_ByRank], name: str) -> Any:
     twin = make_deferred(factory, rules, _rank_signature(factory.classes))
     twin.__module__, twin.__qualname__ = __name__, name
     twin.__repr__ = _unranked_repr  # type: ignore[method-assign, assignment]
+    twin.infer = _infer_by_rank  # type: ignore[method-assign, assignment]
     one, two, three = (c.__name__ for c in factory.classes)
     forward = forward_signature(twin)
     inferred = "\n".join(f"    {n}: inferred from {r.origin(forward)}" for n, r in rules.items())
@@ -500,7 +541,8 @@ def _rank_generic_twin(factory: type[_ByRank], name: str) -> Any:
         f"Deferred ``torch.nn.{one}``, ``{two}`` or ``{three}``, chosen by the rank of "
         f"the first (batched) input; it then becomes exactly that class (``type(layer) is "
         f"torch.nn.{two}``). An unbatched input is ambiguous and refused: use "
-        f"``dnn.{one}``, ``dnn.{two}`` or ``dnn.{three}`` for it.\n\n"
+        f"``dnn.{one}``, ``dnn.{two}`` or ``dnn.{three}`` for it, or give "
+        f"``spatial_dims`` (the size is then read as the twin of that rank reads it).\n\n"
         f"Inferred at the first forward (give one by keyword to fix it; both to build at "
         f"once):\n\n{inferred}\n\n"
         f"Every other argument is torch's, with torch's names and defaults: "
