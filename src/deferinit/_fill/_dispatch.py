@@ -1,7 +1,8 @@
 """What the one-tensor-at-a-time machinery stands on: dispatch modes that know
 which registered tensor an operation touches and which arguments it writes, and the
-registration order of a layer's tensors (from a dry run on meta). The private
-generators it draws from are in :mod:`deferinit._random`.
+registration order of a layer's tensors (from a dry run on meta, which draws from no
+process-wide generator). The private generators it draws from are in
+:mod:`deferinit._random`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .._random import Generators, Mode
+from .._random import RANDOM, Drawing, Generators, Mode, _device_of, _with_generator
 
 __all__ = [
     "IN_WORKER",
@@ -24,6 +25,7 @@ __all__ = [
     "RegisteredStorageMode",
     "dry_run",
     "hooks_installed",
+    "lends_default",
     "named_tensors",
     "registration_order",
     "registrations",
@@ -158,34 +160,65 @@ IN_WORKER: ContextVar[bool] = ContextVar("deferinit_fill_worker", default=False)
 
 
 def saved_generators(device: torch.device) -> Generators:
-    """The random generators as they are now, to put back after a dry run or a
-    replay (in a worker thread: left alone, see :class:`_LeftAlone`)."""
+    """The random generators as they are now, to put back where initialization
+    without ``seed=`` runs again from them (in a worker thread: left alone, see
+    :class:`_LeftAlone`)."""
     return _LeftAlone(device) if IN_WORKER.get() else Generators(device)
 
 
-def registration_order(
-    make: Callable[[], nn.Module], generators: Generators
-) -> dict[str, int] | None:
+def lends_default(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the random operator ``func`` can draw only from its device's default
+    generator (no overload takes a ``generator``: ``aten.native_dropout``), which
+    :func:`deferinit._random.draw` then lends it, setting the process-wide
+    generator's state while other threads may draw from it."""
+    return kwargs.get("generator") is None and _with_generator(func) is None
+
+
+class _DrawsAside(Drawing):
+    """A dry run's random operations: on meta nothing is drawn; on a real tensor
+    (construction code naming its device) the draw comes from a throw-away
+    generator, never a process-wide one, so nothing needs putting back; an operator
+    that can draw only from the default generator gives up before drawing (the dry
+    run fails)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def handle(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if RANDOM in func.tags and lends_default(func, kwargs):
+            if _device_of(args, kwargs).type != "meta":
+                raise Fallback(f"{func} draws only from the default generator")
+        return super().handle(func, args, kwargs)
+
+
+def registration_order(make: Callable[[], nn.Module]) -> dict[str, int] | None:
     """Qualified name -> position of its first registration, from a dry run on meta
-    (meta tensors neither allocate nor draw random numbers; whatever the code draws
-    elsewhere is given back). ``None`` where the dry run fails, e.g. initialization
-    code that reads a value (``.item()``): then whole layers only."""
-    ran = dry_run(make, generators)
+    (:func:`dry_run`). ``None`` where the dry run fails, e.g. initialization code
+    that reads a value (``.item()``): then whole layers only."""
+    ran = dry_run(make)
     return None if ran is None else ran[0]
 
 
-def dry_run(
-    make: Callable[[], nn.Module], generators: Generators
-) -> tuple[dict[str, int], set[str]] | None:
+def dry_run(make: Callable[[], nn.Module]) -> tuple[dict[str, int], set[str]] | None:
     """:func:`registration_order`, and every name of a tensor the module holds
-    (registered or not); ``None`` where the dry run fails."""
+    (registered or not); ``None`` where the dry run fails. Meta tensors neither
+    allocate nor draw; a draw on a real tensor comes from a throw-away generator
+    (:class:`_DrawsAside`): torch's process-wide generators are left alone, not
+    saved and put back, so another thread's draws meanwhile stand. What the code
+    draws from Python's ``random`` is its own.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> before = torch.get_rng_state()
+    >>> order, names = dry_run(lambda: nn.Linear(3, 2))
+    >>> order, sorted(names), torch.equal(torch.get_rng_state(), before)
+    ({'weight': 0, 'bias': 1}, ['bias', 'weight'], True)
+    """
     try:
-        with registrations() as seen, torch.device("meta"):
+        with registrations() as seen, torch.device("meta"), _DrawsAside():
             module = make()
-    except Exception:
+    except (Exception, Fallback):
         return None
-    finally:
-        generators.restore()
     position: dict[int, int] = {}
     for i, t in enumerate(seen):
         position.setdefault(id(t), i)

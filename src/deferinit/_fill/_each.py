@@ -130,16 +130,18 @@ def _groups(names: Sequence[str], sizes: dict[str, int]) -> list[list[str]]:
 
 
 def _byte_counts(
-    make: Callable[[], nn.Module], names: Sequence[str], generators: Generators
+    make: Callable[[], nn.Module], names: Sequence[str], generators: Generators | None
 ) -> dict[str, int] | None:
     """Bytes of each named tensor, from a dry run on meta; ``None`` where that run
-    fails (then one tensor per group)."""
+    fails (then one tensor per group). Without ``seed=`` only (``generators``: the
+    caller's, put back after it)."""
     try:
         shapes = named_tensors(construct_on_meta(make))
     except Exception:
         return None
     finally:
-        generators.restore()
+        if generators is not None:
+            generators.restore()
     return {n: shapes[n].numel() * shapes[n].element_size() for n in names if n in shapes}
 
 
@@ -148,7 +150,7 @@ def _plan_groups(
     names: Sequence[str],
     order: dict[str, int] | None,
     seeds: Callable[[str], int] | None,
-    generators: Generators,
+    generators: Generators | None,
 ) -> list[list[str]]:
     """The names in the groups that are initialized together."""
     sizes = None if seeds is not None or order is None else _byte_counts(dry, names, generators)
@@ -183,7 +185,10 @@ def each_tensor(
     ``name`` is initialized alone, its draws from a generator seeded with
     ``seeds(name)`` (the same values :func:`seeded_whole` gives); where its value
     needs the layer's other tensors, from one run of the layer (per-tensor streams,
-    else the stream ``seeds("")``). The caller's generators are left alone.
+    else the stream ``seeds("")``). The process-wide generators are then left
+    alone: every draw comes from a private generator or gives up before drawing
+    (:class:`Fallback`), so nothing is saved or put back, and another thread's draws
+    meanwhile stand (what the code draws from Python's ``random`` is its own).
 
     ``construct`` builds the module without running what initializes it beyond its
     constructor (a registered initializer): the dry runs on meta, which learn the
@@ -202,9 +207,12 @@ def each_tensor(
     ...     lambda: nn.Linear(3, 2), ["weight"], torch.device("cpu"))]
     [('weight', True)]
     """
-    generators = saved_generators(device)
+    # Without seeds, each run starts from the caller's generators as they are now.
+    generators = saved_generators(device) if seeds is None else None
     dry = make if construct is None else construct
-    ran = dry_run(dry, generators)
+    ran = dry_run(dry)
+    if generators is not None:
+        generators.restore()  # the code's own draws besides torch's (Python's random)
     if known is not None:
         known(None if ran is None else ran[1])
     order = None if ran is None else ran[0]
@@ -257,22 +265,23 @@ class _Source:
         device: torch.device,
         seeds: Callable[[str], int] | None,
         construct: Callable[[], nn.Module] | None,
-        generators: Generators,
+        generators: Generators | None,
     ) -> None:
         self.make = make
         self.device = device
         self.seeds = seeds
         self.construct = construct
-        self.generators = generators
+        self.generators = generators  # without seeds: put back before each run
         self.seeded_layer: nn.Module | None = None  # with seeds: the one whole run
 
     def drawing(self, name: str) -> contextlib.AbstractContextManager[Any]:
         """Where the draws for ``name`` come from: the caller's generators rewound,
         or (``seeds``) a private generator, which other threads cannot disturb."""
-        if self.seeds is None:
+        if self.seeds is not None:
+            return Drawing(self.seeds(name))
+        if self.generators is not None:
             self.generators.restore()
-            return contextlib.nullcontext()
-        return Drawing(self.seeds(name))
+        return contextlib.nullcontext()
 
     def once(
         self,
@@ -324,7 +333,5 @@ class _Source:
         return module
 
     def close(self) -> None:
-        """Drop the whole layer; with ``seeds``, the caller's generators as they were."""
+        """Drop the whole layer."""
         self.seeded_layer = None
-        if self.seeds is not None:
-            self.generators.restore()

@@ -17,10 +17,10 @@ from .._random import RANDOM, draw
 from ._dispatch import (
     Fallback,
     RegisteredStorageMode,
+    lends_default,
     named_tensors,
     registration_order,
     registrations,
-    saved_generators,
     written_args,
 )
 
@@ -39,9 +39,10 @@ class _Streams(RegisteredStorageMode):
     """Every random fill of a registered tensor draws from that tensor's own
     generator (seeded from its name on its first fill), as if it were initialized
     alone, never from the default one (other threads' draws cannot shift it); any
-    other random operation gives up (:class:`Fallback`). A registered tensor with
-    no name in ``names`` (one whose value nobody wants) draws from a spare
-    generator, or gives up too where ``spare`` is false."""
+    other random operation gives up (:class:`Fallback`) before it draws, so the
+    process-wide generators are never touched and need no putting back. A
+    registered tensor with no name in ``names`` (one whose value nobody wants)
+    draws from a spare generator, or gives up too where ``spare`` is false."""
 
     def __init__(
         self,
@@ -62,6 +63,8 @@ class _Streams(RegisteredStorageMode):
         written = written_args(func._schema, args, kwargs)
         if len(written) != 1:
             raise Fallback(f"{func} is not a fill of one tensor")
+        if lends_default(func, kwargs):  # draw would lend it the process-wide generator
+            raise Fallback(f"{func} draws only from the default generator")
         position = self.position(written[0])
         if position is None or (position not in self.names and not self.spare):
             raise Fallback(f"{func} fills a tensor the layer does not register")
@@ -90,7 +93,9 @@ def seeded_whole(
     registration order: the initializer then runs once. ``key`` (hashable, or
     ``None``) says what ``construct`` constructs: modules constructed alike are
     registered in the same order, so the dry run is made once per key (checked:
-    where the run's registrations differ, the dry run is made after all).
+    where the run's registrations differ, the dry run is made after all). Draws
+    from no process-wide generator, and so puts none back: another thread's draws
+    meanwhile stand.
 
     >>> import torch
     >>> from torch import nn
@@ -103,17 +108,16 @@ def seeded_whole(
     """
     if device.type != "cpu":
         return None
-    generators = saved_generators(device)
     guess = _ORDERS.get(key) if key is not None else None
     if guess is not None:
-        whole = _seeded_run(make, device, seeds, guess, generators)
+        whole = _seeded_run(make, device, seeds, guess)
         if whole is not None and whole[1]:
             return whole[0]
         _ORDERS[key] = None  # wrong, or it gave up: a dry run every time for this key
-    order = registration_order(make if construct is None else construct, generators)
+    order = registration_order(make if construct is None else construct)
     if order is None:
         return None
-    whole = _seeded_run(make, device, seeds, order, generators)
+    whole = _seeded_run(make, device, seeds, order)
     if key is not None and key not in _ORDERS and whole is not None and whole[1]:
         if len(_ORDERS) >= _MOST_ORDERS:
             _ORDERS.clear()
@@ -126,7 +130,6 @@ def _seeded_run(
     device: torch.device,
     seeds: Callable[[str], int],
     order: dict[str, int],
-    generators: Any,
 ) -> tuple[nn.Module, bool] | None:
     """The module ``make`` builds with each registered tensor drawing from its own
     generator, by ``order``, and whether ``order`` is the order of this run's
@@ -136,8 +139,6 @@ def _seeded_run(
             module = make()
     except Fallback:
         return None
-    finally:
-        generators.restore()
     return module, _order_of(module, seen) == order
 
 
