@@ -21,6 +21,7 @@ instead (a :class:`DeferredInitError`, the layer left unbuilt).
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Mapping
@@ -35,12 +36,14 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
 from .._declare._pending import Call
 from .._declare._placeholder import Holder, placeholder_tensors
-from .._declare._rules import Described, describe
-from .._declare._signature import constructor_call
+from .._declare._rules import Call as Arguments
+from .._declare._rules import Described, RuleError, describe, dim
+from .._declare._signature import constructor_call, forward_signature
 from .._declare._state import State, declared_defaults
 from .._errors import DeferredInitError, InferenceError
 from .._naming import label
 from ._adopt import adopt_placeholders, check_ties, sizes_text
+from ._guard import _mismatch as mismatch
 from ._guard import guard_for, sizes_unenforced
 from ._hooks import (
     fast_path_taken,
@@ -305,6 +308,8 @@ def _build_and_run(
         if not isinstance(module, Deferred):  # another thread built it meanwhile
             return module.forward(*args, **kwargs)
         values = module.infer(args, kwargs)
+        if module._di.explicit:
+            _refuse_given_mismatch(module, args, kwargs)
         built_from = _described(args)
         recorder = SHAPE_PASS.get()
         if recorder is not None:
@@ -339,6 +344,31 @@ def _build_and_run(
         if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             undo_if_a_hook_fails(module, txn)
         return output
+
+
+def _refuse_given_mismatch(module: Deferred, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise the ``ShapeMismatchError`` a layer given every size explicitly raises
+    (:mod:`._guard`) where this input gives another value for a size given
+    explicitly, before anything is built. Only plain sizes (``di.dim``) are
+    compared: another rule may read what legitimately differs from the value
+    given (MultiheadAttention's ``kdim`` reads None where key and query agree)."""
+    state, cls = module._di, type(module)
+    call: Arguments | None = None
+    changed = []
+    for name, given in state.explicit.items():
+        rule = cls._di_rules.get(name)
+        if not isinstance(rule, dim):
+            continue
+        if call is None:
+            call = Arguments(args, kwargs, functools.partial(forward_signature, cls))
+        try:
+            now = rule.infer(call, state.options)
+        except RuleError:
+            continue  # an input the rule cannot read: the build's own error says why
+        if now != given:
+            changed.append((name, given, now))
+    if changed:
+        raise mismatch(module, state, args, changed)
 
 
 def _resolved(own_hooks: str | types.FrameType, module: nn.Module) -> str:
