@@ -242,12 +242,13 @@ _TABLES = frozenset({"_parameters", "_buffers", "_modules"})
 
 
 def tensor_attributes(
-    module: nn.Module, registered: set[int] | None = None
+    module: nn.Module, registered: set[int] | None = None, *, recurse: bool = True
 ) -> dict[str, tuple[torch.Tensor, Slot]]:
     """The tensors held below ``module`` as plain attributes (neither parameters nor
     buffers: ``registered`` holds their ids, default all of ``module``'s), in a
     module's ``__dict__`` or one level inside a list, tuple or dict there, with
     where each is held; by qualified name, a tensor object under its first name.
+    ``recurse=False``: in ``module``'s own ``__dict__`` only.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(2, 2))
@@ -259,7 +260,7 @@ def tensor_attributes(
         registered = {id(t) for t in tensors_by_name(module).values()}
     seen = set(registered)
     found: dict[str, tuple[torch.Tensor, Slot]] = {}
-    for prefix, sub in module.named_modules():
+    for prefix, sub in module.named_modules() if recurse else [("", module)]:
         for key, value in sub.__dict__.items():
             if key in _TABLES or key.startswith("_di"):  # deferinit's own state
                 continue

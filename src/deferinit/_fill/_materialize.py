@@ -45,7 +45,7 @@ from .._naming import root_scope
 from .._random import Generators
 from .._record import awaiting_replay, replay_recorded
 from .._tensors import is_meta, own_tensors
-from ._layers import own_reset
+from ._layers import own_reset, tensor_attributes
 from ._parallel import Step, filled_in_order, threads_for
 from ._placing import UNDO, Undo, sharded_owners
 
@@ -59,11 +59,13 @@ _NAMED = 5  # modules named in the unrecorded-init warning before "and N more"
 
 def _plan(
     root: nn.Module, seed: int | None
-) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str]]:
-    """(kind, name, module) steps in registration order, deferred names, unfit names."""
+) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str], list[str]]:
+    """(kind, name, module) steps in registration order, deferred names, unfit names,
+    and the plain tensor attributes on meta that nothing can fill."""
     steps: list[tuple[str, str, nn.Module]] = []
     deferred: list[str] = []
     unfit: list[str] = []
+    unknown: list[str] = []
     skip: list[str] = []
     replayed = {id(t) for t in awaiting_replay(root, seed)}  # replay_recorded fills them first
     after: list[tuple[str, tuple[str, str, nn.Module]]] = []  # (prefix, step): see below
@@ -79,10 +81,18 @@ def _plan(
         state = sub.__dict__.get("_di")
         if state is not None and state.values is not None:
             tensors = [*sub.parameters(), *sub.buffers()]
-            if any(is_meta(t) and id(t) not in replayed for t in tensors):
+            plain = [t for t, _ in tensor_attributes(sub).values()]
+            # Its constructor makes them, so a rebuild fills them too (a layer whose
+            # parameters a checkpoint gave may still hold one on meta).
+            if any(is_meta(t) and id(t) not in replayed for t in [*tensors, *plain]):
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
             continue
+        unknown += [
+            f"{name + '.' if name else ''}{attribute} ({type(sub).__name__})"
+            for attribute, t in _own_plain_tensors(sub)
+            if is_meta(t) and id(t) not in replayed
+        ]
         if (
             seed is None
             and not own_tensors(sub)
@@ -106,7 +116,14 @@ def _plan(
             else:
                 unfit.append(f"{name or '<root>'} ({type(sub).__name__})")
     steps.extend(step for _, step in reversed(after))
-    return steps, deferred, unfit
+    return steps, deferred, unfit, unknown
+
+
+def _own_plain_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ``module`` itself holds as plain attributes (not below it)."""
+    registered = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    found = tensor_attributes(module, registered, recurse=False)
+    return [(name, t) for name, (t, _) in found.items()]
 
 
 def _whole_model_reset(module: nn.Module) -> bool:
@@ -218,7 +235,7 @@ def _seed(seed: object) -> int | None:
 def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, nn.Module]]:
     """:func:`_plan`'s steps, or an error, before anything is allocated, where some
     meta tensor has no way to be filled."""
-    steps, deferred, unfit = _plan(root, seed)
+    steps, deferred, unfit, unknown = _plan(root, seed)
     if deferred:
         raise NotBuiltError(
             f"di.materialize: layer(s) {', '.join(repr(d) for d in deferred)} are still "
@@ -231,6 +248,15 @@ def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, n
             f"reset_parameters and no initializer registered with di.initialize, so "
             f"there is no way to fill them. Nothing was allocated. Fix: register one "
             f"(di.initialize(module, init)) or load their values (load_state_dict)."
+        )
+    if unknown:
+        raise NotBuiltError(
+            f"di.materialize: {', '.join(unknown)} are plain tensor attributes on meta "
+            f"(neither parameters nor buffers) of modules declared under "
+            f"torch.device('meta'): their values were computed in __init__, which never "
+            f"ran for real, and no reset_parameters sets them. Nothing was allocated. "
+            f"Fix: construct the model with di.deferred_init(Model, *args), which replays "
+            f"them, or make them buffers (register_buffer) that an initializer fills."
         )
     return steps
 
