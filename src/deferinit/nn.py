@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,14 +296,43 @@ def _docstring(cls: type[_nn.Module], twin: type[Deferred]) -> str:
         f"    {name}: inferred from {rule.origin(forward)}" for name, rule in TWINS[cls].items()
     )
     return (
-        f"Deferred ``torch.nn.{cls.__name__}``: its sizes are inferred from the first "
-        f"input, then it becomes a ``torch.nn.{cls.__name__}`` (``type(layer) is "
-        f"torch.nn.{cls.__name__}``).\n\n"
-        f"Inferred at the first forward (give one by keyword to fix it and build at "
-        f"once):\n\n{inferred}\n\n"
-        f"Every other argument is torch's, with torch's names and defaults: "
-        f"``{cls.__name__}{public_signature(twin)}``.\n"
-    ) + _example(cls.__name__, twin)
+        (
+            f"Deferred ``torch.nn.{cls.__name__}``: its sizes are inferred from the first "
+            f"input, then it becomes a ``torch.nn.{cls.__name__}`` (``type(layer) is "
+            f"torch.nn.{cls.__name__}``).\n\n"
+            f"Inferred at the first forward (give one by keyword to fix it and build at "
+            f"once):\n\n{inferred}\n\n"
+            f"Every other argument is torch's, with torch's names and defaults: "
+            f"``{cls.__name__}{public_signature(twin)}``.\n"
+        )
+        + _options(TWINS[cls].values())
+        + _example(cls.__name__, twin)
+    )
+
+
+# What each rule option does, for the twins' docstrings (every option of a rule
+# above has a line here: a missing one fails at import).
+_OPTION_DOCS = {
+    "ndim": "how many trailing sizes of the input form ``normalized_shape``",
+    "per_channel": "``True`` for one parameter per channel (``input.shape[1]``), else one",
+}
+
+
+def _options(rules: Iterable[Rule]) -> str:
+    """The docstring's lines for the rules' options: deferinit's keywords, taken
+    besides torch's arguments and therefore not in the signature."""
+    lines = [
+        f"    ``{name}={default!r}``: {_OPTION_DOCS[name]}"
+        for rule in rules
+        for name, default in rule.options.items()
+    ]
+    if not lines:
+        return ""
+    return (
+        "\nOptions (deferinit's, by keyword only; not torch's, so not in the signature):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def _twin(cls: type[_nn.Module]) -> Any:
@@ -482,7 +511,10 @@ def _rank_signature(classes: tuple[type[_nn.Module], ...]) -> inspect.Signature:
         same = all(s.parameters[p.name].annotation == p.annotation for s in signatures)
         params.append(p if same else p.replace(annotation=inspect.Parameter.empty))
     params.append(inspect.Parameter("spatial_dims", inspect.Parameter.KEYWORD_ONLY, annotation=int))
-    return inspect.Signature(params)
+    returned = {s.return_annotation for s in signatures}
+    return inspect.Signature(
+        params, return_annotation=returned.pop() if len(returned) == 1 else inspect.Signature.empty
+    )
 
 
 def _infer_by_rank(

@@ -82,12 +82,11 @@ class ClassSignature:
 
 
 def public_signature(cls: type[Deferred]) -> inspect.Signature:
-    """The real class's arguments minus the inferred ones, then the rules' options
-    (LayerNorm's ``ndim``) by keyword."""
-    params = list(cls._di_public_signature.parameters.values())
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    params += [inspect.Parameter(k, keyword, default=v) for k, v in cls._di_options.items()]
-    return inspect.Signature(params)
+    """The real class's signature minus the inferred arguments, return annotation
+    included: exactly what DESIGN promises ``inspect.signature`` shows. The rules'
+    options (LayerNorm's ``ndim``) are no argument of the real class: they are taken
+    by keyword and named in the twin's docstring, not shown here."""
+    return cls._di_public_signature
 
 
 def bind(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
