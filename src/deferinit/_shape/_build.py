@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,7 +36,7 @@ from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._layout import quiet
 from .._declare._recording import holds_record
-from .._declare._rules import Described
+from .._declare._rules import Described, describe
 from .._declare._state import declared_defaults
 from .._errors import DeferredInitError, NotBuiltError
 from .._lazy import refuse_lazy
@@ -114,7 +116,47 @@ def shape_pass(
         if home.type == "meta":
             home = torch.get_default_device()
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        return _run(module, args, kwargs, mode, home, dtype, outputs)
+        with _quiet_fake_log():
+            return _run(module, args, kwargs, mode, home, dtype, outputs)
+
+
+class _DropInPass(logging.Filter):
+    """Drops the records of the threads running a shape-only pass (by count, as a
+    pass may run inside another); every other thread's records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: dict[int, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.get_ident() not in self.passes
+
+
+# FakeTensorMode logs a traceback for each meta kernel that fails before it raises
+# (an eager layer rejecting the example): the pass reports that failure itself, as
+# one error. Only this filter is added and removed; level, handlers and propagate
+# are left as they are.
+_FAKE_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+_DROP = _DropInPass()
+_DROP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_fake_log() -> Iterator[None]:
+    me = threading.get_ident()
+    with _DROP_LOCK:
+        if not _DROP.passes:
+            _FAKE_LOG.addFilter(_DROP)
+        _DROP.passes[me] = _DROP.passes.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _DROP_LOCK:
+            _DROP.passes[me] -= 1
+            if not _DROP.passes[me]:
+                del _DROP.passes[me]
+            if not _DROP.passes:
+                _FAKE_LOG.removeFilter(_DROP)
 
 
 def shadow(root: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
@@ -211,7 +253,8 @@ def _run(
                 try:
                     _run_on_fakes(copy, copies, args, kwargs, mode, home, dtype)
                 except Exception as error:
-                    plainly = reads_values(error, copy, names_by_id(copy) | names)
+                    everyone = names_by_id(copy) | names
+                    plainly = reads_values(error, copy, everyone) or _rejected(error, everyone)
                     if plainly is None:
                         raise
                     raise plainly from None
@@ -233,6 +276,44 @@ def _run(
             if txn is not None:
                 txn.rollback()
     return result
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _rejected(error: Exception, names: Mapping[int, str]) -> DeferredInitError | None:
+    """The error for a shape-only pass whose forward failed in torch's own shape
+    checks (a plain ``RuntimeError``), naming the innermost layer of ``names`` (by
+    ``id``) being called and what it got; None when no such layer is found, or for
+    any other failure."""
+    if type(error) is not RuntimeError:
+        return None
+    found: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
+    tb: types.TracebackType | None = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is _CALL_IMPL:
+            local = frame.f_locals
+            layer = local.get("self")
+            if isinstance(layer, nn.Module) and id(layer) in names:
+                found = (layer, names[id(layer)], local.get("args", ()), local.get("kwargs", {}))
+        tb = tb.tb_next
+    if found is None:
+        return None
+    layer, name, args, kwargs = found
+    kind = type(layer).__name__
+    where = f"{kind} layer {name!r}" if name else kind
+    got = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+    shown = repr(layer)
+    if "\n" in shown:  # a block: its class says enough
+        shown = kind
+    said = str(error).strip().rstrip(".")
+    return DeferredInitError(
+        f"{where} rejects the input the examples give it in the shape-only pass, as eager "
+        f"torch would at the first forward: {shown} got {', '.join(got) or 'no arguments'}, "
+        f"and raised RuntimeError: {said}. Nothing was built. Fix: pass examples of the input the "
+        f"model takes, or correct the layer's arguments."
+    )
 
 
 def _record_outputs(copy: nn.Module, names: Mapping[int, str], into: dict[str, Any]) -> None:
