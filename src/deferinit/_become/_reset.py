@@ -114,7 +114,7 @@ def reset(module: M) -> M:
         ]
         # Every layer is checked before any is reset: a refusal leaves the model as it was.
         with root_scope(module):
-            kept = [_users_tensors(sub, state) for sub, state in layers]
+            kept = [_tensors_to_keep(sub, state) for sub, state in layers]
         for (sub, state), users in zip(layers, kept, strict=True):
             unbecome(sub, state, users)
     return module
@@ -224,7 +224,7 @@ def _keep_object(
     return None
 
 
-def _users_tensors(layer: nn.Module, state: State) -> tuple[str, ...]:
+def _tensors_to_keep(layer: nn.Module, state: State) -> tuple[str, ...]:
     """The names of the parameters and buffers a user registered on ``layer`` itself
     (before or after its build), which reset keeps; a ``DeferredInitError`` where
     the layer carries what its rebuild would lose: a reparametrization, which
