@@ -4,37 +4,32 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._state import Initializer, Registration
 from .._errors import DeferredInitError, InferenceError
 from .._lazy import refuse_lazy
 from .._naming import qualified_name
 from .._tensors import has_meta_tensors
 
-__all__ = ["Initializer", "initialize", "registered_for_meta", "run_registered"]
+__all__ = [
+    "Initializer",
+    "Registration",
+    "initialize",
+    "registered_for_meta",
+    "run_registered",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
-Initializer = Union[Callable[[nn.Module], Any], Mapping[str, Callable[[torch.Tensor], Any]]]
-
 _DONE = "_di_initialized"  # set in a module's __dict__ once deferinit initialized it
 _META_INIT = "_di_meta_init"  # an initializer waiting for di.materialize
-
-
-@dataclass(frozen=True)
-class Registration:
-    """An initializer registered on a deferred layer, and the layer's path below
-    the module given to ``initialize`` (for the glob patterns)."""
-
-    init: Initializer
-    prefix: str
 
 
 def initialize(module: M, init: Initializer | None = None, *, force_reinit: bool = False) -> M:
@@ -102,14 +97,14 @@ def _visit(
     prefix = name + "." if name else ""
     registration = None if init is None else Registration(init, prefix)
     if isinstance(module, Deferred):
-        undo.set(module._di, "init", registration)
+        undo.set(module._di, "init", _replaced(module._di.init, registration, prefix))
         return
     for child_name, child in module._modules.items():
         if child is not None:
             _visit(child, prefix + child_name, init, force, seen, undo)
     state = module.__dict__.get("_di")
     if state is not None:  # kept for di.reset and di.materialize; the latest call wins
-        undo.set(state, "init", registration)
+        undo.set(state, "init", _replaced(state.init, registration, prefix))
     if has_meta_tensors(module):
         # Declared on meta: nothing to fill yet; di.materialize runs it.
         undo.set(module, _META_INIT, registration)
@@ -119,6 +114,16 @@ def _visit(
     undo.keep(module)
     if _apply_one(module, init, prefix):
         undo.set(module, _DONE, True)
+
+
+def _replaced(
+    old: Registration | None, new: Registration | None, prefix: str
+) -> Registration | None:
+    """A layer's registration once ``di.initialize`` replaced its initializer: the
+    functions given to ``Module.apply`` before its build still run after it."""
+    if old is None or not old.then:
+        return new
+    return Registration(None if new is None else new.init, prefix, old.then)
 
 
 def _apply_one(module: nn.Module, init: Initializer | None, prefix: str) -> bool:
@@ -204,6 +209,10 @@ _LEFT_BY_INITIALIZE = (
 )
 
 
+_BY_INITIALIZE = "registered with di.initialize"
+_BY_APPLY = "applied with Module.apply before the layer was built"
+
+
 @contextlib.contextmanager
 def _reported(
     module: nn.Module,
@@ -213,6 +222,7 @@ def _reported(
     *,
     error: type[DeferredInitError] = InferenceError,
     left: str = _LEFT_BY_BUILD,
+    given: str = _BY_INITIALIZE,
 ) -> Iterator[None]:
     """An initializer's error, the same ``InferenceError`` on every path that
     builds (the first forward, ``di.build``, ``di.materialize``; a plain
@@ -232,10 +242,10 @@ def _reported(
             name = prefix[:-1]
         layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
         raise error(
-            f"{layer}: the initializer {_shown(init)} registered with "
-            f"di.initialize raised {type(failure).__name__}: {failure}. {left} Fix: make "
+            f"{layer}: the initializer {_shown(init)} {given} raised "
+            f"{type(failure).__name__}: {failure}. {left} Fix: make "
             f"the initializer accept this layer (test isinstance(module, ...) in a "
-            f"function, or narrow the glob patterns)."
+            f"function{', or narrow the glob patterns' if isinstance(init, Mapping) else ''})."
         ) from failure
 
 
@@ -269,19 +279,28 @@ def _apply_mapping(
 def apply_registered(
     module: nn.Module, registered: Registration, *, recurse: bool, name: str | None = None
 ) -> None:
-    """Run one registered initializer on ``module`` (and below, with ``recurse``);
-    ``name``: the layer's qualified name, where ``module`` is a stand-in for it."""
+    """Run one registered initializer on ``module`` (and below, with ``recurse``),
+    then the functions applied to it before its build; ``name``: the layer's
+    qualified name, where ``module`` is a stand-in for it."""
     init = registered.init
-    with _reported(module, init, registered.prefix, name):
-        if isinstance(init, Mapping):
-            params = module.named_parameters() if recurse else module._parameters.items()
-            _apply_mapping(init, params, registered.prefix)
-        elif recurse:
-            module.apply(init)
-        else:
-            init(module)
-    for sub in module.modules() if recurse else [module]:
-        object.__setattr__(sub, _DONE, True)
+    if init is not None:
+        with _reported(module, init, registered.prefix, name):
+            if isinstance(init, Mapping):
+                params = module.named_parameters() if recurse else module._parameters.items()
+                _apply_mapping(init, params, registered.prefix)
+            elif recurse:
+                module.apply(init)
+            else:
+                init(module)
+    for fn in registered.then:
+        with _reported(module, fn, registered.prefix, name, given=_BY_APPLY):
+            if recurse:
+                module.apply(fn)
+            else:
+                fn(module)
+    if init is not None:  # Module.apply alone is the user's init, not deferinit's
+        for sub in module.modules() if recurse else [module]:
+            object.__setattr__(sub, _DONE, True)
 
 
 def registered_for_meta(module: nn.Module) -> Registration | None:

@@ -32,7 +32,7 @@ from ._signature import (
     qualname,
     quoted,
 )
-from ._state import State, default_device
+from ._state import Registration, State, default_device
 
 __all__ = [
     "BUILD_LOCK",
@@ -256,6 +256,31 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             del d["_parameters"], d["_buffers"]
         if HOOKS.declared is not None:
             HOOKS.declared(self)  # inside di.deferred_init: its place in program order
+
+    def apply(self: M, fn: Callable[[nn.Module], None]) -> M:
+        """``Module.apply`` before the build: ``fn`` runs on the built layer (and
+        below) right after its construction and registered initializer, whichever
+        path builds it, as eager ``construct; net.apply(fn)`` would run it on this
+        layer; a placeholder is not what ``fn`` tests for (``type(m) == nn.Linear``).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deferinit import nn as dnn
+        >>> layer = dnn.Linear(2).apply(lambda m: nn.init.zeros_(m.weight))
+        >>> _ = layer(torch.randn(1, 3))
+        >>> bool((layer.weight == 0).all())
+        True
+        """
+        with BUILD_LOCK:
+            if not isinstance(self, Deferred):  # another thread built it meanwhile
+                return nn.Module.apply(self, fn)
+            state = self._di
+            old = state.init
+            if old is None:
+                state.init = Registration(None, "", (fn,))
+            else:
+                state.init = Registration(old.init, old.prefix, (*old.then, fn))
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Infer sizes from this call, build, initialize, and run the built layer."""

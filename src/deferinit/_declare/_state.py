@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from ._deferred import Deferred
     from ._layout import Layout
     from ._rules import Described
 
-__all__ = ["State", "declared_defaults", "default_device", "on_device", "replace"]
+__all__ = [
+    "Initializer",
+    "Registration",
+    "State",
+    "declared_defaults",
+    "default_device",
+    "on_device",
+    "replace",
+]
+
+Initializer = Union[Callable[[nn.Module], Any], Mapping[str, Callable[[torch.Tensor], Any]]]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What runs on a deferred layer right after its construction, whichever path
+    builds it: the initializer registered with ``di.initialize`` (``init``; ``None``:
+    the layer's own construction only), then each function given to ``Module.apply``
+    before the build (``then``), as eager ``construct; net.apply(fn)`` would run it.
+    ``prefix`` is the layer's path below the module given to ``di.initialize`` (for
+    the glob patterns)."""
+
+    init: Initializer | None
+    prefix: str
+    then: tuple[Callable[[nn.Module], Any], ...] = ()
 
 
 @dataclass
@@ -43,7 +69,7 @@ class State:
     _layout: Layout | None = None  # read as ``layout``
     values: dict[str, Any] | None = None  # every rule argument, once built
     built_from: str | Described | None = None  # the input the sizes were read from
-    init: Any = None  # registered initializer (see _initialize.py)
+    init: Registration | None = None  # what runs right after the build (_initialize.py)
     initialized: bool = False  # deferinit ran an initializer on this layer
     own_hooks: dict[str, list[Any]] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
