@@ -200,3 +200,25 @@ def _sequence_of_another_thread(model: nn.Module | None) -> list[float]:
 def test_another_threads_draws_racing_a_seeded_materialize_are_its_own(layers: int) -> None:
     model = linears(layers, width=256)
     assert _sequence_of_another_thread(model) == _sequence_of_another_thread(None)
+
+
+def test_a_failed_seeded_materialize_leaves_the_global_generator_as_it_is() -> None:
+    class BoomError(Exception):
+        pass
+
+    def fail(module: nn.Module) -> None:
+        other = threading.Thread(target=torch.rand, args=(1,))  # another thread's draw
+        other.start()
+        other.join()
+        raise BoomError
+
+    net = nn.Sequential(dnn.Linear(8), dnn.Linear(4))
+    di.build(net, (2, 3), device="meta")
+    di.initialize(net[1], fail)
+    torch.manual_seed(5)
+    with pytest.raises(di.DeferredInitError):
+        di.materialize(net, seed=1)
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    torch.rand(1)
+    assert torch.equal(after, torch.get_rng_state())  # the draw stands, nothing put back

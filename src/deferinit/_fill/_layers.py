@@ -112,7 +112,7 @@ class Fill:
                     construct=self.construct,
                     keep=keep,
                     scratch=scratch,
-                    known=functools.partial(self._known, device),
+                    known=functools.partial(self._known, device, seeds is not None),
                 )
             )
         yield from kept
@@ -126,9 +126,9 @@ class Fill:
         """Every tensor of one real run of ``make``, by name."""
         raise NotImplementedError
 
-    def _known(self, device: torch.device, made: set[str] | None) -> None:
+    def _known(self, device: torch.device, seeded: bool, made: set[str] | None) -> None:
         """Checks, before going one tensor at a time, of the names a dry run on meta
-        made (``None``: the dry run failed)."""
+        made (``None``: the dry run failed); ``seeded``: under ``seed=``."""
 
     def place(
         self, name: str, value: torch.Tensor, dtype: torch.dtype | None, owners: Owners
@@ -227,8 +227,13 @@ class Rebuild(Fill):
         _check_attributes(self.module, self.prefix, self.attributes, made)
         return made
 
-    def _known(self, device: torch.device, made: set[str] | None) -> None:
-        if made is None:  # construct again, for the error the dry run met
+    def _known(self, device: torch.device, seeded: bool, made: set[str] | None) -> None:
+        if made is None and seeded:
+            # Construct again, for the error the dry run met. Under seed= the
+            # process-wide generators are never put back (another thread's draws
+            # meanwhile would be undone); on meta nothing is drawn from them.
+            made = set(tensors_by_name(construct_on_meta(self.construct)))
+        elif made is None:
             generators = saved_generators(device)
             try:
                 made = set(tensors_by_name(construct_on_meta(self.construct)))

@@ -302,7 +302,10 @@ def _fill_all_or_nothing(
     so that a corrected call gives eager's values."""
     owners = sharded_owners(root)
     undo: list[Undo] = []
-    generators = Generators(target)
+    # Without seed=, a failure puts the generators back, so that a corrected call
+    # gives eager's values; with seed= nothing of them was drawn or set, and putting
+    # them back would undo other threads' draws made meanwhile (DESIGN §3.6).
+    generators = Generators(target) if seed is None else None
     token = UNDO.set(undo)
     try:
         # Recorded constructions first (di.deferred_init), in program order.
@@ -319,7 +322,8 @@ def _fill_all_or_nothing(
                     advance(_bytes(done.step.module))
     except BaseException as error:
         lost = [why for action in reversed(undo) if (why := action()) is not None]
-        generators.restore()
+        if generators is not None:
+            generators.restore()
         if lost:
             _report_lost(error, lost)
         raise
