@@ -151,3 +151,11 @@ def test_an_unbatched_input_is_still_refused_when_the_rank_is_not_given() -> Non
         dnn.Conv(8, 3)(torch.randn(4, 9))
     with pytest.raises(di.InferenceError, match=r"cannot infer spatial_dims .*unbatched"):
         dnn.InstanceNorm()(torch.randn(4, 9))
+
+
+def test_a_changed_channel_of_an_unbatched_input_with_the_rank_given_names_the_channel() -> None:
+    conv = dnn.Conv(8, 3, spatial_dims=2)
+    conv(torch.randn(4, 9, 9))
+    with pytest.raises(di.ShapeMismatchError, match=r"in_channels=4.*in_channels=5") as caught:
+        conv(torch.randn(5, 9, 9))
+    assert "spatial_dims" not in str(caught.value).split("Fix")[0].split("got")[-1]

@@ -34,7 +34,7 @@ from .._errors import DeferredInitError, ShapeMismatchError
 from .._naming import label
 from ..nn import TWINS
 
-__all__ = ["CheckingGuard", "Guard", "InputGuard", "guard_for", "sizes_unenforced"]
+__all__ = ["CheckingGuard", "Guard", "InputGuard", "guard_for", "mismatch", "sizes_unenforced"]
 
 
 class Guard:
@@ -345,7 +345,7 @@ def _check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 def _refuse_eagerly(
     module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
 ) -> None:
-    raise _mismatch(module, state, args, changed)
+    raise mismatch(module, state, args, changed)
 
 
 # Under torch.compile, a changed size is a graph break, then this error raised
@@ -384,12 +384,15 @@ def _explain(
             signature.bind(*args, **kwargs)
         except TypeError:
             return  # wrong arguments: torch's own error says so
-    changed = _changed(state, cls._di_rules, Call(args, kwargs, signature))
+    # A rank given to a rank-generic twin: the sizes are read as the twin of that
+    # rank reads them (an unbatched input's channel is not on axis 1).
+    rules = TWINS.get(type(module), cls._di_rules) if "spatial_dims" in state.explicit else None
+    changed = _changed(state, rules or cls._di_rules, Call(args, kwargs, signature))
     if changed:
-        raise _mismatch(module, state, args, changed) from error
+        raise mismatch(module, state, args, changed) from error
 
 
-def _mismatch(
+def mismatch(
     module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
 ) -> ShapeMismatchError:
     was = ", ".join(f"{n}={old!r}" for n, old, _ in changed)
