@@ -43,8 +43,7 @@ from .._declare._state import State, declared_defaults
 from .._errors import DeferredInitError, InferenceError
 from .._naming import label
 from ._adopt import adopt_placeholders, check_ties, sizes_text
-from ._guard import mismatch
-from ._guard import guard_for, sizes_unenforced
+from ._guard import guard_for, mismatch, sizes_unenforced
 from ._hooks import (
     fast_path_taken,
     own_hooks_to_run,
