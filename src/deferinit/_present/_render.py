@@ -37,22 +37,22 @@ _HEADERS = ("name", "layer", "arguments", "output", "parameters", "count", "stat
 _Cells = tuple[tuple[str, ...], list[tuple[str, ...]]]  # (headers, one tuple per row)
 
 
-def table_cells(rows: Iterable[Row], *, examples: bool) -> _Cells:
-    """Headers and cell text of the table; the ``output`` column only with examples."""
-    keep = [h for h in _HEADERS if h != "output" or examples]
+def table_cells(rows: Iterable[Row]) -> _Cells:
+    """Headers and cell text of the table: every column always, ``?`` for an output
+    no example gave (none given, or a layer the examples did not reach)."""
     cells = []
     for row in rows:
         full = {
             "name": row.name or "(root)",
             "layer": row.layer,
             "arguments": ", ".join(f"{k}={v!r}" for k, v in row.arguments.items()),
-            "output": "" if row.output is None else _text(row.output),
+            "output": "?" if row.output is None else _text(row.output),
             "parameters": ", ".join(f"{p.name} {_shape_text(p.shape)}" for p in row.parameters),
             "count": _count_text(row.count),
             "state": row.state,
         }
-        cells.append(tuple(full[h] for h in keep))
-    return tuple(keep), cells
+        cells.append(tuple(full[h] for h in _HEADERS))
+    return _HEADERS, cells
 
 
 def footer_lines(
@@ -165,7 +165,8 @@ def plain(value: Any) -> Any:
 
 
 def row_dict(row: Row) -> dict[str, Any]:
-    """A row of :meth:`Summary.to_dict <deferinit._present._summary.Summary.to_dict>`."""
+    """A row of :meth:`Summary.to_dict <deferinit._present._summary.Summary.to_dict>`;
+    an output no example gave is ``None``, as an unknown tensor shape is."""
     return {
         "name": row.name,
         "layer": row.layer,

@@ -87,7 +87,7 @@ class Row:
     name: str  # qualified name below the summarized module ("" for itself)
     layer: str  # class name
     arguments: dict[str, Any]  # inferable constructor arguments; UNKNOWN when not known
-    output: Any  # nested shapes (tuples of ints) from the shape pass, or None
+    output: Any  # nested shapes (tuples of ints) from the shape pass; None: unknown
     parameters: tuple[TensorInfo, ...]
     buffers: tuple[TensorInfo, ...]
     state: str  # "deferred", "built", "meta" or LAZY (a torch Lazy module)
@@ -105,7 +105,7 @@ class Summary:
 
     def __init__(self, rows: Iterable[Row], *, examples: bool, output: Any) -> None:
         self.rows = tuple(rows)
-        self.examples = examples  # whether example inputs were given (output shapes known)
+        self.examples = examples  # whether example inputs were given
         self.output = output  # the model's output shapes, or None
 
     # -- totals -------------------------------------------------------------------------
@@ -135,7 +135,8 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data: ``rows`` (one dict per layer), ``totals`` and the
         model's ``output_shape``. Unknown arguments are ``"?"``; unknown sizes in
-        shapes, and counts that depend on them, are ``None``."""
+        shapes, counts that depend on them, and output shapes no example gave (a
+        row's ``output_shape``, the model's), are ``None``."""
         return {
             "rows": [row_dict(row) for row in self.rows],
             "totals": self.totals(),
@@ -148,22 +149,23 @@ class Summary:
         return footer_lines(self.totals(), params, buffers, output=self.output, lazy=lazy)
 
     def __str__(self) -> str:
-        return plain_table(table_cells(self.rows, examples=self.examples), self._footer())
+        return plain_table(table_cells(self.rows), self._footer())
 
     def __repr__(self) -> str:
         return str(self)
 
     def _repr_html_(self) -> str:
-        return html_table(table_cells(self.rows, examples=self.examples), self._footer())
+        return html_table(table_cells(self.rows), self._footer())
 
     def __rich__(self) -> Any:
-        return rich_group(table_cells(self.rows, examples=self.examples), self._footer())
+        return rich_group(table_cells(self.rows), self._footer())
 
 
 def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> Summary:
     """A table of every layer below ``module``: qualified name, layer class, inferred
-    arguments, output shape (when example inputs are given), parameter shapes and
-    count, and state (``deferred``, ``built`` or ``meta``). Unknown sizes show as ``?``.
+    arguments, output shape, parameter shapes and count, and state (``deferred``,
+    ``built`` or ``meta``). Unknown sizes show as ``?``: an output shape is known
+    where example inputs reached the layer.
     torch's own ``nn.Lazy*`` modules show as ``lazy (di.adopt)``: only their own first
     forward sizes them, so example inputs give no shapes until ``di.adopt(model)``
     has made them deferinit layers.
