@@ -17,12 +17,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .._errors import InferenceError, NotBuiltError
+from .._errors import DeferredInitError, InferenceError, NotBuiltError
 from .._naming import label
 from ._layout import KNOWN, layout_of, provisional_constructor
 from ._placeholder import flat_placeholders, install_placeholders, save_placeholders
 from ._recording import HOOKS
-from ._rules import MISSING, Call, Rule, RuleError, as_rule
+from ._rules import MISSING, Call, Rule, RuleError, as_rule, dim
 from ._signature import (
     ClassSignature,
     bind,
@@ -179,6 +179,13 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
     _di_init_signature: ClassVar[inspect.Signature]
     _di_public_signature: ClassVar[inspect.Signature]
     _di: State
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Only make_deferred's classes: a placeholder becomes exactly the real class
+        # at its build, so a user's subclass would lose its overrides silently then.
+        if cls.__bases__ != (Deferred,) or "_di_cls" not in cls.__dict__:
+            raise _subclass_error(cls)
+        super().__init_subclass__(**kwargs)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
@@ -444,6 +451,52 @@ def _becoming() -> ModuleType:
     from .._become import _become  # noqa: PLC0415
 
     return _become
+
+
+class _SubclassError(DeferredInitError, TypeError):
+    """A user's subclass of a deferred class; also a ``TypeError``, as Python's own
+    refusals of a class definition are."""
+
+
+def _subclass_error(cls: type) -> _SubclassError:
+    base = next((b for b in cls.__mro__[1:] if "_di_cls" in b.__dict__), None)
+    if base is None:
+        return _SubclassError(
+            f"deferinit: class {cls.__name__}(di.Deferred) cannot be subclassed by hand: "
+            f"deferred classes are made by di.defer. Fix: write {cls.__name__} as an "
+            f"ordinary nn.Module class and make it deferrable with di.defer({cls.__name__}, "
+            f"<argument>=di.dim(-1))."
+        )
+    real = base._di_cls  # type: ignore[attr-defined]
+    rules: dict[str, Rule] = base._di_rules  # type: ignore[attr-defined]
+    classes = getattr(real, "classes", None)
+    if classes is None:
+        torch_classes = qualname(real)
+        shown = ", ".join(f"{n}={_shown_rule(r)}" for n, r in rules.items())
+        note = ""
+    else:  # a rank-generic twin (deferinit.nn.Conv) stands for a torch class per rank
+        torch_classes = " or ".join(qualname(c) for c in classes)
+        own = inspect.signature(classes[0].__init__).parameters
+        shown = ", ".join(f"{n}=..." for n in rules if n in own)
+        note = ", with the rules of that class's twin in deferinit.nn"
+    return _SubclassError(
+        f"deferinit: class {cls.__name__} cannot subclass the deferred {base.__name__}: "
+        f"at its build a deferred layer becomes exactly {torch_classes}, so "
+        f"{cls.__name__}'s own methods would be lost then. Fix: subclass {torch_classes} "
+        f"instead and make that class deferrable: di.defer({cls.__name__}, {shown}){note}."
+    )
+
+
+def _shown_rule(rule: Rule) -> str:
+    """A rule as the user would write it, where it is a plain ``di.dim``."""
+    if isinstance(rule, dim):
+        shown = [repr(rule.axis)]
+        if rule.arg != 0:
+            shown.append(f"arg={rule.arg!r}")
+        if rule.ndim is not None:
+            shown.append(f"ndim={rule.ndim!r}")
+        return f"di.dim({', '.join(shown)})"
+    return f"<{rule.describe()}>"
 
 
 class _NotBuiltAttributeError(NotBuiltError, AttributeError):
