@@ -73,7 +73,7 @@ def become(
     nothing); ``adopt=False`` leaves the placeholders alone (the shape-only pass,
     whose parameters are fake and about to be rolled back). ``hold=True`` makes
     calls from other threads wait for the build lock until :func:`release`, so none
-    sees the layer before its initializer ran.
+    sees the layer before its first call (initializer and forward) succeeded.
     """
     state = module._di
     cls = type(module)
@@ -314,7 +314,10 @@ def _build_and_run(
         if recorder is not None:
             return _record_shapes(module, values, built_from, recorder, args, kwargs, own_hooks)
         state = module._di
-        txn = become(module, values, built_from=built_from, hold=state.init is not None)
+        # Held until this first call's forward succeeded: another thread calling the
+        # layer meanwhile waits for the build lock (this thread holds it), so none
+        # computes with tensors that a failure here would take back.
+        txn = become(module, values, built_from=built_from, hold=True)
         try:
             if state.init is not None:
                 with declared_defaults(state):
@@ -325,8 +328,6 @@ def _build_and_run(
         except BaseException:
             txn.rollback()
             raise
-        if state.init is not None:
-            release(module)
         try:
             output = type(module).forward(module, *args, **kwargs)
         except BaseException as error:
@@ -336,10 +337,13 @@ def _build_and_run(
             raise _forward_failed(module, values, built_from, error) from error
         if own_hooks == "all":
             try:
-                return run_forward_hooks(module, args, kwargs, output)
+                output = run_forward_hooks(module, args, kwargs, output)
             except BaseException:
                 txn.rollback()
                 raise
+            release(module)
+            return output
+        release(module)
         if watch_hooks and module.__dict__.get("_forward_hooks") and not _global_forward_hooks:
             undo_if_a_hook_fails(module, txn)
         return output
