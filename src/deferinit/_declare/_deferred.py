@@ -537,6 +537,61 @@ def defer(cls: type[M], **rules: Rule | Callable[..., Any]) -> type[Deferred]:
     return make_deferred(cls, rules)
 
 
+_Parameter = inspect.Parameter
+
+
+def _forwarded(cls: type[nn.Module]) -> list[inspect.Parameter] | None:
+    """The constructor arguments of a class whose ``__init__`` forwards ``*args``
+    and ``**kwargs`` (``super().__init__(*args, **kwargs)``): its own named ones, then
+    those of the next ``__init__`` up the MRO, followed while each forwards. Every
+    one can be passed by keyword, as the real constructor is then called. ``None``
+    where ``__init__`` forwards nothing, or to a constructor whose arguments its
+    signature does not show (``nn.Module``'s, torch's RNNs': passed on reworked)."""
+    inits = [c for c in cls.__mro__ if "__init__" in c.__dict__]
+    positional: list[inspect.Parameter] = []
+    keyword: list[inspect.Parameter] = []
+    seen: set[str] = set()
+    takes_args = takes_kwargs = True  # what the forwarding so far passes on
+    for owner in inits:
+        if owner is nn.Module or owner is object:
+            return None
+        try:
+            params = list(inspect.signature(owner.__init__).parameters.values())[1:]  # type: ignore[misc]
+        except (TypeError, ValueError):
+            return None
+        kinds = {p.kind for p in params}
+        named = [
+            p for p in params if p.kind not in (_Parameter.VAR_POSITIONAL, _Parameter.VAR_KEYWORD)
+        ]
+        if owner is inits[0]:
+            if not kinds & {_Parameter.VAR_POSITIONAL, _Parameter.VAR_KEYWORD}:
+                return None  # forwards nothing: its own signature is the whole story
+        elif not named and owner.__module__.startswith("torch."):
+            return None  # torch's own forwarder (nn.LSTM): it passes arguments on reworked
+        for p in named:
+            if p.name in seen:
+                continue  # taken by a class below, which passes on the rest
+            if p.kind is _Parameter.POSITIONAL_ONLY:
+                return None  # not passable by keyword
+            seen.add(p.name)
+            defaulted = any(q.default is not q.empty for q in positional)
+            if (
+                p.kind is _Parameter.POSITIONAL_OR_KEYWORD
+                and takes_args
+                and (p.default is not p.empty or not defaulted)
+            ):
+                positional.append(p)
+            elif takes_kwargs:
+                keyword.append(p.replace(kind=_Parameter.KEYWORD_ONLY))
+            elif p.default is p.empty:
+                return None  # a required argument no caller can reach
+        if _Parameter.VAR_POSITIONAL not in kinds and _Parameter.VAR_KEYWORD not in kinds:
+            return positional + keyword
+        takes_args = takes_args and _Parameter.VAR_POSITIONAL in kinds
+        takes_kwargs = takes_kwargs and _Parameter.VAR_KEYWORD in kinds
+    return None
+
+
 def make_deferred(
     cls: type[nn.Module],
     rules: Mapping[str, Rule | Callable[..., Any]],
@@ -554,7 +609,7 @@ def make_deferred(
         return cached
     if signature is None:
         signature = inspect.signature(cls.__init__)
-        params = list(signature.parameters.values())[1:]
+        params = _forwarded(cls) or list(signature.parameters.values())[1:]
     else:
         params = list(signature.parameters.values())
     names = {p.name for p in params}
