@@ -1,10 +1,13 @@
 """Reading a checkpoint for ``di.load_state_dict``: a state dict as it is, a
-``.safetensors`` file (header checked before any tensor is made) or a torch file
-(``weights_only=True``, its zip CRCs checked first). Whatever is corrupt,
-truncated or empty is a ``DeferredInitError`` naming the file."""
+safetensors file (header checked before any tensor is made) or a torch file
+(``weights_only=True``, its zip CRCs checked first), by path or as a binary
+file-like object. The format is told by the first bytes (the extension only breaks
+a tie: a file too damaged to tell). Whatever is corrupt, truncated or empty is a
+``DeferredInitError`` naming the file."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -14,16 +17,17 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal, cast
 
 import torch
 
-from .._errors import DeferredInitError
+from .._errors import ArgumentsError, DeferredInitError
 
 __all__ = ["Source", "read_source"]
 
-# A state dict (tensors, and whatever a layer's get_extra_state saved) or a file.
-Source = Mapping[str, Any] | str | os.PathLike[str]
+# A state dict (tensors, and whatever a layer's get_extra_state saved), a file's path,
+# or a binary file-like object (what torch.load also reads).
+Source = Mapping[str, Any] | str | os.PathLike[str] | IO[bytes]
 
 
 def read_source(source: Source) -> tuple[dict[str, Any], str, bool, dict[str, Any]]:
@@ -49,18 +53,88 @@ def _read(source: Source) -> tuple[Mapping[str, Any], str, bool]:
                 f"Nothing was loaded. Fix: pass model.state_dict() of the saved model."
             )
         return source, "the state dict", False
-    if not isinstance(source, str | os.PathLike):
-        raise TypeError(
-            f"di.load_state_dict expects a state dict, or the path of a .safetensors or "
-            f"torch file, got {type(source).__name__}"
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"di.load_state_dict: no checkpoint file at {str(path)!r}")
+        shown = repr(str(path))
+        with path.open("rb") as opened:
+            return _read_file(opened, path, shown, path.suffix), shown, True
+    if not callable(getattr(source, "read", None)):
+        raise ArgumentsError(
+            f"di.load_state_dict expects a state dict, the path of a safetensors or torch "
+            f"file, or a binary file-like object, got {type(source).__name__}. Nothing "
+            f"was loaded. Fix: pass model.state_dict() of the saved model, or a path."
         )
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"di.load_state_dict: no checkpoint file at {str(path)!r}")
-    shown = repr(str(path))
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path, shown), shown, True
-    return _read_torch(path, shown), shown, True
+    name = getattr(source, "name", None)
+    shown = repr(name) if isinstance(name, str) else f"the {type(source).__name__} given"
+    file = _binary(source, shown)
+    suffix = Path(name).suffix if isinstance(name, str) else ""
+    return _read_file(file, None, shown, suffix), shown, True
+
+
+def _binary(source: IO[bytes], shown: str) -> io.BufferedIOBase:
+    """``source`` itself where it is binary, seekable and at its start (torch's zip
+    reader and the safetensors reader seek), else the rest of its bytes in memory."""
+    try:
+        at_start = source.seekable() and source.tell() == 0
+        first = source.read(0)
+        if not isinstance(first, bytes):
+            raise DeferredInitError(
+                f"di.load_state_dict: {shown} is open in text mode ({type(first).__name__} "
+                f"read from it); a checkpoint is binary. Nothing was loaded. Fix: open it "
+                f"with open(path, 'rb')."
+            )
+        if at_start and callable(getattr(source, "readinto", None)):
+            return cast(io.BufferedIOBase, source)  # what is used of it, checked above
+        data = source.read()
+    except (OSError, ValueError) as error:  # closed, unreadable, unsupported
+        raise DeferredInitError(
+            f"di.load_state_dict: {shown} cannot be read ({type(error).__name__}: {error}). "
+            f"Nothing was loaded. Fix: pass an open binary file (open(path, 'rb')) or a path."
+        ) from error
+    if not isinstance(data, bytes):
+        raise DeferredInitError(
+            f"di.load_state_dict: {shown} gave a {type(data).__name__}, not bytes. "
+            f"Nothing was loaded. Fix: pass an open binary file (open(path, 'rb'))."
+        )
+    return io.BytesIO(data)
+
+
+def _read_file(
+    file: io.BufferedIOBase, path: Path | None, shown: str, suffix: str
+) -> Mapping[str, Any]:
+    """A safetensors or torch checkpoint, told by its first bytes."""
+    size = file.seek(0, io.SEEK_END)
+    file.seek(0)
+    kind = _sniff(file.read(9), size)
+    file.seek(0)
+    if kind is None and suffix == ".safetensors":
+        kind = "safetensors"  # damaged: its own reader says where
+    elif kind is None and size:
+        raise _unreadable(
+            shown,
+            "safetensors or torch",
+            f"its first bytes are neither a safetensors header nor a torch file's (zip or "
+            f"pickle) ({size} bytes; it is truncated, corrupt or of another format)",
+            "save it again (torch.save(model.state_dict(), path) or "
+            "safetensors.torch.save_file(model.state_dict(), path)).",
+        )
+    if kind == "safetensors":
+        return _read_safetensors(file, size, shown)
+    return _read_torch(file, path, size, shown)
+
+
+def _sniff(head: bytes, size: int) -> Literal["safetensors", "torch"] | None:
+    """The format the first bytes say, or None where they say neither (an empty
+    or damaged file). safetensors: an 8-byte little-endian header length that fits
+    the file, then the header's ``{``; torch: a zip file (``PK\\x03\\x04``) or, in
+    its legacy format, a pickle (``\\x80``, the protocol opcode)."""
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    return None
 
 
 def _unreadable(shown: str, kind: str, what: str, fix: str) -> DeferredInitError:
@@ -91,7 +165,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
+def _read_safetensors(file: io.BufferedIOBase, size: int, shown: str) -> dict[str, Any]:
     """Every tensor of a safetensors file, read straight into memory of its own.
 
     Not ``safetensors.torch.load_file``: its tensors are backed by a mapping of
@@ -99,7 +173,6 @@ def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
     place (and fault if it were truncated). Here each tensor is read into its own
     allocation once: one copy in memory, none of it shared with the file.
     """
-    size = path.stat().st_size
 
     def refuse(what: str) -> DeferredInitError:
         return _unreadable(
@@ -111,28 +184,27 @@ def _read_safetensors(path: Path, shown: str) -> dict[str, Any]:
 
     if size == 0:
         raise refuse("the file is empty")
-    with path.open("rb") as file:
-        head = file.read(8)
-        if len(head) < 8:
-            raise refuse("no header length")
-        length = int.from_bytes(head, "little")
-        if length > min(size - 8, 100 << 20):
-            raise refuse(f"a header of {length} bytes")
-        try:
-            header = json.loads(file.read(length))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise refuse(f"its header is not JSON ({error})") from None
-        if not isinstance(header, dict):
-            raise refuse("its header is not a JSON object")
-        specs = _tensor_specs(header, size - 8 - length, refuse)
-        state: dict[str, Any] = {}
-        for key, (dtype, shape, begin) in sorted(specs.items(), key=lambda kv: kv[1][2]):
-            tensor = torch.empty(shape, dtype=dtype)
-            view = tensor.reshape(-1).view(torch.uint8).numpy()
-            file.seek(8 + length + begin)
-            if file.readinto(view) != view.nbytes:  # type: ignore[arg-type] # numpy: a buffer
-                raise refuse(f"the data of {key!r} ends early")
-            state[key] = tensor
+    head = file.read(8)
+    if len(head) < 8:
+        raise refuse("no header length")
+    length = int.from_bytes(head, "little")
+    if length > min(size - 8, 100 << 20):
+        raise refuse(f"a header of {length} bytes")
+    try:
+        header = json.loads(file.read(length))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise refuse(f"its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    specs = _tensor_specs(header, size - 8 - length, refuse)
+    state: dict[str, Any] = {}
+    for key, (dtype, shape, begin) in sorted(specs.items(), key=lambda kv: kv[1][2]):
+        tensor = torch.empty(shape, dtype=dtype)
+        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        file.seek(8 + length + begin)
+        if file.readinto(view) != view.nbytes:  # type: ignore[arg-type] # numpy: a buffer
+            raise refuse(f"the data of {key!r} ends early")
+        state[key] = tensor
     return {key: state[key] for key in specs}  # the header's order
 
 
@@ -178,18 +250,27 @@ def _tensor_specs(
     return specs
 
 
-def _read_torch(path: Path, shown: str) -> Mapping[str, Any]:
+def _read_torch(
+    file: io.BufferedIOBase, path: Path | None, size: int, shown: str
+) -> Mapping[str, Any]:
     fix = "save it again with torch.save(model.state_dict(), path)."
-    size = path.stat().st_size
     if size == 0:
         raise _unreadable(shown, "torch", "the file is empty", fix)
-    if zipfile.is_zipfile(path):
-        _check_crcs(path, shown, fix)
+    if zipfile.is_zipfile(file):
+        _check_crcs(file, shown, fix)
+    file.seek(0)
     try:
         with warnings.catch_warnings():
             # A plain pickle of another protocol: the refusal that follows says more.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            # By path where there is one (torch's reader reads the file itself), but
+            # not one named .safetensors, which torch.load reads as safetensors.
+            by_path = path is not None and path.suffix != ".safetensors"
+            loaded = torch.load(
+                path if by_path and path else cast(IO[bytes], file),
+                map_location="cpu",
+                weights_only=True,
+            )
     except pickle.UnpicklingError as error:
         first = _what_was_refused(str(error))
         raise DeferredInitError(
@@ -221,7 +302,7 @@ def _what_was_refused(message: str) -> str:
     return "weights-only loading refused it"
 
 
-def _check_crcs(path: Path, shown: str, fix: str) -> None:
+def _check_crcs(file: io.BufferedIOBase, shown: str, fix: str) -> None:
     """Check every record of a torch (zip) file against its CRC-32, which torch's
     reader does not: a flipped bit in the data would otherwise load silently.
 
@@ -230,7 +311,7 @@ def _check_crcs(path: Path, shown: str, fix: str) -> None:
     """
     piece = memoryview(bytearray(16 << 20))
     try:
-        with zipfile.ZipFile(path) as archive, path.open("rb") as file:
+        with zipfile.ZipFile(cast(IO[bytes], file)) as archive:
             infos = archive.infolist()
             if infos and all(i.CRC == 0 for i in infos if i.file_size):
                 return  # saved with torch.serialization.set_crc32_options(False)
