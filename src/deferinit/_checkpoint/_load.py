@@ -19,16 +19,25 @@ parameters. ``assign=True`` takes the caller's tensors themselves, with their
 dtype and device, as torch's ``assign=True``, but under the model's parameter
 objects. A file's tensors belong to nobody else, so they are taken without a
 second copy (each storage once: ties by storage saved in a torch file are copied).
+
+A model with load hooks or a ``_load_from_state_dict`` of its own (a key-renaming
+override) loads through torch's own walk, which runs them, when it is fully built
+(nothing deferred, on meta or lazy); the promises above are kept around it (the old
+values are kept for the undo). Before that, they are refused by name: sizes come
+from the checkpoint's keys before any walk, and a hook would be silently skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.parameter import is_lazy
 
@@ -38,14 +47,17 @@ from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._placeholder import Holder, placeholder_tensors
 from .._errors import DeferredInitError
 from .._naming import label, root_scope
+from .._swap import exchange_or_raise
 from .._tensors import own_tensors
 from ._commit import Write, commit, prepare
 from ._read import Source, read_source
 from ._sizes import (
     counts_of,
+    counts_waiting,
     infer_from_shapes,
     other_shapes,
     saved_before_build,
+    swappable,
     value_problem,
 )
 
@@ -85,6 +97,19 @@ def load_state_dict(
         raise TypeError(f"di.load_state_dict expects an nn.Module, got {type(module).__name__}")
     state, shown, owned, metadata = read_source(source)
     with BUILD_LOCK, root_scope(module):
+        own = _own_loaders(module)
+        if own:
+            if _fully_built(module):
+                return _load_with_torch(module, state, metadata, shown, strict, assign)
+            sub, what = own[0]
+            raise DeferredInitError(
+                f"di.load_state_dict: {label(sub)} has {what}, which only a load walking "
+                f"built layers runs (as torch's load_state_dict), and "
+                f"{type(module).__name__} is not fully built (deferred or meta layers "
+                f"take their sizes from the checkpoint's keys first): it would be "
+                f"skipped. Nothing was loaded. Fix: build the model first, e.g. "
+                f"di.build(model, example) (di.materialize for a model on meta), then load."
+            )
         built: list[Transaction] = []
         try:
             devices: dict[int, torch.device] = {}
@@ -134,7 +159,14 @@ def _plan(
     misfit: list[str] = []
     for owner_name, owner in module.named_modules(remove_duplicate=False):
         prefix = owner_name + "." if owner_name else ""
-        for leaf, target in own_tensors(owner).items():
+        tensors = own_tensors(owner)
+        # A count saved into a twin left deferred waits for its build.
+        waiting = (
+            counts_waiting(owner, {n: state[prefix + n] for n in tensors if prefix + n in state})
+            if isinstance(owner, Deferred) and not any(prefix + n in bad for n in tensors)
+            else {}
+        )
+        for leaf, target in tensors.items():
             key = prefix + leaf
             if key not in state or key in bad or key not in expected:
                 continue
@@ -142,6 +174,8 @@ def _plan(
             problem = _fit(module, owner, key, target, value)
             if problem:
                 misfit.append(problem)
+            elif leaf in waiting and is_lazy(target):
+                writes.append(Write(owner, target, key, waiting[leaf]))
             elif not is_lazy(value) and not (is_lazy(target) and isinstance(owner, Deferred)):
                 # (a count saved by torch's Lazy norm into a twin left deferred: its
                 # build gives the count, as torch's Lazy norm's first forward does)
@@ -153,12 +187,164 @@ def _plan(
         problems += [f"missing keys: {', '.join(missing)}"] if missing else []
         problems += [f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []
     if problems:
-        raise DeferredInitError(
-            f"di.load_state_dict: {shown} does not fit {type(module).__name__}: "
-            f"{'; '.join(problems)}. Nothing was loaded. Fix: load the checkpoint of this "
-            f"model (with strict=False, missing and unexpected keys are skipped)."
-        )
+        raise _does_not_fit(module, shown, problems)
     return writes, extra, missing, unexpected
+
+
+def _does_not_fit(module: nn.Module, shown: str, problems: list[str]) -> DeferredInitError:
+    return DeferredInitError(
+        f"di.load_state_dict: {shown} does not fit {type(module).__name__}: "
+        f"{'; '.join(problems)}. Nothing was loaded. Fix: load the checkpoint of this "
+        f"model (with strict=False, missing and unexpected keys are skipped)."
+    )
+
+
+def _own_loaders(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The modules below ``module`` whose loading is their own: load hooks (not the
+    one each torch Lazy module registers for itself, which this loader stands in for)
+    or a class overriding ``_load_from_state_dict`` below the torch (or deferinit)
+    class it derives from; torch's own classes (BatchNorm) override it as this
+    loader already knows. With what, in words."""
+    found: list[tuple[nn.Module, str]] = []
+    for sub in module.modules():
+        lazy = getattr(sub, "_load_hook", None) if isinstance(sub, LazyModuleMixin) else None
+        pre = [k for k in sub._load_state_dict_pre_hooks if lazy is None or k != lazy.id]
+        if pre or sub._load_state_dict_post_hooks:
+            found.append((sub, "a load hook (register_load_state_dict_pre/post_hook)"))
+            continue
+        cls = type(sub)._di_cls if isinstance(sub, Deferred) else type(sub)
+        for base in cls.__mro__:
+            if base.__module__.split(".")[0] in ("torch", "deferinit"):
+                break
+            if "_load_from_state_dict" in vars(base):
+                found.append((sub, f"its own {base.__name__}._load_from_state_dict"))
+                break
+    return found
+
+
+def _fully_built(module: nn.Module) -> bool:
+    """Nothing deferred, nothing on meta, no torch Lazy placeholder."""
+    if any(isinstance(sub, Deferred) for sub in module.modules()):
+        return False
+    tensors = [*module.parameters(), *module.buffers()]
+    return not any(t.is_meta or is_lazy(t) for t in tensors)
+
+
+# torch's words for a saved tensor of another shape (Module._load_from_state_dict).
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<key>\S+): copying a param with shape "
+    r"torch\.Size\(\[(?P<saved>[^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(?P<model>[^\]]*)\]\)"
+)
+
+
+def _load_with_torch(
+    module: nn.Module,
+    state: dict[str, Any],
+    metadata: dict[str, Any],
+    shown: str,
+    strict: bool,
+    assign: bool,
+) -> _IncompatibleKeys:
+    """torch's own ``load_state_dict`` on a fully built ``module`` (its hooks and
+    overrides run), all or nothing: every tensor object and its values before the
+    load are kept and put back on any exception; problems are a DeferredInitError."""
+    given: OrderedDict[str, Any] = OrderedDict(state)  # torch's walk may pop keys of it
+    if metadata:
+        given._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    subs = list(module.modules())
+    tables: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (t, dict(t)) for sub in subs for t in (sub._parameters, sub._buffers)
+    ]
+    with torch.no_grad():
+        kept = {
+            id(t): (t, t.detach().clone())
+            for _, old in tables
+            for t in old.values()
+            if t is not None
+        }
+    undo: list[Callable[[], None]] = []
+    try:
+        try:
+            # strict=False: the keys torch's strict check would read, after the post
+            # hooks, come back; the strict check is made below, in this loader's words.
+            result: _IncompatibleKeys = module.load_state_dict(given, strict=False, assign=assign)
+        except RuntimeError as error:
+            head, *lines = str(error).split("\n\t")
+            if not head.startswith("Error(s) in loading state_dict for") or not lines:
+                raise
+            raise _does_not_fit(
+                module, shown, [_in_words(module, line) for line in lines]
+            ) from None
+        problems: list[str] = []
+        if strict and result.missing_keys:
+            problems.append(f"missing keys: {', '.join(result.missing_keys)}")
+        if strict and result.unexpected_keys:
+            problems.append(f"unexpected keys: {', '.join(result.unexpected_keys)}")
+        if problems:
+            raise _does_not_fit(module, shown, problems)
+        if assign:
+            with swappable(subs):
+                _keep_objects(tables, undo)
+    except BaseException:
+        with swappable(subs), torch.no_grad():
+            for step in reversed(undo):
+                step()
+            for table, old in tables:
+                table.clear()
+                table.update(old)
+            for tensor, values in kept.values():
+                tensor.copy_(values)
+        raise
+    return result
+
+
+def _in_words(module: nn.Module, line: str) -> str:
+    """One of torch's error lines, a shape mismatch in this loader's words."""
+    found = _SIZE_MISMATCH.match(line)
+    if found is None:
+        return line.strip().rstrip(".")
+    key = found["key"]
+    saved, model = (
+        tuple(int(d) for d in found[s].split(",") if d.strip()) for s in ("saved", "model")
+    )
+    try:
+        owner = module.get_submodule(key.rpartition(".")[0])
+    except AttributeError:
+        return f"{key}: checkpoint {saved}, model {model}"
+    return f"{_where(module, owner, key)}: checkpoint {saved}, model {model}"
+
+
+def _keep_objects(
+    tables: list[tuple[dict[str, Any], dict[str, Any]]], undo: list[Callable[[], None]]
+) -> None:
+    """After torch's ``assign=True`` (new objects), each old parameter or buffer
+    object takes the assigned data and its place back: optimizers keep it."""
+    for table, old in tables:
+        for name, before in old.items():
+            new = table.get(name)
+            if before is None or new is None or new is before:
+                continue
+            fresh = (
+                nn.Parameter(new.detach(), requires_grad=new.requires_grad)
+                if isinstance(before, nn.Parameter)
+                else new.detach().requires_grad_(new.requires_grad)
+            )
+            exchange_or_raise(
+                before,
+                fresh,
+                f"di.load_state_dict(assign=True): tensor {name!r}",
+                "drop those references (del them) and load again. The model is left as it was.",
+            )
+            table[name] = before
+            undo.append(_exchange_back(before, fresh))
+
+
+def _exchange_back(before: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        exchange_or_raise(before, fresh, "undoing di.load_state_dict: a tensor", "reload it.")
+
+    return step
 
 
 def _old_counts(module: nn.Module, state: dict[str, Any], metadata: dict[str, Any]) -> set[str]:

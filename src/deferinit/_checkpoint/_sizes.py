@@ -13,6 +13,10 @@ nothing: torch's own Lazy norms hold it as a real ``tensor(0)`` before their fir
 forward, beside placeholders, and that first forward zeroes it. So a state dict
 saved by one of them before its first forward leaves a twin deferred, as it leaves
 torch's Lazy norm, and its count is not loaded (the build gives 0, as torch's does).
+So does a count saved alone (part of a built layer's checkpoint), its layer's
+other keys missing. Either way the count is never dropped: the count's placeholder
+takes the saved value (:func:`counts_waiting`), a real tensor that the build keeps,
+as it keeps a tensor assigned before it (torch's Lazy norm would zero it).
 
 Also here, shared by ``di.load_state_dict`` and torch's own ``load_state_dict``
 on a placeholder: which saved values can be loaded at all, and swapping a tensor
@@ -45,6 +49,7 @@ from .._swap import exchange_or_raise
 from .._tensors import kind_of
 
 __all__ = [
+    "counts_waiting",
     "counts_of",
     "infer_from_shapes",
     "load_into_placeholder",
@@ -108,6 +113,37 @@ def saved_before_build(module: nn.Module, saved: dict[str, Any]) -> tuple[bool, 
     if sized:
         return False, lazy
     return bool(saved), []
+
+
+def counts_waiting(module: nn.Module, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The counts (:func:`counts_of`) among ``saved`` (a deferred layer's tensors by
+    name within it) that wait for the build, as scalars: those saved real when no
+    other tensor of the layer is saved with values (the layer stays deferred)."""
+    counts = counts_of(module)
+    if any(n not in counts and not is_lazy(v) for n, v in saved.items()):
+        return {}  # sized: the layer is built from the checkpoint and loads it
+    return {
+        n: v.reshape(())
+        for n, v in saved.items()
+        if n in counts and not is_lazy(v) and v.numel() == 1
+    }
+
+
+def fill_count(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` under the placeholder ``name`` of deferred ``module``: the same
+    object becomes a real tensor, which the build keeps."""
+    target = module._buffers[name]
+    assert target is not None and is_lazy(target)
+    fresh = torch.empty((), dtype=target.dtype, device=target.device)
+    with torch.no_grad():
+        fresh.copy_(value)
+    exchange_or_raise(
+        target,
+        fresh,
+        functools.partial(_what, module, target, name),
+        "drop those references (del them) and load again.",
+    )
+    target.__class__ = target.cls_to_become  # type: ignore[union-attr] # a plain tensor
 
 
 def other_shapes(
@@ -418,7 +454,9 @@ def load_into_placeholder(
     placeholders = placeholder_tensors(module)
     names = {name for name, _ in placeholders}
     mine = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
-    where = f"{label(module, type(module).__name__)} at {prefix[:-1] or 'the root'!r}"
+    # Named by the prefix torch's walk gives (the qualified name below the model
+    # being loaded), not searched for.
+    where = f"{type(module).__name__} layer at {prefix[:-1] or 'the root'!r}"
     # Keys of this layer that it does not have: torch reports them for the layer
     # that owns the prefix; once built, the built class's own loader does that.
     # Children of its own (a submodule a user added to an adopted Lazy module) load
@@ -448,6 +486,9 @@ def load_into_placeholder(
     ]
     if before or mixed:
         missing_keys.extend(prefix + n for n in absent)
+        if not mixed:
+            for name, value in counts_waiting(module, mine).items():
+                fill_count(module, name, value)
         if mixed:
             error_msgs.append(
                 f"{where} is not built, and the checkpoint holds values for some of its "
