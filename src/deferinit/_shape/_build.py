@@ -64,6 +64,8 @@ class ShapePass:
     values: dict[str, dict[str, Any]] = field(default_factory=dict)  # inferred arguments
     built_from: dict[str, str | Described] = field(default_factory=dict)  # their input
     outputs: dict[str, Any] = field(default_factory=dict)  # fake outputs: read shape/dtype
+    # Deferred layers the pass left deferred, those a block it built declared included.
+    deferred: list[str] = field(default_factory=list)
 
 
 def _home(module: nn.Module) -> torch.device:
@@ -259,6 +261,7 @@ def _run(
                         raise
                     raise plainly from None
         names = names_by_id(copy) | names  # layers the pass constructed inside blocks
+        result.deferred = [n for n, sub in copy.named_modules() if isinstance(sub, Deferred)]
         for original_id, sub in copies.items():
             if id(sub) in names:  # an original the forward reached by another path
                 names.setdefault(original_id, names[id(sub)])
@@ -500,6 +503,8 @@ def build(
             for name, sub in module.named_modules()
             if isinstance(sub, Deferred) and name not in seen.values
         ]
+        # A twin that a deferred block declares in its __init__ exists only in the pass.
+        unreached += [n for n in seen.deferred if n not in seen.values and n not in unreached]
         if unreached:
             listed = ", ".join(repr(n) for n in unreached)
             raise NotBuiltError(
