@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .._errors import DeferredInitError, InferenceError, NotBuiltError
+from .._errors import InferenceError, NotBuiltError
 from .._naming import label
 from ._layout import KNOWN, layout_of, provisional_constructor
 from ._placeholder import flat_placeholders, install_placeholders, save_placeholders
@@ -453,15 +453,12 @@ def _becoming() -> ModuleType:
     return _become
 
 
-class _SubclassError(DeferredInitError, TypeError):
-    """A user's subclass of a deferred class; also a ``TypeError``, as Python's own
-    refusals of a class definition are."""
-
-
-def _subclass_error(cls: type) -> _SubclassError:
+def _subclass_error(cls: type) -> TypeError:
+    """A plain ``TypeError``, as ``di.defer``'s refusals of a class are: a class
+    definition, not a layer, is wrong."""
     base = next((b for b in cls.__mro__[1:] if "_di_cls" in b.__dict__), None)
     if base is None:
-        return _SubclassError(
+        return TypeError(
             f"deferinit: class {cls.__name__}(di.Deferred) cannot be subclassed by hand: "
             f"deferred classes are made by di.defer. Fix: write {cls.__name__} as an "
             f"ordinary nn.Module class and make it deferrable with di.defer({cls.__name__}, "
@@ -479,7 +476,7 @@ def _subclass_error(cls: type) -> _SubclassError:
         own = inspect.signature(classes[0].__init__).parameters
         shown = ", ".join(f"{n}=..." for n in rules if n in own)
         note = ", with the rules of that class's twin in deferinit.nn"
-    return _SubclassError(
+    return TypeError(
         f"deferinit: class {cls.__name__} cannot subclass the deferred {base.__name__}: "
         f"at its build a deferred layer becomes exactly {torch_classes}, so "
         f"{cls.__name__}'s own methods would be lost then. Fix: subclass {torch_classes} "
