@@ -242,3 +242,14 @@ def test_apply_racing_a_build_runs_fn_once() -> None:
         net.apply(count)
         thread.join()
         assert len(calls) == 2
+
+
+def test_a_failing_fn_in_di_build_leaves_every_layer_deferred() -> None:
+    def broken(module: nn.Module) -> None:
+        if type(module) is nn.Linear and module.out_features == 2:
+            raise ValueError("nope")
+
+    net = mlp().apply(broken)
+    with pytest.raises(di.DeferredInitError, match=r"Linear layer '2': the function .*broken"):
+        di.build(net, (3, 5))
+    assert di.pending(net) == ["0", "2"]

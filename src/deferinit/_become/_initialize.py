@@ -241,10 +241,11 @@ def _reported(
         if name is None and prefix:
             name = prefix[:-1]
         layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
+        noun = "function" if given is _BY_APPLY else "initializer"
         raise error(
-            f"{layer}: the initializer {_shown(init)} {given} raised "
+            f"{layer}: the {noun} {_shown(init)} {given} raised "
             f"{type(failure).__name__}: {failure}. {left} Fix: make "
-            f"the initializer accept this layer (test isinstance(module, ...) in a "
+            f"the {noun} accept this layer (test isinstance(module, ...) in a "
             f"function{', or narrow the glob patterns' if isinstance(init, Mapping) else ''})."
         ) from failure
 
