@@ -540,17 +540,23 @@ def load_into_placeholder(
     # included, as eager's before its load), unless declared on meta. Else on meta,
     # and every tensor is given memory that the loader below writes whole.
     real = any(n not in mine and n not in held and t.device.type != "meta" for n, t in placeholders)
-    become(module, values, built_from="a checkpoint", device=None if real else "meta")
-    if not real:
-        for sub in module.modules():
-            meta_to_empty(sub, devices)
-    type(module)._load_from_state_dict(  # the built class's own loader
-        module,
-        state_dict,
-        prefix,
-        local_metadata,
-        strict,
-        missing_keys,
-        unexpected_keys,
-        error_msgs,
-    )
+    txn = become(module, values, built_from="a checkpoint", device=None if real else "meta")
+    try:
+        if not real:
+            for sub in module.modules():
+                meta_to_empty(sub, devices)
+        type(module)._load_from_state_dict(  # the built class's own loader
+            module,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+    except BaseException:
+        # Its load hooks run in there (Ctrl-C included): the layer goes back to
+        # deferred, never left built on memory that nothing wrote.
+        txn.rollback()
+        raise
