@@ -93,7 +93,7 @@ def by_groups(
     """The longer way of ``each_tensor`` (private helpers: a run per group)."""
     cpu = torch.device("cpu")
     generators = saved_generators(cpu)
-    order = registration_order(make, generators)
+    order = registration_order(make)
     source = _Source(make, cpu, None, None, generators)
     return _by_groups(source, make, names, order, lambda name, v: keep(v, world))
 
