@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import deferinit as di
@@ -133,6 +134,21 @@ def not_built_unset() -> None:
 def not_built_pickle() -> None:
     deferred = di.defer(nn.Linear, in_features=lambda x: x.shape[-1])
     pickle.dumps(deferred(4))
+
+
+def not_reset_reparametrized() -> None:
+    net = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2))
+    net(torch.rand(4, 5))
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.3)
+    di.reset(net)
+
+
+def not_shape_pass_rejected() -> None:
+    di.build(nn.Sequential(nn.Linear(5, 3), dnn.Linear(2)), (2, 20))
+
+
+def shape_given_explicitly_in_part() -> None:
+    dnn.Conv(16, 3, in_channels=3)(torch.randn(2, 5, 9, 9))
 
 
 def arguments_rejected() -> None:
