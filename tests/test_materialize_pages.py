@@ -121,7 +121,7 @@ def test_every_page_is_populated_where_huge_pages_never_come(
 
 def test_a_tensor_with_no_whole_huge_page_is_populated_whole(calls: list[Call]) -> None:
     meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
-    with _hugepages.huge_pages(meta, torch.device("cpu")):
+    with _hugepages.huge_pages(meta, torch.device("cpu"), populate=True):
         small = torch.empty(1 * _MiB, dtype=torch.uint8)
     assert [advice for _, _, advice in calls] == [_POPULATE_WRITE]
     assert _covered(calls) == [_pages(small)]
@@ -219,7 +219,9 @@ def test_a_ranks_kept_slices_and_scratch_are_advised_and_exact(calls: list[Call]
     eager = nn.Linear(width, width)
     assert torch.equal(local, eager.weight[: width // 2])
     lengths = sorted(length for _, length, _ in _advised(calls, _HUGEPAGE))
-    assert _advised(calls, _POPULATE_WRITE)
+    # A rank's stand-ins take the writes; the layer's own new tensors stay untouched,
+    # so nothing is populated (it would make them resident: peak memory).
+    assert not _advised(calls, _POPULATE_WRITE)
     assert any(6 * _MiB <= n <= 8 * _MiB for n in lengths), lengths  # the kept slice
     assert any(n >= 14 * _MiB for n in lengths), lengths  # the scratch buffer
 
@@ -247,8 +249,16 @@ def _populate_works() -> bool:
 @pytest.mark.skipif(not _populate_works(), reason="MADV_POPULATE_WRITE (Linux 5.14+) is not here")
 def test_the_kernel_maps_a_new_tensors_small_pages_before_its_first_write() -> None:
     meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
-    with _hugepages.huge_pages(meta, torch.device("cpu")):
+    with _hugepages.huge_pages(meta, torch.device("cpu"), populate=True):
         fresh = torch.empty(1 * _MiB, dtype=torch.uint8)  # no whole huge page; unwritten
     first = -(-fresh.data_ptr() // 4096) * 4096
     length = (fresh.data_ptr() + fresh.numel()) // 4096 * 4096 - first
     assert _resident_pages(first, length) == length // 4096
+
+
+def test_without_populate_a_new_tensor_is_only_advised(calls: list[Call]) -> None:
+    meta = [torch.empty(4 * _MiB, dtype=torch.uint8, device="meta")]
+    with _hugepages.huge_pages(meta, torch.device("cpu")):
+        torch.empty(1 * _MiB, dtype=torch.uint8)  # under 2 MiB: nothing
+        torch.empty(4 * _MiB, dtype=torch.uint8)
+    assert [advice for _, _, advice in calls] == [_HUGEPAGE]

@@ -20,14 +20,15 @@ Small layers pay nothing; where the advice is unavailable (not Linux, huge pages
 is asked for. The advised range stays advised for as long as it is mapped (glibc may
 later reuse it for other allocations once the tensor is freed).
 
-The same tensors, from :data:`POPULATE` bytes, are also *populated* before their
-first touch (``madvise(MADV_POPULATE_WRITE)``, Linux 5.14 and later) where they
-lie on small pages: the kernel maps every such page in one call instead of one
-trap per 4 KiB as the fill first writes each. The pages are the ones the fill
-was about to fault in anyway (every tensor a layer's initialization allocates is
-written whole), zeroed as always; the call saves the traps, 3-5% of an exact
-``di.materialize`` of a transformer here. Where the kernel is older
-(``EINVAL``), nothing happens.
+Where every tensor a layer's construction allocates is about to be written whole
+(a whole layer constructed for real, not a rank's stand-ins, which leave the
+layer's own tensors untouched), the same tensors, from :data:`POPULATE` bytes,
+are also *populated* before their first touch (``madvise(MADV_POPULATE_WRITE)``,
+Linux 5.14 and later) where they lie on small pages: the kernel maps every such
+page in one call instead of one trap per 4 KiB as the fill first writes each.
+The pages are the ones the fill was about to fault in anyway, zeroed as always;
+the call saves the traps, 3-5% of an exact ``di.materialize`` of a transformer
+here. Where the kernel is older (``EINVAL``), nothing happens.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def _huge_on_request() -> bool:
     return _huge_pages_mode() == "madvise"
 
 
-def advise(t: torch.Tensor) -> None:
+def advise(t: torch.Tensor, *, populate: bool = False) -> None:
     """Ask for huge pages on the 2 MiB-aligned part of ``t``'s memory (a CPU
     tensor's, not yet touched), where there is one and huge pages come on request;
-    then, from :data:`POPULATE` bytes, have its pages mapped at once. Errors are
+    then, with ``populate`` (only for a tensor about to be written whole) and from
+    :data:`POPULATE` bytes, have its small pages mapped at once. Errors are
     ignored: the advice changes how memory is mapped, never what it holds.
 
     >>> import torch
@@ -119,7 +121,7 @@ def advise(t: torch.Tensor) -> None:
         # -1 (not advised, or a kernel without MADV_POPULATE_WRITE): as if never asked.
         if huge[0] < huge[1] and _huge_on_request():
             madvise(huge[0], huge[1] - huge[0], _MADV_HUGEPAGE)
-        if nbytes >= POPULATE:
+        if populate and nbytes >= POPULATE:
             # Huge pages are left to fault as the fill reaches them: one fault maps
             # 2 MiB, and the fill then writes memory the kernel has just zeroed,
             # still in the cache (populating them first is slower for a 16 MiB
@@ -130,8 +132,13 @@ def advise(t: torch.Tensor) -> None:
 
 
 class _Advise(TorchFunctionMode):
-    """Advises every tensor of at least :data:`POPULATE` bytes that an allocation
-    returns."""
+    """Advises every tensor that an allocation returns, of at least 2 MiB, or of
+    :data:`POPULATE` bytes where it also populates them."""
+
+    def __init__(self, populate: bool) -> None:
+        super().__init__()
+        self.populate = populate
+        self.smallest = POPULATE if populate else _HUGE
 
     def __torch_function__(
         self,
@@ -142,17 +149,20 @@ class _Advise(TorchFunctionMode):
     ) -> Any:
         result = func(*args, **(kwargs or {}))
         if func in _ALLOCATING and isinstance(result, torch.Tensor):
-            if result.numel() * result.element_size() >= POPULATE:
-                advise(result)
+            if result.numel() * result.element_size() >= self.smallest:
+                advise(result, populate=self.populate)
         return result
 
 
 def huge_pages(
-    tensors: Iterable[torch.Tensor], device: torch.device
+    tensors: Iterable[torch.Tensor], device: torch.device, *, populate: bool = False
 ) -> contextlib.AbstractContextManager[Any]:
-    """Inside, in this thread, large new tensors get huge pages and are populated
-    (see the module's docstring), where ``device`` is the CPU and one of ``tensors`` (a layer's meta
-    tensors) holds at least :data:`LARGE` bytes; else nothing happens.
+    """Inside, in this thread, large new tensors get huge pages, and with
+    ``populate`` their small pages mapped at once (see the module's docstring),
+    where ``device`` is the CPU and one of ``tensors`` (a layer's meta tensors)
+    holds at least :data:`LARGE` bytes; else nothing happens. ``populate`` only
+    where every tensor the layer's construction allocates is written whole (not
+    where a rank's stand-ins take the writes and the layer's own stay untouched).
 
     >>> import torch
     >>> with huge_pages([torch.empty(2, device="meta")], torch.device("cpu")):
@@ -163,4 +173,4 @@ def huge_pages(
         return contextlib.nullcontext()
     if not any(t.numel() * t.element_size() >= LARGE for t in tensors):
         return contextlib.nullcontext()
-    return _Advise()
+    return _Advise(populate)

@@ -80,7 +80,7 @@ class Fill:
         keep = functools.partial(self._keep, device, dtype)
         sharded = any(is_dtensor(t) for t in self.old.values())
         if seeds is None and not sharded:
-            with huge_pages(self.old.values(), device):
+            with huge_pages(self.old.values(), device, populate=True):
                 new = self._made(device)
             for name in self.old:
                 yield name, new[name]
@@ -90,7 +90,7 @@ class Fill:
         # initializer must run once per layer (the whole layer is then held for a
         # moment); otherwise one tensor at a time, for memory.
         if seeds is not None and (not sharded or self.registered is not None):
-            with huge_pages(self.old.values(), device):
+            with huge_pages(self.old.values(), device, populate=True):
                 whole = seeded_whole(
                     self.make, device, seeds, construct=self.construct, key=self.key
                 )
