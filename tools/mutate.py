@@ -347,6 +347,46 @@ MUTANTS: tuple[Mutant, ...] = (
         "if False and not any(",
         ("tests/test_recorded_threads.py",),
     ),
+    Mutant(
+        "apply-before-build-lost",
+        "Module.apply before the build: fn runs on the built layer (d2l's type checks)",
+        "_become/_initialize.py",
+        "for fn in registered.then:",
+        "for fn in ():",
+        ("tests/test_apply_before_build.py",),
+    ),
+    Mutant(
+        "seeded-failure-restores-generators",
+        "seed= never puts the process-wide generators back (other threads' draws stand)",
+        "_fill/_materialize.py",
+        "generators = Generators(target) if seed is None else None",
+        "generators = Generators(target)",
+        ("tests/test_seed_leaves_global_generator_alone.py",),
+    ),
+    Mutant(
+        "first-call-not-held",
+        "threads: no other thread computes with a first call's tensors before it succeeded",
+        "_become/_become.py",
+        "txn = become(module, values, built_from=built_from, hold=True)",
+        "txn = become(module, values, built_from=built_from, hold=False)",
+        ("tests/test_threads_failed_first_call.py",),
+    ),
+    Mutant(
+        "user-block-unchecked",
+        "a di.defer block whose forward accepts a changed size still reports the mismatch",
+        "_become/_guard.py",
+        "if type(layer) not in TWINS:",
+        "if False:",
+        ("tests/test_guard_checks_user_blocks.py",),
+    ),
+    Mutant(
+        "unreached-inside-blocks",
+        "di.build lists unreached twins that a deferred block declares",
+        "_shape/_build.py",
+        "unreached += [n for n in seen.deferred if n not in seen.values and n not in unreached]",
+        "unreached += []",
+        ("tests/test_build_unreached_inside_blocks.py",),
+    ),
 )
 
 
