@@ -32,7 +32,7 @@ from ._signature import (
     qualname,
     quoted,
 )
-from ._state import Registration, State, default_device
+from ._state import RecordedApply, Registration, State, default_device
 
 __all__ = [
     "BUILD_LOCK",
@@ -282,11 +282,15 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             if not isinstance(self, Deferred):  # another thread built it meanwhile
                 return nn.Module.apply(self, fn)
             state = self._di
+            queued: Callable[[nn.Module], Any] = fn
+            if HOOKS.applied is not None:  # inside di.deferred_init: at its place, too
+                HOOKS.applied(self, fn)
+                queued = RecordedApply(fn)
             old = state.init
             if old is None:
-                state.init = Registration(None, "", (fn,))
+                state.init = Registration(None, "", (queued,))
             else:
-                state.init = Registration(old.init, old.prefix, (*old.then, fn))
+                state.init = Registration(old.init, old.prefix, (*old.then, queued))
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -40,12 +40,15 @@ class Hooks(threading.local):
 
     ``declared(layer)``: a deferred layer was declared (after its placeholders).
     ``queued(placeholder, call)``: an init call was queued on a placeholder.
+    ``applied(layer, fn)``: ``layer.apply(fn)`` was called on a deferred layer
+    (``self.apply(init)`` at the end of a model's ``__init__``).
     ``outside()``: a context where nothing is recorded (the layout probe and the
     placeholders of a declaration are deferinit's, not the model's).
     """
 
     declared: Callable[[nn.Module], None] | None = None
     queued: Callable[[torch.Tensor, Any], None] | None = None
+    applied: Callable[[nn.Module, Callable[[nn.Module], Any]], None] | None = None
     outside: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Initializer",
+    "RecordedApply",
     "Registration",
     "State",
     "declared_defaults",
@@ -40,6 +41,25 @@ class Registration:
     init: Initializer | None
     prefix: str
     then: tuple[Callable[[nn.Module], Any], ...] = ()
+
+
+class RecordedApply:
+    """A function given to ``apply`` on a deferred layer inside ``di.deferred_init``:
+    the exact replay runs it at its place in program order (an event of the
+    record), so the layer's construction there leaves it out; every other build
+    (``seed=``, a rebuild after ``di.reset``) runs it after the layer's initializer,
+    as any function applied before the build."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[nn.Module], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module) -> Any:
+        return self.fn(module)
+
+    def __repr__(self) -> str:
+        return repr(getattr(self.fn, "__qualname__", None) or self.fn)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .._tensors import is_meta
 from ._errors import RecordError
 from ._placeholders import python_state, swap_in_placeholders
 from ._recorder import Recorder
-from ._tape import PART_KEY, Declared, Part, Queued, Record, TensorRef, keep_twin_part
+from ._tape import PART_KEY, Applied, Declared, Part, Queued, Record, TensorRef, keep_twin_part
 from ._twins import declared
 
 __all__ = [
@@ -104,7 +104,7 @@ def record_construction(
     factory: Callable[..., M],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    twins: Sequence[Declared | Queued] = (),
+    twins: Sequence[Declared | Queued | Applied] = (),
 ) -> tuple[M, Record]:
     """The recording itself: the module, its fake tensors swapped for placeholders,
     and its record (not yet kept on it). ``twins``: see ``Recorder``."""
@@ -116,6 +116,7 @@ def record_construction(
     recorder = Recorder(fake, record, twins)
     _state.active = True
     HOOKS.declared, HOOKS.queued = recorder.declared, recorder.queued
+    HOOKS.applied = recorder.applied
     HOOKS.outside = _disable_current_modes
     try:
         with fake, recorder, warnings.catch_warnings():
@@ -127,7 +128,7 @@ def record_construction(
         recorder.reseeded()  # after the last draw: eager leaves the generator there
     finally:
         _state.active = False
-        HOOKS.declared = HOOKS.queued = None
+        HOOKS.declared = HOOKS.queued = HOOKS.applied = None
         HOOKS.outside = contextlib.nullcontext
     if not isinstance(module, nn.Module):
         raise RecordError(

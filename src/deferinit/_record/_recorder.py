@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from .._declare._pending import owner_of
 from ._errors import RecordError, where
-from ._tape import Declared, Op, Queued, Record, Reseed, TensorRef, map_refs, refs_in
+from ._tape import Applied, Declared, Op, Queued, Record, Reseed, TensorRef, map_refs, refs_in
 from ._values import Values
 
 __all__ = ["Recorder"]
@@ -84,7 +84,10 @@ class Recorder(TorchDispatchMode):
     """
 
     def __init__(
-        self, fake: FakeTensorMode, record: Record, twins: Sequence[Declared | Queued] = ()
+        self,
+        fake: FakeTensorMode,
+        record: Record,
+        twins: Sequence[Declared | Queued | Applied] = (),
     ) -> None:
         super().__init__()
         self.fake = fake
@@ -255,7 +258,13 @@ class Recorder(TorchDispatchMode):
         self.reseeded()
         self._event(Queued(placeholder, call, *owner_of(placeholder)))
 
-    def _event(self, event: Declared | Queued | Reseed) -> None:
+    def applied(self, layer: nn.Module, fn: Any) -> None:
+        """``layer.apply(fn)`` on a deferred layer now: replay runs ``fn`` over the
+        layer's fresh module at this place."""
+        self.reseeded()
+        self._event(Applied(layer, fn))
+
+    def _event(self, event: Declared | Queued | Applied | Reseed) -> None:
         empty: frozenset[int] = frozenset()
         self.record.ops.append(Op(None, (), {}, (), (), empty, empty, False, event=event))
 

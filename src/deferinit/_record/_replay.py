@@ -206,6 +206,8 @@ def replay(
                 ) from error
             engine.free(plan.free_after[index])
             settle(index)
+        if twins is not None:
+            twins.finish()
         for i, k in enumerate(keep):
             if k is _whole:
                 values[i] = engine.tensor(finals[i].ref)

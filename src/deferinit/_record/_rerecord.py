@@ -41,7 +41,7 @@ from ._deferred_init import record_construction, recording
 from ._engine import same
 from ._errors import ReplayError
 from ._placeholders import python_state
-from ._tape import Declared, Final, Op, Queued, Record, Reseed
+from ._tape import Applied, Declared, Final, Op, Queued, Record, Reseed
 
 __all__ = ["current"]
 
@@ -80,7 +80,7 @@ def current(record: Record, device: torch.device) -> Record:
     # The layers the user holds (built) replay at the new run's places.
     given = iter(twins)
     fresh.ops = [
-        op._replace(event=next(given)) if isinstance(op.event, Declared | Queued) else op
+        op._replace(event=next(given)) if isinstance(op.event, Declared | Queued | Applied) else op
         for op in fresh.ops
     ]
     fresh.plan = None
@@ -88,7 +88,9 @@ def current(record: Record, device: torch.device) -> Record:
     return fresh
 
 
-def _other_events(old: list[Declared | Queued], new: list[Declared | Queued]) -> str | None:
+def _other_events(
+    old: list[Declared | Queued | Applied], new: list[Declared | Queued | Applied]
+) -> str | None:
     """How the deferred layers declared (and init calls queued) differ, or ``None``."""
     if len(old) != len(new):
         return f"it declares {len(new)} deferred layers and init calls, the model {len(old)}"

@@ -28,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "PART_KEY",
+    "Applied",
     "Declared",
     "Final",
     "Op",
@@ -87,7 +88,7 @@ class Op(NamedTuple):
     random: bool
     literal: torch.Tensor | None = None
     guard: Any = None  # a value read steered by random numbers: (expected value, where)
-    event: Declared | Queued | Reseed | None = None  # its place in program order
+    event: Declared | Queued | Applied | Reseed | None = None  # its place in program order
 
 
 class Declared(NamedTuple):
@@ -104,6 +105,15 @@ class Queued(NamedTuple):
     call: Any
     layer: nn.Module | None  # the deferred layer it belongs to, and its name there:
     leaf: str  # sharding may put another object at that name before replay
+
+
+class Applied(NamedTuple):
+    """``layer.apply(fn)`` was called here on a deferred layer: replay runs ``fn`` over
+    the layer's fresh module here, in program order (``self.apply(init)`` in a
+    model's ``__init__`` reaches each layer between the modules around it)."""
+
+    layer: nn.Module
+    fn: Any
 
 
 class Reseed(NamedTuple):
@@ -281,9 +291,10 @@ class Record:
             self.plan = plan
         return plan
 
-    def events(self) -> list[Declared | Queued]:
-        """The deferred layers declared, and init calls queued on them, in order."""
-        return [op.event for op in self.ops if isinstance(op.event, Declared | Queued)]
+    def events(self) -> list[Declared | Queued | Applied]:
+        """The deferred layers declared, and init calls queued and functions applied
+        on them, in order."""
+        return [op.event for op in self.ops if isinstance(op.event, Declared | Queued | Applied)]
 
 
 def _name_of(func: Any) -> str | None:

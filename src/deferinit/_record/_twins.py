@@ -35,12 +35,12 @@ from .._become._initialize import apply_registered
 from .._declare._deferred import Deferred
 from .._declare._pending import run_pending
 from .._declare._signature import constructor_call
-from .._declare._state import declared_defaults
+from .._declare._state import RecordedApply, Registration, declared_defaults
 from .._naming import label
 from .._shards import is_dtensor
 from .._tensors import is_meta, tensors_by_name
 from ._errors import RecordError, ReplayError
-from ._tape import Declared, Queued, Record
+from ._tape import Applied, Declared, Queued, Record
 
 if TYPE_CHECKING:  # the DTensor stack loads only where a DTensor exists (see _shards)
     from torch.distributed.tensor import DTensor
@@ -104,10 +104,14 @@ class TwinReplay:
         self.places: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         self.sharded: list[tuple[DTensor, torch.Tensor]] = []  # (sharded meta tensor, full)
         self.skip: set[int] = set()  # tensors the record itself fills
+        self.modules: dict[int, nn.Module] = {}  # declared layer id -> its fresh module
+        self.later: list[tuple[nn.Module, Registration, str]] = []  # see finish()
 
-    def run(self, event: Declared | Queued) -> None:
+    def run(self, event: Declared | Queued | Applied) -> None:
         if isinstance(event, Declared):
             self._construct(event.layer)
+        elif isinstance(event, Applied):
+            self._apply(event)
         else:
             self._call(event)
 
@@ -119,8 +123,17 @@ class TwinReplay:
             if "device" in kwargs:
                 kwargs["device"] = self.device
             fresh: nn.Module = state.deferred._di_cls(*args, **kwargs)
-            if state.init is not None:
-                apply_registered(fresh, state.init, recurse=True, name=name)
+            registered = state.init
+            if registered is not None and registered.init is not None:
+                here = Registration(registered.init, registered.prefix)
+                apply_registered(fresh, here, recurse=True, name=name)
+        self.modules[id(layer)] = fresh
+        if registered is not None:
+            # Applied inside the recording: their own events run them. Applied after
+            # it (model.apply(fn) before materialize): after the whole construction.
+            later = tuple(fn for fn in registered.then if not isinstance(fn, RecordedApply))
+            if later:
+                self.later.append((fresh, Registration(None, "", later), name))
         new = tensors_by_name(fresh)
         for leaf, old in tensors_by_name(layer).items():
             value = new.get(leaf)
@@ -137,6 +150,24 @@ class TwinReplay:
                     self.sharded.append((old, value))
             elif is_meta(old) and id(old) not in self.skip:
                 self.places.append((old, value, f"{name + '.' if name else ''}{leaf}"))
+
+    def finish(self) -> None:
+        """After the whole construction: the functions applied to the declared layers
+        once the recording had ended, as eager ``model = factory(); model.apply(fn)``."""
+        for fresh, registered, name in self.later:
+            apply_registered(fresh, registered, recurse=True, name=name)
+        self.later.clear()
+
+    def _apply(self, event: Applied) -> None:
+        fresh = self.modules.get(id(event.layer))
+        if fresh is None:
+            raise ReplayError(
+                "materialize: a function was applied to a deferred layer that the replay "
+                "did not construct. The model was left on meta. Fix: apply it to a layer "
+                "declared inside the deferred_init factory."
+            )
+        name = self.names.get(id(event.layer), "")
+        apply_registered(fresh, Registration(None, "", (event.fn,)), recurse=True, name=name)
 
     def _call(self, event: Queued) -> None:
         value = self.by_name.get(

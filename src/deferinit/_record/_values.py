@@ -48,7 +48,7 @@ import torch
 from .._random import Drawing
 from ._engine import Engine
 from ._errors import ValueReadError
-from ._tape import Declared, Op, Points, Queued, Record, Reseed, TensorRef, map_refs
+from ._tape import Applied, Declared, Op, Points, Queued, Record, Reseed, TensorRef, map_refs
 from ._twins import TwinReplay
 
 __all__ = ["SIMULATION_LIMIT", "Values"]
@@ -78,7 +78,7 @@ class Values:
         record: the record being written (read, never changed here).
     """
 
-    def __init__(self, record: Record, twins: Sequence[Declared | Queued] = ()) -> None:
+    def __init__(self, record: Record, twins: Sequence[Declared | Queued | Applied] = ()) -> None:
         self.record = record
         # Recording again at materialize: the deferred layers declared (sizes known
         # now) and their queued init calls, in order, to draw as the replay will.
@@ -129,12 +129,12 @@ class Values:
                 self.states[index] = self.generator.get_state()
                 self._scratch_draw(op, what, cpu)
 
-    def _twin_draws(self, event: Declared | Queued) -> None:
+    def _twin_draws(self, event: Declared | Queued | Applied) -> None:
         """The draws of a deferred layer's construction (or of an init call queued on
         it), made on the private generator, when its sizes are known; a layer that
         does not correspond is left to the comparison of the two recordings."""
         earlier = self.record.ops[: self.passed - 1]
-        number = sum(1 for op in earlier if isinstance(op.event, Declared | Queued))
+        number = sum(1 for op in earlier if isinstance(op.event, Declared | Queued | Applied))
         if number >= len(self.twins) or type(self.twins[number]) is not type(event):
             return
         # Its draws go to the private generator through a dispatch mode (per thread):
