@@ -242,8 +242,11 @@ class Rebuild(Fill):
         _check_known(self.module, self.prefix, self.old, made)  # each name one it makes
 
 
-# torch's own tables in a module's __dict__: parameters, buffers, submodules.
-_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+# torch's own tables in a module's __dict__: parameters, buffers, submodules; and an
+# RNN's _flat_weights, its parameters listed again (refreshed by torch itself at the
+# next forward or .to(), and after a build on meta it may still list the objects its
+# constructor made there).
+_TABLES = frozenset({"_parameters", "_buffers", "_modules", "_flat_weights"})
 
 
 def tensor_attributes(
