@@ -43,7 +43,7 @@ from .._declare._state import State, declared_defaults
 from .._errors import DeferredInitError, InferenceError
 from .._naming import label
 from ._adopt import adopt_placeholders, check_ties, sizes_text
-from ._guard import guard_for, mismatch, sizes_unenforced
+from ._guard import guard_for, inputs_text, mismatch, sizes_unenforced
 from ._hooks import (
     fast_path_taken,
     own_hooks_to_run,
@@ -309,7 +309,7 @@ def _build_and_run(
         values = module.infer(args, kwargs)
         if module._di.explicit:
             _refuse_given_mismatch(module, args, kwargs)
-        built_from = _described(args)
+        built_from = _described(args, kwargs)
         recorder = SHAPE_PASS.get()
         if recorder is not None:
             return _record_shapes(module, values, built_from, recorder, args, kwargs, own_hooks)
@@ -371,7 +371,7 @@ def _refuse_given_mismatch(module: Deferred, args: tuple[Any, ...], kwargs: dict
         if now != given:
             changed.append((name, given, now))
     if changed:
-        raise mismatch(module, state, args, changed)
+        raise mismatch(module, state, args, changed, kwargs)
 
 
 def _resolved(own_hooks: str | types.FrameType, module: nn.Module) -> str:
@@ -383,14 +383,14 @@ def _resolved(own_hooks: str | types.FrameType, module: nn.Module) -> str:
     return own_hooks_to_run(own_hooks, module) if module.__dict__["_di"].own_hooks else "none"
 
 
-def _described(args: tuple[Any, ...]) -> str | Described:
+def _described(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | Described:
     """The input a build's sizes come from, for messages (worded when shown)."""
-    if len(args) == 1:  # most layers; no generator to join
+    if len(args) == 1 and not kwargs:  # most layers; no generator to join
         x = args[0]
         if type(x) is torch.Tensor and not x.is_nested:
             return Described(x)
         return describe(x)
-    return ", ".join(describe(a) for a in args) or "keyword arguments"
+    return inputs_text(args, kwargs)
 
 
 def _forward_failed(

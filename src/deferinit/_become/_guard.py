@@ -34,7 +34,15 @@ from .._errors import DeferredInitError, ShapeMismatchError
 from .._naming import label
 from ..nn import TWINS
 
-__all__ = ["CheckingGuard", "Guard", "InputGuard", "guard_for", "mismatch", "sizes_unenforced"]
+__all__ = [
+    "CheckingGuard",
+    "Guard",
+    "InputGuard",
+    "guard_for",
+    "inputs_text",
+    "mismatch",
+    "sizes_unenforced",
+]
 
 
 class Guard:
@@ -339,13 +347,17 @@ def _check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     call = Call(args, kwargs, functools.partial(forward_signature, deferred))
     changed = _changed(state, rules, call)
     if changed:
-        _refuse(module, state, args, changed)
+        _refuse(module, state, args, changed, kwargs)
 
 
 def _refuse_eagerly(
-    module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
+    module: nn.Module,
+    state: Any,
+    args: tuple[Any, ...],
+    changed: list[tuple[str, Any, Any]],
+    kwargs: dict[str, Any],
 ) -> None:
-    raise mismatch(module, state, args, changed)
+    raise mismatch(module, state, args, changed, kwargs)
 
 
 # Under torch.compile, a changed size is a graph break, then this error raised
@@ -389,15 +401,32 @@ def _explain(
     rules = TWINS.get(type(module), cls._di_rules) if "spatial_dims" in state.explicit else None
     changed = _changed(state, rules or cls._di_rules, Call(args, kwargs, signature))
     if changed:
-        raise mismatch(module, state, args, changed) from error
+        raise mismatch(module, state, args, changed, kwargs) from error
+
+
+def inputs_text(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> str:
+    """The inputs of a call, for messages: each positional one, then each keyword
+    one by name (a size may be read off either).
+
+    >>> import torch
+    >>> inputs_text((torch.zeros(2, 4),), {"y": torch.zeros(2, 5)})
+    'a float32 tensor of shape (2, 4), y=a float32 tensor of shape (2, 5)'
+    """
+    shown = [describe(a) for a in args]
+    shown += [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
+    return ", ".join(shown) or "no inputs"
 
 
 def mismatch(
-    module: nn.Module, state: Any, args: tuple[Any, ...], changed: list[tuple[str, Any, Any]]
+    module: nn.Module,
+    state: Any,
+    args: tuple[Any, ...],
+    changed: list[tuple[str, Any, Any]],
+    kwargs: Mapping[str, Any] | None = None,
 ) -> ShapeMismatchError:
     was = ", ".join(f"{n}={old!r}" for n, old, _ in changed)
     now_text = ", ".join(f"{n}={new!r}" for n, _, new in changed)
-    got = ", ".join(describe(a) for a in args) or "keyword arguments"
+    got = inputs_text(args, kwargs)
     if state.built_from is not None:
         how = f"was built for {was} (inferred from {state.built_from})"
         fix = (
