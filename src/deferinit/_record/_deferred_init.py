@@ -100,6 +100,10 @@ def deferred_init(factory: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     return module
 
 
+# torch's message when Module._apply cannot swap a parameter (a fake one, here).
+_CONVERTED = "_apply(): Couldn't swap"
+
+
 def record_construction(
     factory: Callable[..., M],
     args: tuple[Any, ...],
@@ -124,7 +128,20 @@ def record_construction(
             # its data pointer to choose clone(); the answer is right, the deprecation
             # warning is noise (and an error under -W error).
             warnings.filterwarnings("ignore", _DATA_PTR, UserWarning)
-            module = factory(*args, **kwargs)
+            try:
+                module = factory(*args, **kwargs)
+            except RuntimeError as error:
+                if not str(error).startswith(_CONVERTED):
+                    raise
+                raise RecordError(
+                    f"deferred_init: {getattr(factory, '__qualname__', factory)!r} converts "
+                    f"a module while it is recorded ({error}: .to(), .half(), .double() "
+                    f"and the like swap each parameter, which torch refuses for the fake "
+                    f"tensors a recording holds). Nothing was recorded. Fix: convert after "
+                    f"the recording, as eager code converts after construction: "
+                    f"model = di.deferred_init(...); model.to(torch.bfloat16) (the replay "
+                    f"converts the values), or di.materialize(model, dtype=torch.bfloat16)."
+                ) from error
         recorder.reseeded()  # after the last draw: eager leaves the generator there
     finally:
         _state.active = False

@@ -223,8 +223,13 @@ def _real(
     placeholder: torch.Tensor, value: torch.Tensor, dtype: torch.dtype | None, convert: bool
 ) -> torch.Tensor:
     """The object swapped into the placeholder: same class, requires_grad, and
-    ``dtype`` applied as ``module.to(dtype)`` would (floating parameters and buffers)."""
-    if dtype is not None and convert and value.is_floating_point():
+    ``dtype`` applied as ``module.to(dtype)`` would (floating parameters and buffers);
+    without ``dtype``, the placeholder's own floating dtype, where the model was
+    converted after its recording (``model.to(torch.bfloat16)`` before
+    ``di.materialize``), as that conversion after eager construction would."""
+    if dtype is None and placeholder.is_floating_point():
+        dtype = placeholder.dtype
+    if dtype is not None and convert and value.is_floating_point() and value.dtype != dtype:
         value = value.to(dtype)
     grad = placeholder.requires_grad
     if isinstance(placeholder, nn.Parameter):
