@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
+from .._declare._deferred import Deferred
 from .._declare._layout import quiet
 from .._declare._pending import Call, pending_calls, run_pending
 from .._declare._signature import constructor_call
@@ -346,6 +347,7 @@ class _ConstructAgain:
             tuple(self.kwargs.items()),
             self.state.dtype,
             self.state.device,
+            _inner_sizes(self.layer),  # twins its __init__ declares take the model's sizes
         )
         try:
             hash(key)
@@ -356,25 +358,37 @@ class _ConstructAgain:
     def _declared(self) -> contextlib.AbstractContextManager[Any]:
         return declared_defaults(self.state, default_device() or _CPU)
 
-    def construct(self) -> nn.Module:
-        """The layer as its constructor leaves it. Quietly: its build (on meta) warned
-        as eager construction does; constructing it again must not warn again."""
+    def _own(self) -> nn.Module:
+        """The layer as its own constructor leaves it: twins it declares inside
+        (a ``di.defer`` block's ``dnn.Linear``) still unbuilt. Quietly: its build (on
+        meta) warned as eager construction does; constructing it again must not warn
+        again."""
         with self._declared(), quiet():
             if self.explicit_device:
                 self.kwargs["device"] = default_device() or _CPU
             module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
         return module
 
+    def construct(self) -> nn.Module:
+        """The layer as its build leaves it: constructed, then each twin declared
+        inside constructed with the sizes the model's own was built with."""
+        module = self._own()
+        _build_inside(module, self.layer, self.prefix, initialize=False)
+        return module
+
     def make(self) -> nn.Module:
-        """:meth:`construct`, the init calls that waited on the layer's placeholders
-        (made before its build on meta), then its registered initializer, as a build
-        for real does."""
+        """The layer as a build for real leaves it: constructed, the init calls
+        that waited on its placeholders (made before its build on meta), then each
+        twin declared inside made the same way, in registration order, then its
+        registered initializer (the order of ``di.build``'s walk)."""
         with self._declared():
-            module = self.construct()
-            calls, held = _waiting(self.layer, self.tensors)
+            module = self._own()
+            inner = [name for name, _, _ in _inner_twins(module)]  # each runs its own
+            calls, held = _waiting(self.layer, self.tensors, skip=inner)
             if calls:
                 new = tensors_by_name(module)
                 run_pending(calls, {i: new[n] for i, n in held.items() if n in new})
+            _build_inside(module, self.layer, self.prefix, initialize=True)
             if self.registered is not None:
                 names = set(tensors_by_name(module))
                 apply_registered(module, self.registered, recurse=True, name=self.prefix)
@@ -382,17 +396,85 @@ class _ConstructAgain:
         return module
 
 
+def _inner_twins(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(name, parent, leaf) of each unbuilt twin below ``module``, in registration
+    order, not looking inside one (its own build constructs what is inside)."""
+    seen: set[int] = set()
+
+    def walk(parent: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+        for leaf, child in parent._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{prefix}.{leaf}" if prefix else leaf
+            if isinstance(child, Deferred):
+                yield name, parent, child
+            else:
+                yield from walk(child, name)
+
+    yield from walk(module, "")
+
+
+def _build_inside(module: nn.Module, layer: nn.Module, prefix: str, *, initialize: bool) -> None:
+    """Each twin that ``module`` (a fresh construction of ``layer``) declares
+    inside, unbuilt there, replaced by one constructed again from the model's own
+    twin at that name (its ``values``, declared defaults, init calls and, with
+    ``initialize``, its registered initializer), in registration order, as
+    ``di.build`` does right after constructing the block."""
+    for name, parent, twin in list(_inner_twins(module)):
+        own = _built_at(layer, prefix, name, twin)
+        again = _ConstructAgain(own, f"{prefix}.{name}" if prefix else name)
+        parent._modules[name.rpartition(".")[2]] = again.make() if initialize else again.construct()
+
+
+def _built_at(layer: nn.Module, prefix: str, name: str, twin: nn.Module) -> nn.Module:
+    """The model's layer at ``name`` below ``layer``, built by deferinit, whose
+    sizes the fresh ``twin`` there takes; an error where there is none, never a
+    twin's empty placeholders in place of its values."""
+    try:
+        own = layer.get_submodule(name)
+    except AttributeError:
+        own = None
+    state = None if own is None else own.__dict__.get("_di")
+    if own is None or state is None or state.values is None:
+        qualified = f"{prefix}.{name}" if prefix else name
+        found = "nothing" if own is None else f"a {type(own).__name__} not built by deferinit"
+        raise NotBuiltError(
+            f"di.materialize: {prefix or '<root>'} ({type(layer).__name__}) declares the "
+            f"twin {qualified!r} ({type(twin).__name__}) in its __init__, but the model holds "
+            f"{found} there, so the sizes to construct it with are unknown. The model is left "
+            f"as it was. Fix: build the model with di.build (or load a checkpoint) before "
+            f"di.materialize, and keep the layers its blocks construct in place."
+        )
+    return own
+
+
+def _inner_sizes(layer: nn.Module) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """The sizes each deferinit layer below ``layer`` was built with, by name."""
+    sizes = []
+    for name, sub in layer.named_modules():
+        state = sub.__dict__.get("_di")
+        if name and state is not None and state.values is not None:
+            sizes.append((name, tuple(sorted(state.values.items()))))
+    return tuple(sizes)
+
+
 def _waiting(
-    layer: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+    layer: nn.Module,
+    tensors: dict[str, torch.Tensor] | None = None,
+    skip: Collection[str] = (),
 ) -> tuple[list[Call], dict[int, str]]:
     """The init calls waiting on a layer built on meta, and the names of the tensor
     objects they refer to, by ``id``: those a build on meta kept (``State.queued``),
     as FSDP2, tensor parallelism or a copy may have given the layer new tensors
-    without them, else those on the layer's own tensors."""
+    without them, else those on the layer's own tensors. Not those below the
+    layers named in ``skip`` (twins inside, which ran their own)."""
     queued: dict[str, tuple[torch.Tensor, list[Call]]] = layer.__dict__["_di"].queued or {}
     calls: list[Call] = []
     names: dict[int, str] = {}
     for name, tensor in (tensors if tensors is not None else tensors_by_name(layer)).items():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
         held, queue = queued.get(name) or (tensor, pending_calls(tensor))
         calls += queue
         names[id(held)] = name
