@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .._declare._deferred import BUILD_LOCK, Deferred
+from .._declare._pending import WaitingCall
 from .._declare._state import Initializer, Registration
 from .._errors import DeferredInitError, InferenceError
 from .._lazy import refuse_lazy
@@ -23,6 +24,7 @@ __all__ = [
     "Registration",
     "initialize",
     "registered_for_meta",
+    "run_applied",
     "run_registered",
 ]
 
@@ -241,6 +243,13 @@ def _reported(
         if name is None and prefix:
             name = prefix[:-1]
         layer = f"{type(module).__name__} layer" + (f" {name!r}" if name else "")
+        if isinstance(init, WaitingCall):
+            raise error(
+                f"{layer}: the in-place call {init!r}, made on its placeholder after a "
+                f"function was given to Module.apply, raised {type(failure).__name__}: "
+                f"{failure}. {left} Fix: make the call fit the built tensor (its sizes "
+                f"are known after the build), or make it after the build."
+            ) from failure
         noun = "function" if given is _BY_APPLY else "initializer"
         raise error(
             f"{layer}: the {noun} {_shown(init)} {given} raised "
@@ -295,7 +304,7 @@ def apply_registered(
                 init(module)
     for fn in registered.then:
         with _reported(module, fn, registered.prefix, name, given=_BY_APPLY):
-            if recurse:
+            if recurse and not isinstance(fn, WaitingCall):  # a call on the layer's tensor
                 module.apply(fn)
             else:
                 fn(module)
@@ -324,3 +333,32 @@ def run_registered(module: nn.Module) -> None:
     registered: Registration | None = state.init if state is not None else None
     if registered is not None:
         apply_registered(module, registered, recurse=True)
+        _forget_waiting_calls(module)
+
+
+def run_applied(module: nn.Module) -> None:
+    """Run the functions given to ``Module.apply`` before the build of a layer that a
+    checkpoint just built (under BUILD_LOCK), before its values are written: eager's
+    ``construct; net.apply(fn); load`` keeps their side effects (``requires_grad``)
+    and the checkpoint's values. The registered initializer does not run: the
+    checkpoint gives the values."""
+    state = module.__dict__.get("_di")
+    registered: Registration | None = state.init if state is not None else None
+    if registered is not None and registered.then:
+        apply_registered(
+            module, Registration(None, registered.prefix, registered.then), recurse=True
+        )
+        _forget_waiting_calls(module)
+
+
+def _forget_waiting_calls(module: nn.Module) -> None:
+    """The in-place calls queued after the functions applied to a layer that just
+    built for real ran once, as the calls waiting on its tensors did (taken at the
+    build): ``di.reset`` keeps neither for the next build; the functions applied to
+    it stay, as its initializer."""
+    state = module.__dict__["_di"]
+    registered: Registration = state.init
+    then = tuple(fn for fn in registered.then if not isinstance(fn, WaitingCall))
+    if len(then) != len(registered.then):
+        kept = registered.init is not None or then
+        state.init = Registration(registered.init, registered.prefix, then) if kept else None

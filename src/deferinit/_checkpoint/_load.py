@@ -42,6 +42,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.parameter import is_lazy
 
 from .._become._become import become
+from .._become._initialize import run_applied
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._placeholder import Holder, placeholder_tensors
@@ -568,4 +569,6 @@ def _build_from(
         built.append(
             become(sub, values, built_from="a checkpoint", device=None if real else "meta")
         )
+        # Before the values are written (commit), as eager's construct; apply; load.
+        run_applied(sub)
     return problems

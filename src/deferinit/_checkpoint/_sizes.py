@@ -39,6 +39,7 @@ from torch.nn.parameter import is_lazy
 
 from .._become._adopt import sizes_text
 from .._become._become import become
+from .._become._initialize import run_applied
 from .._declare._deferred import Deferred
 from .._declare._layout import KNOWN, probe_shapes
 from .._declare._placeholder import Holder, placeholder_tensors
@@ -545,6 +546,8 @@ def load_into_placeholder(
         if not real:
             for sub in module.modules():
                 meta_to_empty(sub, devices)
+        # Before the values are written, as eager's construct; apply; load.
+        run_applied(module)
         type(module)._load_from_state_dict(  # the built class's own loader
             module,
             state_dict,

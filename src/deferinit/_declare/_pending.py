@@ -16,6 +16,7 @@ precision and back, so the built tensor is converted through the same dtypes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import weakref
@@ -32,6 +33,7 @@ from ._recording import HOOKS
 __all__ = [
     "DTYPES",
     "Call",
+    "WaitingCall",
     "convert_through",
     "dtypes_passed",
     "owner_of",
@@ -262,9 +264,11 @@ def waiting_torch_function(
             return result
     if isinstance(target, cls) and _waits(func):
         call = (next(_numbers), func, args, dict(kwargs))
-        target.__dict__.setdefault(QUEUE, []).append(call)
+        # Inside di.deferred_init the record keeps the program order (replayed here).
+        if HOOKS.queued is not None or not _after_applied(target, call):
+            target.__dict__.setdefault(QUEUE, []).append(call)
         if HOOKS.queued is not None:
-            HOOKS.queued(target, call)  # inside di.deferred_init: replayed right here
+            HOOKS.queued(target, call)
         return target
     if func is _DETACH and isinstance(target, cls):
         # Parameter(placeholder) detaches its argument: nn.Module._apply does that when
@@ -285,6 +289,48 @@ def waiting_torch_function(
             _note_passed(result, _passed(dtypes_passed(target), before, after))
         return result
     raise refuse(target, func)
+
+
+class WaitingCall:
+    """An in-place call made on a placeholder after a function was given to its
+    layer's ``Module.apply``: queued after that function (``Registration.then``), not
+    on the tensor (whose calls run before it), so both run in program order. Runs
+    once on the built layer, on its tensor of that name (a class, not a closure:
+    an unbuilt model with one must copy and pickle)."""
+
+    __slots__ = ("call", "name")
+
+    def __init__(self, name: str, call: Call) -> None:
+        self.name, self.call = name, call
+
+    def __call__(self, module: nn.Module) -> None:
+        *path, leaf = self.name.split(".")
+        owner = module.get_submodule(".".join(path))
+        tensor: torch.Tensor | None = owner._parameters.get(leaf)
+        if tensor is None:
+            tensor = owner._buffers.get(leaf)
+        if tensor is None:
+            tensor = getattr(owner, leaf)
+        _, _, args, kwargs = self.call
+        target = args[0] if args else kwargs.get("tensor")
+        run_pending([self.call], {id(target): tensor})
+
+    def __repr__(self) -> str:
+        func = self.call[1]
+        return f"{getattr(func, '__qualname__', func)} on {self.name!r}"
+
+
+def _after_applied(target: torch.Tensor, call: Call) -> bool:
+    """Queue ``call`` after the functions applied to the placeholder's layer, if any
+    were: it then runs after them, as eager's ``net.apply(fn); w.data.mul_(3)``."""
+    layer, name = owner_of(target)
+    state = layer.__dict__.get("_di") if layer is not None else None
+    registered = state.init if state is not None else None
+    if state is None or registered is None or not registered.then:
+        return False
+    waiting = WaitingCall(name, call)
+    state.init = dataclasses.replace(registered, then=(*registered.then, waiting))
+    return True
 
 
 def _inherit(copy: torch.Tensor, original: torch.Tensor) -> None:
