@@ -160,3 +160,25 @@ def test_model_without_the_inner_twin_is_refused_unchanged() -> None:
     with pytest.raises(NotBuiltError, match=r"declares the twin 'b' .*Identity not built"):
         di.materialize(net)
     assert net.a.weight.is_meta
+
+
+class InSequential(nn.Module):
+    def __init__(self, in_dim: int, twin: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Linear(in_dim, 4)
+        first = dnn.Linear(3) if twin else nn.Linear(4, 3)
+        second = dnn.Linear(2) if twin else nn.Linear(3, 2)
+        self.seq = nn.Sequential(first, nn.ReLU(), second)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.seq(self.a(x))
+        return out
+
+
+def test_twins_in_a_plain_container_inside_the_block_equal_eager() -> None:
+    net = di.defer(InSequential, in_dim=di.dim(-1))()
+    di.build(net, (2, 5), device="meta")
+    torch.manual_seed(0)
+    di.materialize(net)
+    torch.manual_seed(0)
+    _assert_equal(net, InSequential(5, twin=False))
