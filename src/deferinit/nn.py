@@ -40,6 +40,8 @@ from torch import Tensor
 from torch import nn as _nn
 
 from ._declare._deferred import Deferred, make_deferred
+from ._declare._layout import NOT_PLAIN
+from ._declare._placeholder import layer_attribute
 from ._declare._rules import (
     MISSING,
     Call,
@@ -52,7 +54,7 @@ from ._declare._rules import (
     tensor_argument,
 )
 from ._declare._signature import constructor_args_of, forward_signature, public_signature
-from ._errors import InferenceError
+from ._errors import InferenceError, NotBuiltError
 from ._naming import label
 
 __all__ = [
@@ -335,9 +337,25 @@ def _options(rules: Iterable[Rule]) -> str:
     )
 
 
+def _read_as_built(self: Deferred, name: str) -> Any:
+    """``Deferred.__getattr__``, then the plain attributes the built layer will have
+    (``norm_first``, read by torch's ``TransformerEncoder`` before any layer runs):
+    only a read that would otherwise fail pays for it."""
+    try:
+        return Deferred.__getattr__(self, name)
+    except NotBuiltError:
+        raise
+    except AttributeError:
+        found = layer_attribute(self, "", name)
+        if found is NOT_PLAIN:
+            raise
+        return found
+
+
 def _twin(cls: type[_nn.Module]) -> Any:
     twin = make_deferred(cls, TWINS[cls], _SIGNATURES.get(cls))
     twin.__module__ = __name__
+    twin.__getattr__ = _read_as_built  # type: ignore[method-assign, assignment]
     twin.__doc__ = _docstring(cls, twin)
     return twin
 

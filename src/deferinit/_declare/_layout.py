@@ -20,6 +20,7 @@ import functools
 import math
 import re
 import threading
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KNOWN",
     "LAYOUT_CACHE_SIZE",
+    "NOT_PLAIN",
     "PROVISIONAL_LIMIT",
     "PROVISIONAL_SIZES",
     "Layout",
@@ -157,7 +159,7 @@ class Layout:
     (:class:`Probed`), made when first read where the layout was known without one.
     """
 
-    __slots__ = ("_probe", "_probed", "_repr_text", "modules", "tensors")
+    __slots__ = ("_examples", "_probe", "_probed", "_repr_text", "modules", "tensors")
 
     def __init__(
         self,
@@ -170,6 +172,7 @@ class Layout:
         self._probed = probed if isinstance(probed, Probed) else None
         self._probe = None if isinstance(probed, Probed) else probed
         self._repr_text: str | None = None
+        self._examples: tuple[nn.Module, nn.Module | None] | None = None
 
     def probed(self) -> Probed:
         """The meta construction's facts, made now if not yet."""
@@ -206,6 +209,61 @@ class Layout:
         if cached is None and self.first_repr is not None:
             self._repr_text = cached = _repr_text(self.first_repr, construct, self.size)
         return cached
+
+    def attribute(
+        self,
+        path: str,
+        name: str,
+        construct: Callable[[int], nn.Module],
+        spread: Callable[[int], nn.Module],
+    ) -> Any:
+        """The plain attribute ``name`` of the built layer's submodule ``path``, as
+        two meta constructions at different stand-in sizes (``spread`` giving each
+        inferred argument its own) both show it; :data:`NOT_PLAIN` where they differ
+        (it depends on a size) or it is not a plain value; raise ``AttributeError``
+        where the built layer has none. Constructed on the first such read only:
+        every other read answers from the placeholder itself."""
+        examples = self._examples
+        if examples is None:
+            self._examples = examples = _examples(self.size, construct, spread)
+        values = []
+        for example in examples:
+            if example is None:  # no second size constructs: nothing tells
+                return NOT_PLAIN
+            values.append(getattr(example.get_submodule(path), name))
+        first, second = values
+        if not _plain(first) or type(first) is not type(second) or first != second:
+            return NOT_PLAIN
+        return first
+
+
+# What Layout.attribute answers for a value the placeholder cannot know.
+NOT_PLAIN: Any = object()
+
+_PLAIN = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device})
+
+
+def _plain(value: Any) -> bool:
+    """A value that a construction shares with no other: a scalar, a tuple of them, a
+    function (``activation``); a tensor, a module or a mutable container is not."""
+    if type(value) in _PLAIN:
+        return True
+    if type(value) is tuple:
+        return all(_plain(v) for v in value)
+    return isinstance(value, types.FunctionType | types.BuiltinFunctionType)
+
+
+def _examples(
+    size: int, construct: Callable[[int], nn.Module], spread: Callable[[int], nn.Module]
+) -> tuple[nn.Module, nn.Module | None]:
+    with quiet():
+        first = construct_on_meta(functools.partial(construct, size))
+        for make in (spread, construct):
+            try:
+                return first, construct_on_meta(functools.partial(make, 2 * size))
+            except Exception:  # a stand-in this class refuses: try the next
+                continue
+    return first, None
 
 
 # The tensors of torch layers whose layout follows from their arguments alone, in
@@ -361,17 +419,26 @@ def _probe_declared(cls: type[Deferred], state: State) -> Layout:
     return found
 
 
-def provisional_constructor(cls: type[Deferred], state: State) -> Callable[[int], nn.Module]:
-    """Constructs the real class with every inferred size set to a stand-in."""
+def provisional_constructor(
+    cls: type[Deferred], state: State, *, spread: bool = False
+) -> Callable[[int], nn.Module]:
+    """Constructs the real class with every inferred size set to a stand-in. With
+    ``spread``, each inferred argument gets its own multiple of the size, and one
+    whose stand-in does not move with the size (``kdim``'s ``None``) that multiple
+    itself: a value that depends on how the inferred sizes relate then differs from
+    the plain construction's."""
     arguments = dict(state.arguments)
     if "device" in arguments:
         arguments["device"] = "meta"
 
     def construct(size: int) -> nn.Module:
         values = dict(state.explicit)
-        for name, rule in cls._di_rules.items():
+        for i, (name, rule) in enumerate(cls._di_rules.items()):
             if name not in values:
-                values[name] = rule.provisional(size, state.options)
+                value = rule.provisional(size * (i + 1) if spread else size, state.options)
+                if spread and i and value == rule.provisional(size, state.options):
+                    value = size * (i + 1)
+                values[name] = value
         args, kwargs = constructor_call(cls, arguments, values)
         return cls._di_cls(*args, **kwargs)
 

@@ -19,7 +19,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from ._layout import Layout, TensorSpec
+from .._errors import NotBuiltError
+from .._naming import label
+from ._layout import NOT_PLAIN, Layout, TensorSpec, provisional_constructor
 from ._pending import DTYPES, QUEUE, refuse, set_owner, waiting_torch_function
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "PlaceholderParameter",
     "flat_placeholders",
     "install_placeholders",
+    "layer_attribute",
     "placeholder_tensors",
     "save_placeholders",
 ]
@@ -117,13 +120,74 @@ class Holder(nn.Module):
         # The owning placeholder loads every key of the layer itself.
         return None
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            d = self.__dict__
+            if "_di_owner" not in d:
+                raise
+            found = layer_attribute(d["_di_owner"], d["_di_path"], name)
+            if found is NOT_PLAIN:
+                raise
+            return found
+
+
+# Names Python, copy, pickle and inspect probe on any object (``inspect.signature``
+# reads ``_partialmethod``): never a layer's, and not worth a construction.
+_PROTOCOL = ("__", "_di", "_partialmethod")
+
+
+class _NotBuiltAttributeError(NotBuiltError, AttributeError):
+    """An attribute that depends on an inferred size, read before the build; also an
+    ``AttributeError`` so ``hasattr`` works."""
+
+
+def layer_attribute(owner: nn.Module, path: str, name: str) -> Any:
+    """The plain attribute ``name`` that the built layer's submodule ``path`` will
+    have (torch's ``TransformerEncoder`` reads ``layer.self_attn.batch_first`` before
+    any layer runs); :data:`NOT_PLAIN` where the built layer has no such attribute.
+    Raise :class:`_NotBuiltAttributeError` where it depends on an inferred size."""
+    state = owner.__dict__.get("_di")
+    if state is None or name.startswith(_PROTOCOL):
+        return NOT_PLAIN
+    layout = state.layout
+    if layout is None:
+        return NOT_PLAIN
+    cls: Any = type(owner)
+    dotted = f"{path}.{name}" if path else name
+    try:
+        # Real meta constructions even inside di.build's fake pass.
+        with unset_fake_temporarily() if torch._C._get_dispatch_mode(_FAKE) else nullcontext():
+            found = layout.attribute(
+                path,
+                name,
+                provisional_constructor(cls, state),
+                provisional_constructor(cls, state, spread=True),
+            )
+    except AttributeError:
+        return NOT_PLAIN
+    if found is NOT_PLAIN:
+        inferred = ", ".join(f"{n}=..." for n in cls._di_rules)
+        raise _NotBuiltAttributeError(
+            f"{label(owner)}: {dotted} is not known before the layer is built (it "
+            f"depends on an inferred size, or is not a plain value). Fix: run a forward "
+            f"pass (or di.build, or load a checkpoint) first, or give {inferred} "
+            f"explicitly."
+        )
+    return found
+
 
 def install_placeholders(module: nn.Module, layout: Layout, device: Any) -> None:
     """A placeholder (or ``None``) under every name of ``layout``, in holders
     for the submodules."""
     for qualified in layout.modules:
         parent, _, name = qualified.rpartition(".")
-        module.get_submodule(parent)._modules[name] = Holder()
+        holder = Holder()
+        # Where its plain attributes are read from (layer_attribute); in __dict__ so
+        # that a deep copy of the layer points its holders at the copy.
+        holder.__dict__["_di_owner"], holder.__dict__["_di_path"] = module, qualified
+        module.get_submodule(parent)._modules[name] = holder
     # Real placeholders even inside di.build's fake pass (a block that constructs
     # deferred children); outside one (declaring is a hot path) nothing to unset.
     if torch._C._get_dispatch_mode(_FAKE) is None:
