@@ -79,8 +79,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "naming-first-of-class",
         "naming: an error names the failing layer, not the first of its class",
         "_naming.py",
-        "return names_by_id(root).get(id(module))",
-        "return next((n for n, s in root.named_modules() if type(s) is type(module)), None)",
+        "name = names_by_id(candidate).get(id(module))",
+        "name = next((n for n, s in candidate.named_modules() if type(s) is type(module)), None)",
         ("tests/test_core.py", "tests/test_errors.py"),
     ),
     Mutant(
