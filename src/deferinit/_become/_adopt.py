@@ -111,6 +111,8 @@ def adopt_placeholders(
         if isinstance(value, UninitializedTensorMixin):
             # A deferred layer inside a block: it adopts this placeholder when it
             # builds, so an optimizer made before the block's build holds it too.
+            # Init calls the block's __init__ queued on the fresh one move with it.
+            _move_queue(value, placeholder, txn)
             table[leaf] = placeholder  # type: ignore[assignment]
             continue
         if id(value) in adopted:  # tied in the layer (e.g. head.weight = emb.weight)
@@ -164,6 +166,28 @@ def adopt_placeholders(
         # initializer, if any, runs next).
         run_pending(calls)
     return ties, waiting if any(queue for _, queue in waiting.values()) else {}
+
+
+def _move_queue(fresh: torch.Tensor, kept: torch.Tensor, txn: Transaction) -> None:
+    """The init calls waiting on ``fresh`` (a placeholder a block's ``__init__`` made
+    and queued calls on, ``self.b.weight.data.normal_(0, 0.01)``) wait on ``kept``
+    instead, the placeholder the model holds under that name: they run when the
+    layer builds, in program order with the ones already there. Undone with the
+    build (``kept``'s own queue comes back as it was)."""
+    moved = pending_calls(fresh)
+    if not moved or fresh is kept:
+        return
+
+    def swap(x: Any) -> Any:
+        return kept if x is fresh else x
+
+    calls: list[Call] = [
+        (seq, func, tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()})
+        for seq, func, args, kwargs in moved
+    ]
+    before = pending_calls(kept)
+    txn.notes.append((kept, {QUEUE: before}))
+    kept.__dict__[QUEUE] = [*before, *calls]
 
 
 def _convert_unplaced(module: nn.Module, real: nn.Module, *, keep_device: bool) -> None:
