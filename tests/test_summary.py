@@ -97,7 +97,7 @@ def test_examples_infer_every_size_and_change_nothing() -> None:
     assert [id(p) for p in net.parameters()] == placeholders
 
 
-class _TwoHeads(nn.Module):
+class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = dnn.Linear(8)
@@ -110,7 +110,7 @@ class _TwoHeads(nn.Module):
 
 
 def test_layers_the_examples_do_not_reach_stay_unknown() -> None:
-    rows = _rows(di.summary(_TwoHeads(), (4, 5)))
+    rows = _rows(di.summary(TwoHeads(), (4, 5)))
     assert list(rows) == ["body", "used", "unused"]
     assert _args(rows["used"]) == {"in_features": "8"}
     assert rows["used"].output == (4, 2)

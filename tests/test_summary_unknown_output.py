@@ -13,24 +13,13 @@ from torch import nn
 
 import deferinit as di
 from deferinit import nn as dnn
+from test_summary import TwoHeads
 
 HEADER = ["name", "layer", "arguments", "output", "parameters", "count", "state"]
 
 
 def _mlp() -> nn.Sequential:
     return nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2))
-
-
-class _TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = dnn.Linear(8)
-        self.used = dnn.Linear(2)
-        self.unused = dnn.Linear(3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.used(self.body(x))
-        return out
 
 
 def _column(text: str, header: str) -> list[str]:
@@ -49,7 +38,7 @@ def test_without_examples_the_output_column_shows_question_marks() -> None:
 
 
 def test_a_layer_the_examples_do_not_reach_shows_a_question_mark() -> None:
-    text = str(di.summary(_TwoHeads(), (4, 5)))
+    text = str(di.summary(TwoHeads(), (4, 5)))
     assert _column(text, "name") == ["body", "used", "unused"]
     assert _column(text, "output") == ["(4,", "(4,", "?"]
 
@@ -73,7 +62,7 @@ def test_to_dict_marks_the_same_rows_unknown() -> None:
     assert json.loads(json.dumps(data)) == data
     assert [row["output_shape"] for row in data["rows"]] == [None, None, None]
     assert data["output_shape"] is None
-    reached = di.summary(_TwoHeads(), (4, 5)).to_dict()
+    reached = di.summary(TwoHeads(), (4, 5)).to_dict()
     assert [row["output_shape"] for row in reached["rows"]] == [[4, 8], [4, 2], None]
 
 
