@@ -80,9 +80,11 @@ def test_the_shapes_it_answers_feed_the_layers_after_it(
     torch.manual_seed(0)
     built = di.build(Classifier(dnn.AdaptiveLogSoftmaxWithLoss(10, [4, 8])), (4, 8), TARGET)
     torch.manual_seed(0)
+    # Eager's order: Classifier's argument is constructed before Classifier's own layers.
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(16, 10, [4, 8])
     eager = nn.Module()
     eager.body = nn.Linear(8, 16)
-    eager.adaptive = nn.AdaptiveLogSoftmaxWithLoss(16, 10, [4, 8])
+    eager.adaptive = adaptive
     eager.head = nn.Linear(1, 2)
     assert_same_state(built, eager)
 

@@ -198,6 +198,7 @@ def adopt(module: M) -> M:
                 f"deferinit twins (deferinit.nn) or run their first forward yourself."
             )
         plans = [_plan(name, sub) for name, sub in found]  # may fail: nothing changed yet
+        _in_registration_order(module, plans)
         done: list[_Adoption] = []
         try:
             for plan in plans:
@@ -208,6 +209,24 @@ def adopt(module: M) -> M:
                 plan.rollback()
             raise
     return module
+
+
+def _in_registration_order(module: nn.Module, plans: list[_Adoption]) -> None:
+    """Number the twins that take over Lazy modules (``State.seq``) as if each had
+    been declared right after every deferinit layer registered before it: when a
+    Lazy module was made is unknown (its construction draws nothing), and inline
+    code constructs a container's layers in registration order, so a build
+    constructs it where registration order puts it, after those layers (a layer
+    declared earlier, outside the container, keeps its earlier place)."""
+    adopted = {id(plan.module): plan for plan in plans}
+    latest, step = 0.0, 1 / (len(plans) + 1)
+    n = 0
+    for _, sub in module.named_modules():
+        if isinstance(sub, Deferred) and sub._di.seq > latest:
+            latest, n = sub._di.seq, 0
+        elif (plan := adopted.get(id(sub))) is not None:
+            n += 1
+            plan.twin._di.seq = latest + n * step
 
 
 def _refusal(module: nn.Module) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copyreg
 import functools
 import inspect
+import itertools
 import pickle
 import sys
 import threading
@@ -215,6 +216,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
                     explicit[name] = value
         state = State(cls, arguments, options, explicit)
         state.dtype, state.device = torch.get_default_dtype(), default_device()
+        state.seq = next(_DECLARED)
         self.__dict__["_di"] = state  # no Module.__setattr__
         if len(explicit) == len(cls._di_rules):
             _becoming().become(self, explicit, built_from=None)
@@ -243,6 +245,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         _module_init(self)
         state = State(cls, dict(arguments), dict(options), dict(explicit))
         state.dtype, state.device = torch.get_default_dtype(), default_device()
+        state.seq = next(_DECLARED)
         self.__dict__["_di"] = state
         self._placeholders(state, layout)
 
@@ -380,6 +383,8 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         load_into_placeholder(self, state_dict, prefix, *args)
 
 
+# Counts every deferinit layer's declaration (State.seq): eager's construction order.
+_DECLARED = itertools.count(1)
 # Declarations seen before, by (class, default dtype, arguments and their types, the
 # keywords in their order) where every argument is a plain scalar: (bound arguments,
 # options, fixed sizes, layout). Bounded: a process may declare without end.

@@ -103,6 +103,11 @@ class State:
     # The layout is worked out when first read (a layer of a known class, whose
     # layout follows from its arguments: most are built before anyone reads it).
     late: bool = False
+    # The order of declaration: the constructor calls of every deferinit layer
+    # counted, so a build constructs the layers in eager's order (a layer declared
+    # before the container that registers it, d2l's shared layer, comes first);
+    # di.adopt places an adopted Lazy module's twin between its neighbours' numbers.
+    seq: float = 0
 
     @property
     def layout(self) -> Layout | None:

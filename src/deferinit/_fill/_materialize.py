@@ -60,7 +60,8 @@ _NAMED = 5  # modules named in the unrecorded-init warning before "and N more"
 def _plan(
     root: nn.Module, seed: int | None
 ) -> tuple[list[tuple[str, str, nn.Module]], list[str], list[str], list[str]]:
-    """(kind, name, module) steps in registration order, deferred names, unfit names,
+    """(kind, name, module) steps in registration order (deferinit's layers in
+    declaration order), deferred names, unfit names,
     and the plain tensor attributes on meta that nothing can fill."""
     steps: list[tuple[str, str, nn.Module]] = []
     deferred: list[str] = []
@@ -116,7 +117,18 @@ def _plan(
             else:
                 unfit.append(f"{name or '<root>'} ({type(sub).__name__})")
     steps.extend(step for _, step in reversed(after))
+    _rebuilds_in_declaration_order(steps)
     return steps, deferred, unfit, unknown
+
+
+def _rebuilds_in_declaration_order(steps: list[tuple[str, str, nn.Module]]) -> None:
+    """Put the deferinit layers' rebuilds in the order the layers were declared,
+    among the places rebuilds take: eager constructs a layer declared before the
+    container that registers it (d2l's ``shared`` layer) first."""
+    places = [i for i, (kind, _, _) in enumerate(steps) if kind == "rebuild"]
+    declared = sorted((steps[i] for i in places), key=lambda step: step[2].__dict__["_di"].seq)
+    for i, step in zip(places, declared, strict=True):
+        steps[i] = step
 
 
 def _own_plain_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -156,7 +168,8 @@ def materialize(
     constructed under ``torch.device("meta")`` alike get memory on ``device``
     (default: torch's default device) and their registered initializer (see
     :func:`deferinit.initialize`), else their own initialization, in
-    registration order: bitwise the eager model under the same seed. ``dtype``
+    registration order (deferinit's layers in the order they were declared, as
+    eager constructs them): bitwise the eager model under the same seed. ``dtype``
     converts floating-point tensors, as ``module.to(dtype)`` would after eager
     construction. With ``seed`` every tensor is initialized alone, from a generator
     seeded with ``seed`` and its qualified name (below ``module``): its values do

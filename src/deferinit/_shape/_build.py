@@ -19,7 +19,7 @@ import logging
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -459,8 +459,9 @@ def build(
     checkpoint, no forward; a config that does not fit the model (an unknown or
     missing layer, another class, other argument names) is a ``DeferredInitError``
     listing every difference.
-    Layers are constructed in registration order, as eager code would, so the
-    model equals the eager one under the same seed. ``device="meta"`` builds
+    Layers are constructed in the order they were declared, as eager code would
+    (registration order, save for a layer declared before the container that
+    registers it), so the model equals the eager one under the same seed. ``device="meta"`` builds
     without allocating any parameter (then :func:`deferinit.materialize`).
     All-or-nothing: on any error the model is left as it was. Returns ``module``.
 
@@ -521,7 +522,7 @@ def build(
                 return None
             return seen.values[name], seen.built_from[name]
 
-        _construct_in_registration_order(module, sized, device)
+        _construct_in_eager_order(module, sized, device)
     return module
 
 
@@ -551,7 +552,7 @@ def _build_from_config(
         values = checked.values_of(name, layer)
         return None if values is None else (values, BUILT_FROM)
 
-    _construct_in_registration_order(module, sized, device, finish=checked.finish)
+    _construct_in_eager_order(module, sized, device, finish=checked.finish)
 
 
 # The sizes of a deferred layer met by the walk (by qualified name), and the input
@@ -559,14 +560,14 @@ def _build_from_config(
 Sizes = Callable[[str, Deferred], tuple[dict[str, Any], str | Described | None] | None]
 
 
-def _construct_in_registration_order(
+def _construct_in_eager_order(
     module: nn.Module,
     sizes: Sizes,
     device: torch.device | str | None,
     *,
     finish: Callable[[], None] | None = None,
 ) -> None:
-    """Construct every deferred layer ``sizes`` sizes, in registration order, each
+    """Construct every deferred layer ``sizes`` sizes, in eager's order, each
     followed by its registered initializer, as if the eager code initialized each
     layer where it constructs it; the first forward and ``di.materialize``
     initialize in the same order, so all three give the same values. A block is
@@ -578,19 +579,21 @@ def _construct_in_registration_order(
     done: list[Transaction] = []
     waiting: list[tuple[str, nn.Module]] = []  # built, their deferred children not yet
     try:
-        # A live walk: named_modules reads a layer's children after yielding it, so
+        # Live walks: named_modules reads a layer's children after yielding it, so
         # the deferred children that a just-built block constructs come next, in
         # eager's registration order.
-        for name, sub in module.named_modules():
-            _initialize_finished(waiting, name)
-            if not isinstance(sub, Deferred):
-                continue
-            sized = sizes(name, sub)
-            if sized is not None:
-                values, built_from = sized
-                # Held: a forward from another thread waits until it is initialized.
-                done.append(become(sub, values, built_from=built_from, device=device, hold=True))
-                waiting.append((name, sub))
+        for prefix, top in _walks(module):
+            for name, sub in top.named_modules(prefix=prefix):
+                _initialize_finished(waiting, name)
+                if not isinstance(sub, Deferred):
+                    continue
+                sized = sizes(name, sub)
+                if sized is not None:
+                    values, built_from = sized
+                    # Held: a forward from another thread waits until it is initialized.
+                    txn = become(sub, values, built_from=built_from, device=device, hold=True)
+                    done.append(txn)
+                    waiting.append((name, sub))
         _initialize_finished(waiting, None)
         if finish is not None:
             finish()
@@ -600,6 +603,22 @@ def _construct_in_registration_order(
         if done:
             generators.restore()
         raise
+
+
+def _walks(module: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+    """Where the live walks of a build start, in eager's construction order: the
+    whole model at once where its deferred layers' registration order is their
+    declaration order (the common case), else each deferred layer (with what its
+    build constructs below it) in the order their constructors ran: a layer
+    declared before the container that registers it (d2l's ``shared`` layer used
+    twice in a ``Sequential``) is constructed first, as eager's would be."""
+    twins = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, Deferred)]
+    declared = sorted(twins, key=lambda pair: pair[1]._di.seq)
+    # Preorder: a layer's descendants come right after it.
+    nested = any(b.startswith(a + ".") or a == "" for (a, _), (b, _) in itertools.pairwise(twins))
+    if declared == twins or nested:
+        return [("", module)]
+    return declared
 
 
 def _initialize_finished(waiting: list[tuple[str, nn.Module]], reached: str | None) -> None:
