@@ -143,6 +143,12 @@ def not_reset_reparametrized() -> None:
     di.reset(net)
 
 
+def not_replayable_init_on_meta() -> None:
+    net = di.build(nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2)), (1, 4), device="meta")
+    net.apply(lambda m: nn.init.zeros_(m.weight) if type(m) is nn.Linear else None)
+    di.materialize(net)
+
+
 def not_shape_pass_rejected() -> None:
     di.build(nn.Sequential(nn.Linear(5, 3), dnn.Linear(2)), (2, 20))
 

@@ -151,6 +151,7 @@ def unbecome(module: nn.Module, state: State, users: tuple[str, ...]) -> None:
         built_keys=frozenset(),
         built_modules=frozenset(),
         queued=None,
+        meta_versions=None,
     )
     fresh.layout = layout_of(cls, fresh)
     placeholder = cls.__new__(cls)

@@ -108,6 +108,10 @@ class State:
     # before the container that registers it, d2l's shared layer, comes first);
     # di.adopt places an adopted Lazy module's twin between its neighbours' numbers.
     seq: float = 0
+    # Built on meta by di.build: each tensor's version counter (by name within the
+    # layer) once the build was done, so that di.materialize can tell init code
+    # that changed them in place afterwards, which it cannot replay.
+    meta_versions: dict[str, int] | None = None
 
     @property
     def layout(self) -> Layout | None:

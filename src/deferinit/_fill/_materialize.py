@@ -43,7 +43,7 @@ from .._errors import DeferredInitError, NotBuiltError, UnrecordedInitWarning
 from .._lazy import refuse_lazy
 from .._naming import root_scope
 from .._random import Generators
-from .._record import awaiting_replay, replay_recorded
+from .._record import awaiting_replay, changed_on_meta, replay_recorded
 from .._tensors import is_meta, own_tensors
 from ._layers import own_reset, tensor_attributes
 from ._parallel import Step, filled_in_order, threads_for
@@ -262,6 +262,23 @@ def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, n
             f"there is no way to fill them. Nothing was allocated. Fix: register one "
             f"(di.initialize(module, init)) or load their values (load_state_dict)."
         )
+    recorded = changed_on_meta(root)
+    built = [n for kind, name, sub in steps if kind == "rebuild" for n in _changed(name, sub)]
+    if recorded or built:
+        how = []
+        if recorded:
+            how.append(f"{_listed(recorded)} after di.deferred_init recorded the model")
+        if built:
+            how.append(f"{_listed(built)} after di.build(..., device='meta') built it")
+        raise DeferredInitError(
+            f"di.materialize: init code changed {' and '.join(how)}: an in-place call on a "
+            f"meta tensor (nn.init.zeros_, Module.apply of an init function) changes "
+            f"nothing, since a meta tensor holds no values, and di.materialize cannot run "
+            f"it again. Nothing was allocated. Fix: run that init code after "
+            f"di.materialize, or register it before with di.initialize(model, init) "
+            f"(di.materialize then runs it on each layer), or put it in the factory given "
+            f"to di.deferred_init."
+        )
     if unknown:
         raise NotBuiltError(
             f"di.materialize: {', '.join(unknown)} are plain tensor attributes on meta "
@@ -272,6 +289,26 @@ def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, n
             f"them, or make them buffers (register_buffer) that an initializer fills."
         )
     return steps
+
+
+def _changed(name: str, layer: nn.Module) -> list[str]:
+    """Qualified names of ``layer``'s tensors still on meta that an in-place
+    operation changed since ``di.build`` built the layer on meta."""
+    versions = layer.__dict__["_di"].meta_versions
+    if not versions:
+        return []
+    prefix = f"{name}." if name else ""
+    return [
+        prefix + leaf
+        for leaf, t in [*layer.named_parameters(), *layer.named_buffers()]
+        if is_meta(t) and t._version > versions.get(leaf, t._version)
+    ]
+
+
+def _listed(names: list[str]) -> str:
+    """``names`` quoted, the first few of them."""
+    shown = ", ".join(repr(n) for n in names[:_NAMED])
+    return shown + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
 
 
 def _warn_unrecorded(steps: list[tuple[str, str, nn.Module]]) -> None:

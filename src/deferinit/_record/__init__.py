@@ -13,7 +13,7 @@ torch.Size([3, 2])
 
 from ._deferred_init import deferred_init, recording
 from ._errors import RecordError, ReplayError, ValueReadError
-from ._replay import Undo, awaiting_replay, records, replay_recorded
+from ._replay import Undo, awaiting_replay, changed_on_meta, records, replay_recorded
 
 __all__ = [
     "RecordError",
@@ -21,6 +21,7 @@ __all__ = [
     "Undo",
     "ValueReadError",
     "awaiting_replay",
+    "changed_on_meta",
     "deferred_init",
     "records",
     "recording",

@@ -50,7 +50,7 @@ from ._sharded import Normal, Sharded, Target, holders, place_sharded, targets
 from ._tape import PART_KEY, Part, Points, Record, Reseed
 from ._twins import TwinReplay, check_twins, twin_tensors
 
-__all__ = ["Undo", "awaiting_replay", "records", "replay", "replay_recorded"]
+__all__ = ["Undo", "awaiting_replay", "changed_on_meta", "records", "replay", "replay_recorded"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -100,6 +100,34 @@ def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Te
                 found.append(where.current)
         if seed is None:
             found += twin_tensors(record)
+    return found
+
+
+def changed_on_meta(module: nn.Module) -> list[str]:
+    """Qualified names (below ``module``) of the recorded tensors still waiting on
+    meta that an in-place operation changed after the recording: init code run on
+    them (``nn.init.zeros_(model.weight)``) changed nothing, since a meta tensor has
+    no values, and the replay cannot run it, since it is not in the record. A
+    placeholder is made fresh when the recording ends, so its version counter
+    tells (changes through ``.data``, which has a counter of its own, do not show).
+
+    >>> from torch import nn
+    >>> from deferinit._record import deferred_init
+    >>> model = deferred_init(nn.Linear, 2, 3)
+    >>> changed_on_meta(model)
+    []
+    >>> _ = nn.init.zeros_(model.bias)
+    >>> changed_on_meta(model)
+    ['bias']
+    """
+    found: list[str] = []
+    for name, record in records(module):
+        owner = module.get_submodule(name)
+        prefix = f"{name}." if name else ""
+        for final, where in zip(record.finals, targets(owner, record), strict=True):
+            if isinstance(where, Normal) and is_meta(where.placeholder):
+                if where.placeholder._version:
+                    found.append(prefix + final.name)
     return found
 
 

@@ -597,6 +597,9 @@ def _construct_in_eager_order(
         _initialize_finished(waiting, None)
         if finish is not None:
             finish()
+        if device is not None and torch.device(device).type == "meta":
+            for txn in done:
+                _remember_versions(txn.module)
     except BaseException:
         for txn in reversed(done):
             txn.rollback()
@@ -619,6 +622,17 @@ def _walks(module: nn.Module) -> Sequence[tuple[str, nn.Module]]:
     if declared == twins or nested:
         return [("", module)]
     return declared
+
+
+def _remember_versions(layer: nn.Module) -> None:
+    """Keep the version counter of each of ``layer``'s tensors, just built on meta,
+    for :func:`deferinit.materialize` to tell init code that changes them in place
+    before it (which it cannot run again: a meta tensor holds no values)."""
+    state = layer.__dict__.get("_di")
+    if state is not None:
+        state.meta_versions = {
+            leaf: t._version for leaf, t in [*layer.named_parameters(), *layer.named_buffers()]
+        }
 
 
 def _initialize_finished(waiting: list[tuple[str, nn.Module]], reached: str | None) -> None:
