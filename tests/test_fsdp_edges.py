@@ -1,6 +1,6 @@
 """FSDP2 sharded materialization, the harder cases, on 2 gloo ranks: each shard owns
 only its slice's memory; a tensor tied across modules stays one tensor; modules
-declared on meta converted with ``dtype=``; ``seed=`` values equal with and without
+declared on meta converted with ``dtype=``; copies of one twin starting equal; ``seed=`` values equal with and without
 sharding, also where one tensor's initialization reads another's value.
 
 This file is also the script each rank runs: the test starts
@@ -11,6 +11,7 @@ and prints ``rank N ok`` (or raises).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import traceback
@@ -65,6 +66,14 @@ def mixed() -> nn.Module:
     with torch.device("meta"):
         declared = nn.Linear(12, 6)
     return nn.Sequential(dnn.Linear(12), nn.ReLU(), declared, DeferredCopiesBias())
+
+
+def stacked() -> nn.Module:
+    """Copies of one unbuilt twin (they start equal), each bias drawn anew after."""
+    layer = dnn.Linear(8)
+    model = nn.Sequential(*(copy.deepcopy(layer) for _ in range(3)))
+    di.initialize(model, {"*bias": nn.init.normal_})
+    return di.build(model, (3, 8), device="meta")
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -140,6 +149,15 @@ def run_checks() -> None:
             owned = local.untyped_storage().nbytes()
             assert owned == local.numel() * local.element_size(), (name, owned)
         assert torch.equal(single["3.b.bias"], single["3.a.bias"])
+
+    for options in ({}, {"seed": 5}):
+        single_stack = full(materialized(stacked, sharded=False, **options))
+        check(
+            f"stacked {options}", full(materialized(stacked, sharded=True, **options)), single_stack
+        )
+        starts_equal = torch.equal(single_stack["0.weight"], single_stack["2.weight"])
+        assert starts_equal == (not options), options  # seed= follows the names
+        assert not torch.equal(single_stack["0.bias"], single_stack["2.bias"])
 
     for options in ({}, {"seed": 5}):
         single_tied = materialized(TiedHead, sharded=False, **options)

@@ -143,9 +143,14 @@ def not_reset_reparametrized() -> None:
     di.reset(net)
 
 
+def _zero_linears(module: nn.Module) -> None:
+    if type(module) is nn.Linear:
+        nn.init.zeros_(module.weight)
+
+
 def not_replayable_init_on_meta() -> None:
     net = di.build(nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(2)), (1, 4), device="meta")
-    net.apply(lambda m: nn.init.zeros_(m.weight) if type(m) is nn.Linear else None)
+    net.apply(_zero_linears)
     di.materialize(net)
 
 

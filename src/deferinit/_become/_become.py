@@ -33,6 +33,7 @@ from torch._compile import _disable_dynamo
 from torch.nn.modules.module import _global_forward_hooks
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
+from .._declare._copies import constructed_as_copy, next_operation
 from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
 from .._declare._pending import Call
 from .._declare._placeholder import Holder, placeholder_tensors
@@ -78,9 +79,15 @@ def become(
     state = module._di
     cls = type(module)
     args, kwargs = constructor_call(cls, state.arguments, values)
+    next_operation()
     try:
-        with declared_defaults(state, device):
-            real = cls._di_cls(*args, **kwargs)
+        if state.copies is None:  # the common case: a layer never deep-copied unbuilt
+            with declared_defaults(state, device):
+                real = cls._di_cls(*args, **kwargs)
+        else:
+            on = _constructing_on(state, device)
+            with declared_defaults(state, device), constructed_as_copy(module, values, on):
+                real = cls._di_cls(*args, **kwargs)
     except Exception as error:
         if state.layout is not None:
             # A layout known from the arguments was not checked by constructing:
@@ -104,6 +111,20 @@ def become(
         txn.rollback()
         raise
     return txn
+
+
+def _constructing_on(state: State, device: torch.device | str | None) -> torch.device:
+    """The device a layer's construction puts its tensors on: ``device``, else the
+    one its arguments name, else its declaration's default device, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    given = state.arguments.get("device")
+    if given is not None:
+        return torch.device(given)
+    return state.device if state.device is not None else _CPU
+
+
+_CPU = torch.device("cpu")
 
 
 def _take_over(

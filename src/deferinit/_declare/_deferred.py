@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import functools
 import inspect
@@ -20,6 +21,7 @@ from torch import nn
 
 from .._errors import InferenceError, NotBuiltError
 from .._naming import label
+from ._copies import Copies
 from ._layout import KNOWN, layout_of, provisional_constructor
 from ._placeholder import flat_placeholders, install_placeholders, save_placeholders
 from ._recording import HOOKS
@@ -266,6 +268,17 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
             del d["_parameters"], d["_buffers"]
         if HOOKS.declared is not None:
             HOOKS.declared(self)  # inside di.deferred_init: its place in program order
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """``copy.deepcopy`` as for any module; where this layer itself is what is
+        copied (``nn.TransformerEncoder``'s clones of one layer; not a model holding
+        it, which copies into another model of its own), it and its copies share
+        one :class:`~deferinit._declare._copies.Copies`: they start out equal, as
+        eager's copies of one constructed layer do."""
+        state = self.__dict__["_di"]
+        if not memo and state.copies is None:  # memo is empty for the object copied
+            state.copies = Copies()
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))  # type: ignore[attr-defined]
 
     def apply(self: M, fn: Callable[[nn.Module], None]) -> M:
         """``Module.apply`` before the build: ``fn`` runs on the built layer (and

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
+from ._copies import Copies
+
 if TYPE_CHECKING:
     from ._deferred import Deferred
     from ._layout import Layout
@@ -112,6 +114,8 @@ class State:
     # layer) once the build was done, so that di.materialize can tell init code
     # that changed them in place afterwards, which it cannot replay.
     meta_versions: dict[str, int] | None = None
+    # Shared by the deep copies of an unbuilt layer: they start out equal (_copies).
+    copies: Copies | None = None
 
     @property
     def layout(self) -> Layout | None:

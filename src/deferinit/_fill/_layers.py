@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
+from .._declare._copies import constructed_as_copy
 from .._declare._deferred import Deferred
 from .._declare._layout import quiet
 from .._declare._pending import Call, pending_calls, run_pending
@@ -151,7 +152,7 @@ class Rebuild(Fill):
     meta included (``self.scale = torch.full(...)`` in its ``__init__``)."""
 
     def __init__(self, layer: nn.Module, prefix: str) -> None:
-        again = _ConstructAgain(layer, prefix)
+        again = self.again = _ConstructAgain(layer, prefix)
         again.tensors = tensors_by_name(layer)  # walked once: _waiting reads it too
         old = {n: t for n, t in again.tensors.items() if is_meta(t)}
         super().__init__(layer, prefix, old, again.make, again.construct, again.registered)
@@ -168,6 +169,8 @@ class Rebuild(Fill):
         those are eager's: from the one run that gives the other tensors, or, where
         the other tensors come a part at a time (sharded), from a whole run made first
         from the same generator state (the layer held whole for a moment)."""
+        # Without seed=, deep copies of one unbuilt layer start out equal (_copies).
+        self.again.as_copy = seeds is None
         if not self.attributes:
             yield from super().values(device, dtype, seeds, scratch)
             return
@@ -337,6 +340,7 @@ class _ConstructAgain:
         )
         self.explicit_device = "device" in self.kwargs
         self.tensors: dict[str, torch.Tensor] | None = None  # the layer's, by name
+        self.as_copy = False  # constructed as one of several copies (exact values)
 
     def key(self) -> Hashable | None:
         """What :meth:`construct` constructs (class, arguments, dtype), where it is
@@ -366,7 +370,12 @@ class _ConstructAgain:
         with self._declared(), quiet():
             if self.explicit_device:
                 self.kwargs["device"] = default_device() or _CPU
-            module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
+            if not self.as_copy or self.state.copies is None:
+                module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
+            else:
+                device = torch.device(self.kwargs.get("device") or default_device() or _CPU)
+                with constructed_as_copy(self.layer, self.state.values, device):
+                    module = self.state.deferred._di_cls(*self.args, **self.kwargs)
         return module
 
     def construct(self) -> nn.Module:

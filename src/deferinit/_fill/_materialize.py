@@ -38,6 +38,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .._declare._copies import next_operation
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._errors import DeferredInitError, NotBuiltError, UnrecordedInitWarning
 from .._lazy import refuse_lazy
@@ -356,6 +357,7 @@ def _fill_all_or_nothing(
     # gives eager's values; with seed= nothing of them was drawn or set, and putting
     # them back would undo other threads' draws made meanwhile (DESIGN §3.6).
     generators = Generators(target) if seed is None else None
+    next_operation()  # copies of a layer constructed from here draw anew (_copies)
     token = UNDO.set(undo)
     try:
         # Recorded constructions first (di.deferred_init), in program order.
