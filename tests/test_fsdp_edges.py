@@ -1,7 +1,8 @@
 """FSDP2 sharded materialization, the harder cases, on 2 gloo ranks: each shard owns
 only its slice's memory; a tensor tied across modules stays one tensor; modules
-declared on meta converted with ``dtype=``; copies of one twin starting equal; ``seed=`` values equal with and without
-sharding, also where one tensor's initialization reads another's value.
+declared on meta converted with ``dtype=``; copies of one twin starting equal;
+``seed=`` values equal with and without sharding, also where one tensor's
+initialization reads another's value.
 
 This file is also the script each rank runs: the test starts
 ``python -m torch.distributed.run --nproc_per_node 2 tests/test_fsdp_edges.py``; every
