@@ -86,3 +86,15 @@ def test_a_meta_build_and_its_registered_initializer_are_no_change_of_values() -
     di.materialize(net)
     first = net[0]
     assert isinstance(first, nn.Linear) and bool(torch.all(first.weight == 1))
+
+
+@pytest.mark.parametrize("how", ["recorded", "twins built on meta"])
+def test_a_training_forward_on_meta_updating_running_statistics_is_no_init(how: str) -> None:
+    if how == "recorded":
+        model = di.deferred_init(lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+    else:
+        model = di.build(nn.Sequential(dnn.Linear(3), dnn.BatchNorm1d()), (2, 4), device="meta")
+    model.train()
+    model(torch.empty(2, 4, device="meta"))  # a shape check: bumps the running statistics
+    di.materialize(model)
+    assert model.get_buffer("1.num_batches_tracked").item() == 0

@@ -110,7 +110,7 @@ class State:
     # before the container that registers it, d2l's shared layer, comes first);
     # di.adopt places an adopted Lazy module's twin between its neighbours' numbers.
     seq: float = 0
-    # Built on meta by di.build: each tensor's version counter (by name within the
+    # Built on meta by di.build: each parameter's version counter (by name within the
     # layer) once the build was done, so that di.materialize can tell init code
     # that changed them in place afterwards, which it cannot replay.
     meta_versions: dict[str, int] | None = None

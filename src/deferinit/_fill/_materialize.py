@@ -293,15 +293,16 @@ def _fillable_steps(root: nn.Module, seed: int | None) -> list[tuple[str, str, n
 
 
 def _changed(name: str, layer: nn.Module) -> list[str]:
-    """Qualified names of ``layer``'s tensors still on meta that an in-place
-    operation changed since ``di.build`` built the layer on meta."""
+    """Qualified names of ``layer``'s parameters still on meta that an in-place
+    operation changed since ``di.build`` built the layer on meta (buffers are left
+    out: a forward in training mode on meta inputs updates running statistics)."""
     versions = layer.__dict__["_di"].meta_versions
     if not versions:
         return []
     prefix = f"{name}." if name else ""
     return [
         prefix + leaf
-        for leaf, t in [*layer.named_parameters(), *layer.named_buffers()]
+        for leaf, t in layer.named_parameters()
         if is_meta(t) and t._version > versions.get(leaf, t._version)
     ]
 

@@ -104,12 +104,14 @@ def awaiting_replay(module: nn.Module, seed: int | None = None) -> list[torch.Te
 
 
 def changed_on_meta(module: nn.Module) -> list[str]:
-    """Qualified names (below ``module``) of the recorded tensors still waiting on
-    meta that an in-place operation changed after the recording: init code run on
-    them (``nn.init.zeros_(model.weight)``) changed nothing, since a meta tensor has
-    no values, and the replay cannot run it, since it is not in the record. A
+    """Qualified names (below ``module``) of the recorded parameters still waiting
+    on meta that an in-place operation changed after the recording: init code run
+    on them (``nn.init.zeros_(model.weight)``) changed nothing, since a meta tensor
+    has no values, and the replay cannot run it, since it is not in the record. A
     placeholder is made fresh when the recording ends, so its version counter
     tells (changes through ``.data``, which has a counter of its own, do not show).
+    Buffers are left out: a forward in training mode on meta inputs updates running
+    statistics in place, which the replay rightly starts afresh.
 
     >>> from torch import nn
     >>> from deferinit._record import deferred_init
@@ -125,8 +127,8 @@ def changed_on_meta(module: nn.Module) -> list[str]:
         owner = module.get_submodule(name)
         prefix = f"{name}." if name else ""
         for final, where in zip(record.finals, targets(owner, record), strict=True):
-            if isinstance(where, Normal) and is_meta(where.placeholder):
-                if where.placeholder._version:
+            if isinstance(where, Normal) and final.kind == "parameter":
+                if is_meta(where.placeholder) and where.placeholder._version:
                     found.append(prefix + final.name)
     return found
 

@@ -625,14 +625,12 @@ def _walks(module: nn.Module) -> Sequence[tuple[str, nn.Module]]:
 
 
 def _remember_versions(layer: nn.Module) -> None:
-    """Keep the version counter of each of ``layer``'s tensors, just built on meta,
-    for :func:`deferinit.materialize` to tell init code that changes them in place
-    before it (which it cannot run again: a meta tensor holds no values)."""
+    """Keep the version counter of each of ``layer``'s parameters, just built on
+    meta, for :func:`deferinit.materialize` to tell init code that changes them in
+    place before it (which it cannot run again: a meta tensor holds no values)."""
     state = layer.__dict__.get("_di")
     if state is not None:
-        state.meta_versions = {
-            leaf: t._version for leaf, t in [*layer.named_parameters(), *layer.named_buffers()]
-        }
+        state.meta_versions = {leaf: t._version for leaf, t in layer.named_parameters()}
 
 
 def _initialize_finished(waiting: list[tuple[str, nn.Module]], reached: str | None) -> None:
