@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["RANDOM", "Drawing", "Generators", "Mode", "draw"]
+__all__ = ["RANDOM", "Drawing", "Generators", "Mode", "default_generator", "draw"]
 
 RANDOM = torch.Tag.nondeterministic_seeded
 
@@ -98,7 +98,7 @@ def draw(
     if overload is not None:
         return overload(*args, **{**kwargs, "generator": generator})
     # No overload takes a generator (aten.native_dropout): lend it the default one.
-    default = _default_generator(generator.device)
+    default = default_generator(generator.device)
     if default is None:
         return func(*args, **kwargs)
     with _lock:
@@ -111,7 +111,8 @@ def draw(
             default.set_state(outer)
 
 
-def _default_generator(device: torch.device) -> torch.Generator | None:
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The process-wide default generator of ``device`` (CPU or CUDA), else None."""
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda":

@@ -7,10 +7,11 @@ first deep copy of an unbuilt twin (the twin itself copied, as torch's clones an
 ``[copy.deepcopy(layer) for _ in range(n)]`` do; a model holding unbuilt twins
 copies into another model, built on its own) gives it and every copy (the copies
 of copies too) one :class:`Copies` record, shared, never copied itself. The first of them
-constructed for real notes the random generators' state before it draws
-(:class:`~deferinit._random.Generators`); each other one is constructed from that
-state, and the generators are put back afterwards, so the copies hold the same
-values and the generators end where one construction leaves them, as eager's.
+constructed for real notes its device's default generator state before it draws
+from it; each other one is constructed drawing from a private generator set to
+that state (:class:`~deferinit._random.Drawing`), so the copies hold the same
+values and the default generator ends where one construction leaves it, as
+eager's, without ever being set or put back (other threads may draw from it).
 
 Only the construction is shared: an initializer registered with ``di.initialize``
 runs on each copy after it, drawing anew, as eager ``net.apply(init)`` does on
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._random import Generators
+from .._random import Drawing, default_generator
 
 __all__ = ["Copies", "constructed_as_copy", "next_operation"]
 
@@ -56,13 +57,14 @@ def next_operation() -> None:
 
 
 class _Drawn:
-    """One construction the copies share: the generators before it, the copy that
-    drew it, the copies constructed from it, and the operation it belongs to."""
+    """One construction the copies share: the default generator's state before it,
+    the copy that drew it, the copies constructed from it, and the operation it
+    belongs to."""
 
-    __slots__ = ("drawer", "generators", "members", "operation")
+    __slots__ = ("drawer", "members", "operation", "state")
 
-    def __init__(self, generators: Generators, drawer: nn.Module) -> None:
-        self.generators = generators
+    def __init__(self, state: torch.Tensor, drawer: nn.Module) -> None:
+        self.state = state
         self.drawer = weakref.ref(drawer)
         self.members: weakref.WeakSet[nn.Module] = weakref.WeakSet([drawer])
         self.operation = _operation
@@ -91,30 +93,35 @@ def constructed_as_copy(
 ) -> Iterator[None]:
     """Run ``module``'s real construction with ``values`` on ``device`` inside:
     where ``module`` is one of several copies and another was constructed with the
-    same sizes, from the generator state that one started from, putting the
-    generators back after. Nothing for a layer never copied, or on meta (which
-    draws nothing)."""
+    same sizes, drawing from a private generator set to the state that one started
+    from. Nothing for a layer never copied, on meta (which draws nothing), or on a
+    device without a default generator deferinit knows (neither CPU nor CUDA)."""
     copies = module.__dict__["_di"].copies
     if copies is None or device.type == "meta":
         yield
         return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    default = default_generator(device)
     try:
         key: Hashable = (tuple(sorted(values.items())), str(device))
         drawn = copies.drawn.get(key)
     except TypeError:  # sizes that do not hash: each copy draws its own
+        drawn, default = None, None
+    if default is None:
         yield
         return
     if drawn is None or (module in drawn.members and drawn.operation != _operation):
-        copies.drawn[key] = _Drawn(Generators(device), module)  # this one draws
+        copies.drawn[key] = _Drawn(default.get_state(), module)  # this one draws
         yield
         return
-    if drawn.drawer() is module:  # the draw again, from where its caller put them
+    if drawn.drawer() is module:  # the draw again, from where its caller put it
         yield
         return
     drawn.members.add(module)
-    now = Generators(device)
-    drawn.generators.restore()
-    try:
+    private = torch.Generator(device)
+    private.set_state(drawn.state)
+    drawing = Drawing(0)
+    drawing.generators[device] = private
+    with drawing:
         yield
-    finally:
-        now.restore()
