@@ -120,3 +120,23 @@ def test_a_copy_of_a_model_holding_unbuilt_twins_is_built_on_its_own() -> None:
     eager = nn.Linear(3, 4)
     assert torch.equal(other.get_parameter("0.weight"), eager.weight)
     assert not torch.equal(net.get_parameter("0.weight"), eager.weight)
+
+
+def test_a_failed_build_of_copies_then_a_retry_equals_eager() -> None:
+    refusing = [True]
+
+    def refuse(layer: nn.Module) -> None:
+        if refusing[0]:
+            raise RuntimeError("init refused")
+
+    torch.manual_seed(0)
+    reference = eager()
+    torch.manual_seed(0)
+    model = twin()
+    model.get_submodule("1").apply(refuse)  # built last: the copies were built before it
+    with pytest.raises(RuntimeError, match="init refused"):
+        di.build(model, X)
+    refusing[0] = False
+    di.build(model, X)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
