@@ -141,6 +141,7 @@ def first(model: str, *, reps: int) -> dict[str, Phases]:
 def child(model: str, variant: str) -> None:
     """In a fresh interpreter: time one construct + first forward, print the seconds."""
     x = torch.randn(MODELS[model][1])
+    gc.collect()  # the imports' garbage: not left to land in the timed call (first_call.py)
     construct, forward = construct_and_run(model, variant, x)
     print(f"{construct:.9f} {forward:.9f}")
 

@@ -13,8 +13,9 @@ forward", CPU, one thread. Two regimes:
   layout cache is warm); interleaved rounds, the variants' order alternating; one
   sample is the mean of ``reps`` constructions; median of the rounds.
 - ``first use``: the first construction in a fresh interpreter. One subprocess per
-  sample imports torch, deferinit and this script (imports not timed), then times
-  one construct + first forward; the variants' subprocesses alternate; median.
+  sample imports torch, deferinit and this script (imports not timed), collects the
+  garbage the imports left, then times one construct + first forward; the variants'
+  subprocesses alternate; median.
 
 Run: ``.venv/bin/python benchmarks/first_call.py`` (``--quick`` for a smoke run);
 ``benchmarks/run.py`` reads the same functions.
@@ -153,6 +154,10 @@ def first_use(model: str, *, reps: int) -> dict[str, float]:
 def _child(model: str, variant: str) -> None:
     torch.set_num_threads(1)
     x = torch.randn(MODELS[model][1])
+    # The imports leave young objects by the hundred thousand; collected now, not by
+    # whichever variant's allocations happen to tip the collector's count inside the
+    # timed call (a 1 ms pause, when the modules load from .pyc files).
+    gc.collect()
     print(f"{construct_and_run(model, variant, x):.9f}")
 
 
