@@ -85,10 +85,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "build-execution-order",
-        "build order: di.build constructs in registration order, not forward order",
+        "build order: di.build constructs in eager's order, not in another",
         "_shape/_build.py",
-        "for name, sub in module.named_modules():",
-        "for name, sub in [(n, module.get_submodule(n)) for n in seen.values]:",
+        "for name, sub in top.named_modules(prefix=prefix):",
+        "for name, sub in reversed(list(top.named_modules(prefix=prefix))):",
         ("tests/test_build.py",),
     ),
     Mutant(
@@ -386,6 +386,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "unreached += [n for n in seen.deferred if n not in seen.values and n not in unreached]",
         "unreached += []",
         ("tests/test_build_unreached_inside_blocks.py",),
+    ),
+    Mutant(
+        "build-registration-not-declaration",
+        "a twin declared before its container is constructed first (d2l's shared layer)",
+        "_shape/_build.py",
+        "declared = sorted(twins, key=lambda pair: pair[1]._di.seq)",
+        "declared = twins",
+        ("tests/test_declaration_order.py",),
+    ),
+    Mutant(
+        "changed-on-meta-ignored",
+        "init code run on meta tensors before materialize is refused, never silently lost",
+        "_fill/_materialize.py",
+        "    if recorded or built:",
+        "    if False:",
+        ("tests/test_materialize_changed_on_meta.py",),
+    ),
+    Mutant(
+        "copies-draw-their-own",
+        "deep copies of an unbuilt twin start out equal, as eager's",
+        "_declare/_copies.py",
+        'if copies is None or device.type == "meta":',
+        "if True:",
+        ("tests/test_copies_start_equal.py", "tests/test_transformer_encoder_of_twins.py"),
     ),
 )
 
