@@ -55,6 +55,27 @@ def declared_in() -> DeclaredIn:
     return _declared_in
 
 
+class RefusingInit:
+    """An init function for ``Module.apply`` that raises ``RuntimeError("init
+    refused")`` until :meth:`stop`: a build that fails after other layers were
+    built, then a retry."""
+
+    def __init__(self) -> None:
+        self.refusing = True
+
+    def __call__(self, layer: nn.Module) -> None:
+        if self.refusing:
+            raise RuntimeError("init refused")
+
+    def stop(self) -> None:
+        self.refusing = False
+
+
+@pytest.fixture
+def refusing_init() -> RefusingInit:
+    return RefusingInit()
+
+
 TwoRanks = Callable[[Path], str]
 
 

@@ -9,6 +9,7 @@ at the first copy's build, on every path (first forward, ``di.build``, on meta t
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from typing import cast
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import deferinit as di
+from conftest import RefusingInit
 from deferinit import nn as dnn
 
 X = torch.randn(2, 5, 16)
@@ -122,21 +124,36 @@ def test_a_copy_of_a_model_holding_unbuilt_twins_is_built_on_its_own() -> None:
     assert not torch.equal(net.get_parameter("0.weight"), eager.weight)
 
 
-def test_a_failed_build_of_copies_then_a_retry_equals_eager() -> None:
-    refusing = [True]
-
-    def refuse(layer: nn.Module) -> None:
-        if refusing[0]:
-            raise RuntimeError("init refused")
-
+def test_a_failed_build_of_copies_then_a_retry_equals_eager(refusing_init: RefusingInit) -> None:
     torch.manual_seed(0)
     reference = eager()
     torch.manual_seed(0)
     model = twin()
-    model.get_submodule("1").apply(refuse)  # built last: the copies were built before it
+    model.get_submodule("1").apply(refusing_init)  # built last: the copies were before it
     with pytest.raises(RuntimeError, match="init refused"):
         di.build(model, X)
-    refusing[0] = False
+    refusing_init.stop()
     di.build(model, X)
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_copies_built_by_racing_first_forwards_start_equal() -> None:
+    layer = dnn.Linear(6)
+    stack = nn.Sequential(*(copy.deepcopy(layer) for _ in range(4)))
+    x = torch.randn(3, 6)
+    barrier = threading.Barrier(4)
+    outputs: list[torch.Tensor] = []
+
+    def call() -> None:
+        barrier.wait()
+        outputs.append(stack(x))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    weights = [stack.get_parameter(f"{i}.weight") for i in range(4)]
+    assert all(torch.equal(w, weights[0]) for w in weights)
+    assert len(outputs) == 4 and all(torch.equal(o, outputs[0]) for o in outputs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import deferinit as di
+from conftest import RefusingInit
 from deferinit import nn as dnn
 
 
@@ -91,20 +92,16 @@ def test_shared_layer_stays_one_module_after_a_reordered_build() -> None:
     assert len(list(net.parameters())) == 6
 
 
-def test_a_failed_reordered_build_leaves_every_layer_deferred_and_a_retry_equals_eager() -> None:
-    refusing = [True]
-
-    def refuse(layer: nn.Module) -> None:
-        if refusing[0]:
-            raise RuntimeError("init refused")
-
+def test_a_failed_reordered_build_leaves_every_layer_deferred_and_a_retry_equals_eager(
+    refusing_init: RefusingInit,
+) -> None:
     torch.manual_seed(0)
     net = twin_shared()
-    net[6].apply(refuse)  # built last: the shared layer and net[0] were built before it
+    net[6].apply(refusing_init)  # built last: the shared layer and net[0] were built before it
     with pytest.raises(RuntimeError, match="init refused"):
         di.build(net, (2, 20))
     assert all(isinstance(m, di.Deferred) for m in (net[0], net[2], net[6]))
-    refusing[0] = False
+    refusing_init.stop()
     di.build(net, (2, 20))
     torch.manual_seed(0)
     reference = eager_shared()

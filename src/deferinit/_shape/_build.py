@@ -461,8 +461,9 @@ def build(
     listing every difference.
     Layers are constructed in the order they were declared, as eager code would
     (registration order, save for a layer declared before the container that
-    registers it), so the model equals the eager one under the same seed. ``device="meta"`` builds
-    without allocating any parameter (then :func:`deferinit.materialize`).
+    registers it), so the model equals the eager one under the same seed.
+    ``device="meta"`` builds without allocating any parameter (then
+    :func:`deferinit.materialize`).
     All-or-nothing: on any error the model is left as it was. Returns ``module``.
 
     >>> import torch, deferinit as di
