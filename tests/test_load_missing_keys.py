@@ -106,3 +106,22 @@ def test_missing_keys_in_eager_order(load: Load) -> None:
     expected = eager.load_state_dict(saved, strict=False)
     model = nn.Sequential(dnn.Linear(4), nn.ReLU(), dnn.BatchNorm1d(), dnn.Linear(2))
     assert load(model, saved, strict=False) == expected
+
+
+def test_failed_strict_load_leaves_the_generators_where_they_were() -> None:
+    # The layer missing a key is constructed for real (eager's construction draws
+    # before its load); the strict refusal then undoes that draw too.
+    saved = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4)).state_dict()
+    del saved["2.bias"]
+    model = nn.Sequential(dnn.Linear(8), nn.ReLU(), dnn.Linear(4))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.raises(di.DeferredInitError, match=r"missing keys: 2\.bias"):
+        di.load_state_dict(model, saved)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert di.pending(model) == ["0", "2"]
+    model(torch.ones(2, 3))
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    for ours, theirs in zip(model.parameters(), eager.parameters(), strict=True):
+        assert torch.equal(ours.detach(), theirs.detach())

@@ -48,6 +48,7 @@ from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._placeholder import Holder, placeholder_tensors
 from .._errors import DeferredInitError
 from .._naming import label, root_scope
+from .._random import Generators
 from .._swap import exchange_or_raise
 from .._tensors import own_tensors
 from ._commit import Write, commit, prepare
@@ -112,6 +113,10 @@ def load_state_dict(
                 f"di.build(model, example) (di.materialize for a model on meta), then load."
             )
         built: list[Transaction] = []
+        # A layer the checkpoint leaves a tensor of is constructed for real, drawing
+        # from the generators (as eager's construction before its load): a load that
+        # fails after that puts them back, so that a corrected call gives eager's values.
+        generators = Generators(torch.get_default_device())
         try:
             devices: dict[int, torch.device] = {}
             # Ordinary tensors even under torch.inference_mode(), as torch's loader
@@ -126,6 +131,8 @@ def load_state_dict(
         except BaseException:
             for txn in reversed(built):
                 txn.rollback()
+            if built:
+                generators.restore()
             raise
     return _IncompatibleKeys(missing, unexpected)
 
