@@ -402,29 +402,32 @@ def test_inference_error_names_a_later_block_of_a_nested_model() -> None:
     assert di.pending(model) == ["encoder.layers.2.proj", "head"]
 
 
-def _nested(x: Any) -> Any:
-    """A jagged nested tensor with the same trailing sizes: two samples whose first
-    (ragged) dimension differs."""
+def _nested(x: Any, layout: torch.layout) -> Any:
+    """A nested tensor with the same trailing sizes: two samples whose first
+    (ragged) dimension differs; ``torch.jagged``, or torch's older ``torch.strided``
+    layout (which has no ``.shape``)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         return x
     parts = [x[0].contiguous(), x[0][: max(1, x.shape[1] - 1)].contiguous()]
-    return torch.nested.nested_tensor(parts, layout=torch.jagged)
+    return torch.nested.nested_tensor(parts, layout=layout)
 
 
 def _flat(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.is_nested:
-        return (value.values(), value.offsets())  # type: ignore[attr-defined]
+        return tuple(value.unbind())
     if isinstance(value, tuple):
         return tuple(_flat(v) for v in value)
     return value
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in layers.CASES])
 def test_nested_tensor_builds_as_eager_does_or_leaves_the_layer_unchanged(
-    case: layers.Case, training: bool
+    case: layers.Case, training: bool, layout: torch.layout
 ) -> None:
-    args = tuple(_nested(a) for a in case.inputs())
+    args = tuple(_nested(a, layout) for a in case.inputs())
     good = case.inputs()
     torch.manual_seed(0)
     want: Any = None

@@ -114,13 +114,27 @@ class Call:
         return names.index(name) if name in names else None
 
 
+def _shape_text(x: torch.Tensor) -> str:
+    """``x``'s shape as a tuple; torch's older (strided) nested layout has no
+    ``.shape``: its ragged dimensions show as ``*``."""
+    if not (x.is_nested and x.layout is torch.strided):
+        return str(tuple(x.shape))
+    sizes = []
+    for axis in range(x.dim()):
+        try:
+            sizes.append(str(x.size(axis)))
+        except RuntimeError:
+            sizes.append("*")
+    return f"({', '.join(sizes)})"
+
+
 def describe(value: Any) -> str:
     """``value`` for an error message: tensors by shape and dtype, anything else by
     type and a bounded repr (fast for a list of a million items, and safe for an
     object whose ``repr`` raises)."""
     if isinstance(value, torch.Tensor):
         nested = "nested " if value.is_nested else ""
-        return f"{_DTYPE_TEXT[value.dtype]} {nested}tensor of shape {tuple(value.shape)}"
+        return f"{_DTYPE_TEXT[value.dtype]} {nested}tensor of shape {_shape_text(value)}"
     if isinstance(value, PackedSequence):
         return f"a PackedSequence with data of shape {tuple(value.data.shape)}"
     kind = type(value).__name__
@@ -210,6 +224,16 @@ _REPR = _BoundedRepr()
 
 def size_at(x: torch.Tensor, axis: int) -> int:
     """``x.shape[axis]`` as an int; a ragged dimension of a nested tensor has none."""
+    if x.is_nested and x.layout is torch.strided:
+        # torch's older nested layout has no .shape at all, only the regular sizes
+        try:
+            return int(x.size(axis))
+        except RuntimeError:
+            raise RuleError(
+                f"a regular size on axis {axis} (a ragged dimension of a nested tensor "
+                f"cannot become a layer size)",
+                describe(x),
+            ) from None
     size = x.shape[axis]
     if isinstance(size, torch.SymInt) and size.node.is_nested_int():
         raise RuleError(
