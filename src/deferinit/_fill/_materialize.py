@@ -89,6 +89,17 @@ def _plan(
             if any(is_meta(t) and id(t) not in replayed for t in [*tensors, *plain]):
                 steps.append(("rebuild", name, sub))
                 skip.append(name)
+            elif (
+                seed is None
+                and state.meta_versions is not None
+                and not any(is_meta(t) for t in [*tensors, *plain])
+            ):
+                # Built on meta, and every tensor real since (tied to a real tensor
+                # before the build, or loaded): eager's construction drew for it all
+                # the same, so it is constructed again for its draws alone, the
+                # values of the layers after it eager's too.
+                steps.append(("rebuild", name, sub))
+                skip.append(name)
             continue
         unknown += [
             f"{name + '.' if name else ''}{attribute} ({type(sub).__name__})"
@@ -373,6 +384,7 @@ def _fill_all_or_nothing(
                 done.fill.finish()
                 if advance is not None:
                     advance(_bytes(done.step.module))
+        _filled(root)
     except BaseException as error:
         lost = [why for action in reversed(undo) if (why := action()) is not None]
         if generators is not None:
@@ -382,6 +394,17 @@ def _fill_all_or_nothing(
         raise
     finally:
         UNDO.reset(token)
+
+
+def _filled(root: nn.Module) -> None:
+    """Every layer built on meta that holds no meta tensor now is filled: no longer
+    one a later ``di.materialize`` constructs again (:func:`_plan`)."""
+    for sub in root.modules():
+        state = sub.__dict__.get("_di")
+        if state is None or state.meta_versions is None:
+            continue
+        if not any(is_meta(t) for t in [*sub.parameters(), *sub.buffers()]):
+            state.meta_versions = None
 
 
 def _report_lost(error: BaseException, lost: list[str]) -> None:
