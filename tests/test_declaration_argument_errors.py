@@ -32,3 +32,15 @@ def test_rejected_arguments_known_only_at_the_first_call_are_one_too() -> None:
     with pytest.raises(di.ArgumentsError, match=r"Conv2d rejects these arguments.*bogus"):
         net(torch.randn(1, 3, 8, 8))
     assert di.pending(net) == ["0"]
+
+
+def test_a_model_with_rejected_arguments_still_shows_and_summarizes() -> None:
+    # print(model), a debugger or a log must not crash on a model whose declaration
+    # succeeded: only its build says the arguments are wrong.
+    net = nn.Sequential(dnn.Conv2d(6, 5, padding="bogus"), dnn.Linear(3))
+    assert "Conv2d(in_channels=?, out_channels=6, kernel_size=5, padding='bogus')" in repr(net)
+    rows = di.summary(net).to_dict()["rows"]
+    assert [row["state"] for row in rows] == ["deferred", "deferred"]
+    with pytest.raises(di.ArgumentsError, match="bogus"):
+        di.summary(net, torch.randn(1, 3, 8, 8))
+    assert di.pending(net) == ["0", "1"]

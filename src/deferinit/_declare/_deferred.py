@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .._errors import InferenceError, NotBuiltError
+from .._errors import ArgumentsError, InferenceError, NotBuiltError
 from .._naming import label
 from ._copies import Copies
 from ._layout import KNOWN, layout_of, provisional_constructor
@@ -333,10 +333,13 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         return values
 
     def __repr__(self) -> str:
-        layout = self._di.layout
         text = None
-        if layout is not None:
-            text = layout.repr_text(provisional_constructor(type(self), self._di))
+        try:
+            layout = self._di.layout
+            if layout is not None:
+                text = layout.repr_text(provisional_constructor(type(self), self._di))
+        except ArgumentsError:
+            pass  # arguments its class rejects: the build says so, not the repr
         if text is not None:
             return f"{self._get_name()}({text})"
         return f"{self._get_name()}({', '.join(constructor_args_of(type(self), self._di))})"

@@ -28,6 +28,7 @@ from .._declare._layout import freeze
 from .._declare._placeholder import placeholder_tensors
 from .._declare._rules import Rule
 from .._declare._signature import constructor_call
+from .._errors import ArgumentsError
 from .._lazy import waiting_lazy
 from .._shape._build import shape_pass
 from .._tensors import construct_on_meta
@@ -328,8 +329,16 @@ def _partial_shapes(layer: Deferred) -> _TensorSpecs:
     specs: _TensorSpecs = {}
     if layout is None:
         return specs
+    try:
+        size = layout.size
+    except ArgumentsError:  # arguments its class rejects: the build says so; shapes unknown
+        return {
+            t.name: (None, t.dtype, t.requires_grad, t.is_parameter)
+            for t in layout.tensors
+            if t.dtype is not None
+        }
     doubled = {
-        n: state.explicit[n] if n in state.explicit else _moved(r, layout.size, state.options)
+        n: state.explicit[n] if n in state.explicit else _moved(r, size, state.options)
         for n, r in cls._di_rules.items()
     }
     # Some layers reject the doubled size: every size is then unknown.
