@@ -805,3 +805,34 @@ def test_extra_state_loads_after_the_tensors_and_is_checked_as_a_key() -> None:
     with pytest.raises(di.DeferredInitError, match="missing keys: 0._extra_state"):
         di.load_state_dict(refused, {k: v for k, v in state.items() if "extra" not in k})
     assert refused[0].steps == 0 and di.pending(refused) == ["1"]
+
+
+class _Refusing(nn.Module):
+    """A user's block whose constructor raises once ``refuse`` is set."""
+
+    refuse = False
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_dim, out_dim)
+        if _Refusing.refuse:
+            raise ValueError("constructor refuses")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_constructor_failing_while_sizes_are_read_off_a_checkpoint_names_the_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saved = nn.Sequential(_Refusing(3, 8), _Refusing(8, 4)).state_dict()
+    block = di.defer(_Refusing, in_dim=di.dim(-1))
+    model = nn.Sequential(block(out_dim=8), block(out_dim=4))
+    monkeypatch.setattr(_Refusing, "refuse", True)
+    with pytest.raises(di.InferenceError, match=r"layer '0'.*ValueError: constructor refuses.*Fix"):
+        di.load_state_dict(model, saved)
+    assert di.pending(model) == ["0", "1"]
+    monkeypatch.setattr(_Refusing, "refuse", False)
+    di.load_state_dict(model, saved)
+    assert torch.equal(model.get_parameter("1.lin.weight"), saved["1.lin.weight"])

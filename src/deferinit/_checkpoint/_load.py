@@ -46,7 +46,7 @@ from .._become._initialize import run_applied
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._placeholder import Holder, placeholder_tensors
-from .._errors import DeferredInitError
+from .._errors import DeferredInitError, InferenceError
 from .._naming import label, root_scope
 from .._random import Generators
 from .._swap import exchange_or_raise
@@ -556,7 +556,18 @@ def _build_from(
             **other_shapes(sub, under.get(prefix), "", names),  # (bad values left out there)
             **{n: tuple(v.shape) for n, v in mine.items()},
         }
-        values, found = infer_from_shapes(sub, shapes)
+        try:
+            values, found = infer_from_shapes(sub, shapes)
+        except DeferredInitError:
+            raise
+        except Exception as error:  # the class's own constructor, probed on meta
+            raise InferenceError(
+                f"{label(sub)}: {type(sub)._di_cls.__name__} could not be constructed while "
+                f"its sizes were read off the checkpoint (keys under {prefix!r}): "
+                f"{type(error).__name__}: {error}. Nothing was loaded; the layer is left "
+                f"unbuilt. Fix: correct the layer's constructor arguments, or load a "
+                f"checkpoint of this model."
+            ) from error
         if found:
             problems.append(
                 f"{label(sub)} cannot take its sizes from the checkpoint: {'; '.join(found)}"
