@@ -248,3 +248,15 @@ def test_a_rebuild_after_reset_rounds_through_the_conversions_as_the_first_build
     eager = convert(nn.Linear(4, 3))
     assert isinstance(layer, nn.Linear) and isinstance(eager, nn.Linear)
     assert torch.equal(layer.weight, eager.weight) and torch.equal(layer.bias, eager.bias)
+
+
+def test_a_reset_meta_built_model_called_on_data_says_to_materialize() -> None:
+    net = di.build(nn.Sequential(dnn.Linear(8)), (2, 3), device="meta")
+    di.reset(net)
+    x = torch.randn(2, 4)
+    with pytest.raises(di.InferenceError, match=r"layer '0'.*on meta.*di\.materialize\(model\)"):
+        net(x)
+    assert di.pending(net) == ["0"]
+    di.build(net, x, device="meta")
+    di.materialize(net)
+    assert net(x).shape == (2, 8)

@@ -166,6 +166,10 @@ def arguments_rejected() -> None:
     dnn.MultiheadAttention(num_heads=0)
 
 
+def arguments_materialize_on_meta() -> None:
+    di.materialize(di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta"), device="meta")
+
+
 def load_misfit() -> None:
     state = {"0.weight": torch.zeros(4, 3), "0.bias": torch.zeros(5)}
     di.load_state_dict(nn.Sequential(dnn.Linear(4)), state)

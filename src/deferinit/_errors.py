@@ -6,6 +6,8 @@ what was expected, and how to fix it.
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "ArgumentsError",
     "DeferredInitError",
@@ -13,6 +15,7 @@ __all__ = [
     "NotBuiltError",
     "ShapeMismatchError",
     "UnrecordedInitWarning",
+    "device_argument",
 ]
 
 
@@ -76,10 +79,12 @@ class NotBuiltError(DeferredInitError):
     """
 
 
-class ArgumentsError(DeferredInitError, TypeError):
-    """A deferred layer was declared with arguments its torch class rejects whatever
-    sizes are inferred (``dnn.MultiheadAttention(num_heads=0)``). Also a
-    ``TypeError``, as a wrong argument to a constructor is in Python.
+class ArgumentsError(DeferredInitError, TypeError, ValueError):
+    """Arguments rejected whatever sizes are inferred: a deferred layer's that its
+    torch class rejects (``dnn.MultiheadAttention(num_heads=0)``), or a deferinit
+    function's (``di.materialize(model, device="meta")``, ``di.build(42, x)``). Also
+    a ``TypeError`` and a ``ValueError``, which Python code checks for a wrong
+    argument.
 
     >>> import deferinit as di
     >>> from deferinit import nn as dnn
@@ -109,3 +114,26 @@ class UnrecordedInitWarning(UserWarning):
     >>> [w.category.__name__ for w in caught]
     ['UnrecordedInitWarning']
     """
+
+
+def device_argument(function: str, device: object, done: str) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``), or the
+    :class:`ArgumentsError` of ``function`` (by whose name it speaks; ``done`` is
+    what nothing was: "allocated", "built")."""
+    if device is None:
+        return None
+    try:
+        target = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ArgumentsError(
+            f"{function}: device={device!r} is not a device torch knows ({error}). Nothing "
+            f"was {done}. Fix: pass e.g. device='cpu', 'cuda', 'cuda:1' or 'meta'."
+        ) from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentsError(
+            f"{function}: device={device!r}, but this torch has no CUDA device to use "
+            f"(torch.cuda.is_available() is False). Nothing was {done}. Fix: pass "
+            f"device='cpu' (or 'meta'), or install a CUDA build of torch on a machine with "
+            f"a GPU."
+        )
+    return target

@@ -51,7 +51,7 @@ from ._declare._deferred import BUILD_LOCK, Deferred
 from ._declare._layout import layout_of
 from ._declare._pending import set_owner, take_pending
 from ._declare._placeholder import PlaceholderBuffer, PlaceholderParameter
-from ._errors import DeferredInitError
+from ._errors import ArgumentsError, DeferredInitError
 from ._tensors import construct_on_meta
 
 __all__ = ["LAZY_TWINS", "adopt", "arguments_of", "lazy_modules", "refuse_lazy", "waiting_lazy"]
@@ -185,7 +185,9 @@ def adopt(module: M) -> M:
     (True, True)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.adopt expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.adopt expects an nn.Module, got {type(module).__name__}. Fix: pass the model."
+        )
     with BUILD_LOCK:
         found = lazy_modules(module)
         refused = [

@@ -54,7 +54,7 @@ from ._declare._rules import (
     tensor_argument,
 )
 from ._declare._signature import constructor_args_of, forward_signature, public_signature
-from ._errors import InferenceError, NotBuiltError
+from ._errors import ArgumentsError, InferenceError, NotBuiltError
 from ._naming import label
 
 __all__ = [
@@ -132,7 +132,10 @@ class Trailing(Rule):
 def _ndim(options: Mapping[str, Any]) -> int:
     k = options["ndim"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TypeError(f"ndim must be a positive int (how many trailing dimensions), got {k!r}")
+        raise ArgumentsError(
+            f"ndim must be a positive int (how many trailing dimensions), got {k!r}. Fix: "
+            f"e.g. ndim=1 to normalize over the last dimension."
+        )
     return k
 
 
@@ -467,7 +470,10 @@ class _ByRank(_nn.Module):
     def __new__(cls, *args: Any, spatial_dims: int, **kwargs: Any) -> Any:
         if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
             names = ", ".join(c.__name__ for c in cls.classes)
-            raise ValueError(f"spatial_dims must be 1, 2 or 3 (for {names}), got {spatial_dims!r}")
+            raise ArgumentsError(
+                f"spatial_dims must be 1, 2 or 3 (for {names}), got {spatial_dims!r}. Fix: "
+                f"pass 1, 2 or 3, or leave it out to pick it from the input's rank."
+            )
         return cls.classes[spatial_dims - 1](*args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:

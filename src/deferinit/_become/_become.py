@@ -355,7 +355,7 @@ def _build_and_run(
             txn.rollback()
             if not isinstance(error, Exception):
                 raise
-            raise _forward_failed(module, values, built_from, error) from error
+            raise _forward_failed(module, values, built_from, error, args) from error
         if own_hooks == "all":
             try:
                 output = run_forward_hooks(module, args, kwargs, output)
@@ -415,13 +415,28 @@ def _described(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | Descri
 
 
 def _forward_failed(
-    module: nn.Module, values: Mapping[str, Any], built_from: str | Described, error: Exception
+    module: nn.Module,
+    values: Mapping[str, Any],
+    built_from: str | Described,
+    error: Exception,
+    args: tuple[Any, ...] = (),
 ) -> InferenceError:
+    fix = (
+        "pass the input the layer expects (e.g. a floating-point tensor of the right "
+        "rank), then call again"
+    )
+    on_meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if on_meta and any(isinstance(a, torch.Tensor) and not a.is_meta for a in args):
+        # Built on meta before, then di.reset: its placeholders kept their device.
+        fix = (
+            "the layer's tensors are on meta (it was built with device='meta', and "
+            "di.reset keeps their device): build it on meta again, then allocate it, "
+            "di.build(model, x, device='meta'); di.materialize(model)"
+        )
     return InferenceError(
         f"{label(module)}: built with {sizes_text(values)} from {built_from}, but its "
         f"forward then failed: {type(error).__name__}: {error}. The layer is left "
-        f"unbuilt, with the same placeholders. Fix: pass the input the layer "
-        f"expects (e.g. a floating-point tensor of the right rank), then call again."
+        f"unbuilt, with the same placeholders. Fix: {fix}."
     )
 
 

@@ -14,7 +14,7 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._pending import WaitingCall
 from .._declare._state import Initializer, Registration
-from .._errors import DeferredInitError, InferenceError
+from .._errors import ArgumentsError, DeferredInitError, InferenceError
 from .._lazy import refuse_lazy
 from .._naming import qualified_name
 from .._tensors import has_meta_tensors
@@ -55,7 +55,10 @@ def initialize(module: M, init: Initializer | None = None, *, force_reinit: bool
     True
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.initialize expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.initialize expects an nn.Module, got {type(module).__name__}. Fix: pass "
+            f"the model first, then the init: di.initialize(model, init)."
+        )
     refuse_lazy(module, "di.initialize")
     _check(init)
     with BUILD_LOCK:
@@ -74,12 +77,12 @@ def _check(init: Any) -> None:
     if isinstance(init, Mapping):
         bad = [k for k, v in init.items() if not (isinstance(k, str) and callable(v))]
         if bad:
-            raise TypeError(
+            raise ArgumentsError(
                 f"di.initialize: a mapping must go from a glob string to an init function "
                 f"(e.g. {{'*.weight': nn.init.xavier_uniform_}}); bad entries: {bad!r}"
             )
         return
-    raise TypeError(
+    raise ArgumentsError(
         f"di.initialize: init must be a function of a module, a mapping from parameter "
         f"glob to init function, or None; got {type(init).__name__} {init!r}"
     )

@@ -16,7 +16,7 @@ from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._layout import Layout, layout_of
 from .._declare._placeholder import Holder, install_placeholders, placeholder_tensors
 from .._declare._state import State, replace
-from .._errors import DeferredInitError
+from .._errors import ArgumentsError, DeferredInitError
 from .._lazy import waiting_lazy
 from .._naming import label, root_scope
 from .._tensors import table_of, tensor_at
@@ -29,7 +29,9 @@ M = TypeVar("M", bound=nn.Module)
 
 def _check(module: object, fn: str) -> None:
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.{fn} expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.{fn} expects an nn.Module, got {type(module).__name__}. Fix: pass the model."
+        )
 
 
 def pending(module: nn.Module) -> list[str]:

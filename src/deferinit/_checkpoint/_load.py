@@ -46,7 +46,7 @@ from .._become._initialize import run_applied
 from .._become._transaction import Transaction
 from .._declare._deferred import BUILD_LOCK, Deferred
 from .._declare._placeholder import Holder, placeholder_tensors
-from .._errors import DeferredInitError, InferenceError
+from .._errors import ArgumentsError, DeferredInitError, InferenceError
 from .._naming import label, root_scope
 from .._random import Generators
 from .._swap import exchange_or_raise
@@ -96,7 +96,10 @@ def load_state_dict(
     (Linear(in_features=20, out_features=256, bias=True), True)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.load_state_dict expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.load_state_dict expects an nn.Module, got {type(module).__name__}. Fix: pass "
+            f"the model first, then the checkpoint: di.load_state_dict(model, source)."
+        )
     state, shown, owned, metadata = read_source(source)
     with BUILD_LOCK, root_scope(module):
         own = _own_loaders(module)

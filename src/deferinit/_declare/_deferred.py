@@ -205,7 +205,7 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         try:
             arguments = bind(cls, args, kwargs)
         except TypeError as error:
-            raise TypeError(
+            raise ArgumentsError(
                 f"deferinit {cls.__name__}: {error}. It takes the arguments of "
                 f"{qualname(cls._di_cls)}{cls._di_init_signature} except the inferred "
                 f"{quoted(cls._di_rules)}, which may be given by keyword to fix them."
@@ -549,11 +549,17 @@ def defer(cls: type[M], **rules: Rule | Callable[..., Any]) -> type[Deferred]:
     (torch.Size([2, 4]), True)
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"di.defer expects an nn.Module class, got {cls!r}")
+        raise ArgumentsError(
+            f"di.defer expects an nn.Module class, got {cls!r}. Fix: pass the class itself, "
+            f"e.g. di.defer(Block, in_dim=di.dim(-1))."
+        )
     if isinstance(cls, _DeferredMeta):
-        raise TypeError(f"{cls.__name__} is already deferred; defer the original class")
+        raise ArgumentsError(
+            f"{cls.__name__} is already deferred; defer the original class (Fix: "
+            f"di.defer(Original, ...), not of its deferred class)."
+        )
     if not rules:
-        raise TypeError(
+        raise ArgumentsError(
             f"di.defer({cls.__name__}) needs at least one rule, e.g. in_features=di.dim(-1)"
         )
     return make_deferred(cls, rules)
@@ -637,9 +643,10 @@ def make_deferred(
     names = {p.name for p in params}
     unknown = [n for n in parsed if n not in names]
     if unknown:
-        raise TypeError(
+        raise ArgumentsError(
             f"di.defer({cls.__name__}): {quoted(unknown)} not a constructor argument of "
-            f"{cls.__name__}; its arguments are {', '.join(names) or 'none'}."
+            f"{cls.__name__}; its arguments are {', '.join(names) or 'none'}. Fix: name "
+            f"one of those in the rule."
         )
     options: dict[str, Any] = {}
     for rule in parsed.values():

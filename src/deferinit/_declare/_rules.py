@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from .._errors import ArgumentsError
+
 __all__ = [
     "MISSING",
     "Call",
@@ -361,7 +363,7 @@ class dim(Rule):  # noqa: N801 - public name from the design contract
             else None
         )
         if problem is not None:
-            raise TypeError(f"di.dim: {problem}. Fix: e.g. di.dim(-1) or di.dim(1, arg='x').")
+            raise ArgumentsError(f"di.dim: {problem}. Fix: e.g. di.dim(-1) or di.dim(1, arg='x').")
 
     def infer(self, call: Call, options: Mapping[str, Any]) -> int:
         args, arg = call.args, self.arg
@@ -432,7 +434,7 @@ def as_rule(rule: Rule | Callable[..., Any]) -> Rule:
         return rule
     if callable(rule):
         return _Function(rule)
-    raise TypeError(
+    raise ArgumentsError(
         f"a deferinit rule must be di.dim(axis, arg=...) or a callable of the forward "
-        f"arguments, got {type(rule).__name__} {rule!r}"
+        f"arguments, got {type(rule).__name__} {rule!r}. Fix: e.g. in_features=di.dim(-1)."
     )

@@ -40,7 +40,13 @@ from torch import nn
 
 from .._declare._copies import next_operation
 from .._declare._deferred import BUILD_LOCK, Deferred
-from .._errors import DeferredInitError, NotBuiltError, UnrecordedInitWarning
+from .._errors import (
+    ArgumentsError,
+    DeferredInitError,
+    NotBuiltError,
+    UnrecordedInitWarning,
+    device_argument,
+)
 from .._lazy import refuse_lazy
 from .._naming import root_scope
 from .._random import Generators
@@ -229,12 +235,23 @@ def _target(
 ) -> torch.device:
     """The device to fill on; ``TypeError``/``ValueError`` for arguments that cannot be."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.materialize expects an nn.Module, got {type(module).__name__}")
-    if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"di.materialize: dtype must be a floating-point dtype, got {dtype}")
-    target = torch.device(device) if device is not None else torch.get_default_device()
+        raise ArgumentsError(
+            f"di.materialize expects an nn.Module, got {type(module).__name__}. Nothing was "
+            f"allocated. Fix: pass the model."
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ArgumentsError(
+            f"di.materialize: dtype must be a floating-point dtype, got {dtype!r}. Nothing "
+            f"was allocated. Fix: e.g. dtype=torch.bfloat16, or leave it out."
+        )
+    target = device_argument("di.materialize", device, "allocated")
+    if target is None:
+        target = torch.get_default_device()
     if target.type == "meta":
-        raise ValueError("di.materialize: device='meta' allocates nothing; pass a real device")
+        raise ArgumentsError(
+            "di.materialize: device='meta' allocates nothing; pass a real device. Nothing was "
+            "allocated. Fix: e.g. device='cpu'."
+        )
     return target
 
 
@@ -250,7 +267,7 @@ def _seed(seed: object) -> int | None:
     try:
         return operator.index(seed)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(
+        raise ArgumentsError(
             f"di.materialize: seed must be an integer (or None), got "
             f"{type(seed).__name__} {seed!r}. Nothing was allocated. Fix: pass an int, "
             f"e.g. seed=0."

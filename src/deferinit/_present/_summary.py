@@ -192,7 +192,10 @@ def summary(module: nn.Module, /, *example_args: Any, **example_kwargs: Any) -> 
     Output: (2, 10)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.summary expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.summary expects an nn.Module, got {type(module).__name__}. Fix: pass the "
+            f"model first, then example inputs: di.summary(model, x)."
+        )
     examples = bool(example_args or example_kwargs)
     values: Mapping[str, Mapping[str, Any]] = {}
     outputs: Mapping[str, Any] = {}

@@ -38,7 +38,7 @@ from .._declare._layout import quiet
 from .._declare._recording import holds_record
 from .._declare._rules import Described, describe
 from .._declare._state import declared_defaults
-from .._errors import DeferredInitError, NotBuiltError
+from .._errors import ArgumentsError, DeferredInitError, NotBuiltError, device_argument
 from .._lazy import refuse_lazy
 from .._naming import names_by_id, qualified_name, root_scope
 from .._random import Drawing, Generators
@@ -477,7 +477,11 @@ def build(
     Linear(in_features=256, out_features=10, bias=True)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.build expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.build expects an nn.Module, got {type(module).__name__}. Fix: pass the "
+            f"model first, then example inputs: di.build(model, x)."
+        )
+    device = device_argument("di.build", device, "built")
     refuse_lazy(module, "di.build")
     if holds_record(module) and (device is None or torch.device(device).type != "meta"):
         raise DeferredInitError(
@@ -488,9 +492,9 @@ def build(
             f"di.materialize(model)."
         )
     if config is not None and (example_args or example_kwargs):
-        raise TypeError(
+        raise ArgumentsError(
             "di.build takes examples or config=, not both: the config already gives "
-            "every inferred size"
+            "every inferred size. Nothing was built. Fix: drop the examples, or config=."
         )
     with BUILD_LOCK, root_scope(module):
         if config is not None:

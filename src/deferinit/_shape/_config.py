@@ -40,7 +40,7 @@ from torch import nn
 from .._declare._deferred import Deferred
 from .._declare._rules import Rule, _Function
 from .._declare._state import State
-from .._errors import DeferredInitError, NotBuiltError
+from .._errors import ArgumentsError, DeferredInitError, NotBuiltError
 from ..nn import SpatialDims
 
 __all__ = ["BUILT_FROM", "FORMAT", "VERSION", "ConfigPlan", "build_config", "class_name", "plan"]
@@ -73,7 +73,10 @@ def build_config(module: nn.Module) -> dict[str, Any]:
     LayerNorm((8,), eps=1e-05, elementwise_affine=True, bias=True)
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"di.build_config expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentsError(
+            f"di.build_config expects an nn.Module, got {type(module).__name__}. Fix: pass "
+            f"the model."
+        )
     layers: dict[str, Any] = {}
     unbuilt: list[str] = []
     for name, sub in _outside_placeholders(module):
