@@ -18,6 +18,8 @@ attributes, and tensors inside lists, tuples and dicts held as attributes.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -59,23 +61,63 @@ class _Swapper:
         self.finals.append(Final(new, self.describe(fake), kind, name))
         return new
 
-    def value(self, value: Any, name: str) -> Any:
-        """``value`` with fake tensors swapped, one container level deep (lists of
-        tensors, dicts of tensors); the container object is kept where it is mutable."""
+    def value(self, value: Any, name: str, depth: int = 0, seen: set[int] | None = None) -> Any:
+        """``value`` with fake tensors swapped, in containers and plain objects too
+        (lists, dicts, tuples, named tuples, dataclasses, a helper object's
+        attributes), to :data:`_DEPTH` levels; a mutable container or object is kept
+        and changed in place, a tuple made anew where it held one."""
         if isinstance(value, FakeTensor):
             return self.placeholder(value, "attribute", name)
+        if depth >= _DEPTH:
+            return value
+        seen = set() if seen is None else seen
+        if id(value) in seen:
+            return value
         if isinstance(value, list):
+            seen.add(id(value))
             for i, v in enumerate(value):
-                if isinstance(v, FakeTensor):
-                    value[i] = self.placeholder(v, "attribute", f"{name}[{i}]")
+                new = self.value(v, f"{name}[{i}]", depth + 1, seen)
+                if new is not v:
+                    value[i] = new
         elif isinstance(value, dict):
-            for k, v in value.items():
-                if isinstance(v, FakeTensor):
-                    value[k] = self.placeholder(v, "attribute", f"{name}[{k!r}]")
-        elif isinstance(value, tuple) and any(isinstance(v, FakeTensor) for v in value):
-            made = [self.value(v, f"{name}[{i}]") for i, v in enumerate(value)]
-            return type(value)(*made) if hasattr(value, "_fields") else type(value)(made)
+            seen.add(id(value))
+            for k, v in list(value.items()):
+                new = self.value(v, f"{name}[{k!r}]", depth + 1, seen)
+                if new is not v:
+                    value[k] = new
+        elif isinstance(value, tuple):
+            made = [self.value(v, f"{name}[{i}]", depth + 1, seen) for i, v in enumerate(value)]
+            if any(a is not b for a, b in zip(made, value, strict=True)):
+                return type(value)(*made) if hasattr(value, "_fields") else type(value)(made)
+        elif _walkable(value):
+            seen.add(id(value))
+            attributes = vars(value)
+            for k, v in list(attributes.items()):
+                new = self.value(v, f"{name}.{k}", depth + 1, seen)
+                if new is not v:
+                    attributes[k] = new  # as the object holds it (a frozen dataclass too)
         return value
+
+
+_DEPTH = 8  # how deep placeholders are looked for inside an attribute
+# Objects whose attributes are not looked into: classes, code, modules (their own
+# tables are walked as modules), tensors.
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    functools.partial,
+    nn.Module,
+    torch.Tensor,
+)
+
+
+def _walkable(value: object) -> bool:
+    """Whether ``value`` is a plain object whose attributes may hold tensors (a
+    helper class's instance, a dataclass)."""
+    return hasattr(value, "__dict__") and not isinstance(value, _OPAQUE)
 
 
 def swap_in_placeholders(
@@ -100,25 +142,52 @@ def swap_in_placeholders(
     left = _leftover(root)
     if left:
         raise RecordError(
-            f"deferred_init: {left} still holds a fake tensor after recording (inside an "
-            f"object deferred_init does not look into). Expected: tensors held as "
-            f"parameters, buffers, attributes, or in lists/tuples/dicts of attributes. Fix: "
-            f"keep the tensor as a buffer (register_buffer(..., persistent=False))."
+            f"deferred_init: {left} still holds a fake tensor after recording (in a set, "
+            f"deeper than {_DEPTH} levels, or on a class, which the replay cannot fill). "
+            f"Expected: tensors held as parameters, buffers, attributes, or inside "
+            f"containers and plain objects held as attributes. Fix: keep the tensor as a "
+            f"buffer (register_buffer(..., persistent=False)) or an instance attribute."
         )
     return swapper.finals
 
 
 def _leftover(root: nn.Module) -> str | None:
-    """The first tensor slot that still holds a fake tensor (two levels deep)."""
+    """Where a fake tensor is still held below ``root`` after the swap (a set, or
+    deeper than :data:`_DEPTH`), or on a module's class (an attribute set on the
+    class in ``__init__``), or ``None``."""
+    classes: set[type] = set()
     for prefix, module in root.named_modules():
+        where = f"{prefix or '<root>'} ({type(module).__name__})"
         for key, value in vars(module).items():
-            if key in _SKIP:
+            if key not in _SKIP and _holds_fake(value, 0, set()):
+                return f"{where}.{key}"
+        for cls in type(module).__mro__:
+            if cls in classes:
                 continue
-            inner = value.values() if isinstance(value, dict) else value
-            items = inner if isinstance(inner, list | tuple) or isinstance(value, dict) else [value]
-            if any(isinstance(v, FakeTensor) for v in items):
-                return f"{prefix or '<root>'}.{key} ({type(module).__name__})"
+            classes.add(cls)
+            for key, value in vars(cls).items():
+                if isinstance(value, FakeTensor) or (
+                    isinstance(value, list | tuple | dict) and _holds_fake(value, 0, set())
+                ):
+                    return f"{where}: its class {cls.__name__}.{key}"
     return None
+
+
+def _holds_fake(value: Any, depth: int, seen: set[int]) -> bool:
+    if isinstance(value, FakeTensor):
+        return True
+    if depth > _DEPTH or id(value) in seen:
+        return False
+    seen.add(id(value))
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = value
+    elif _walkable(value):
+        items = vars(value).values()
+    else:
+        return False
+    return any(_holds_fake(v, depth + 1, seen) for v in items)
 
 
 def python_state(root: nn.Module) -> list[tuple[str, str, list[tuple[str, Any]]]]:
