@@ -16,9 +16,10 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -123,7 +124,7 @@ def record_construction(
     HOOKS.applied = recorder.applied
     HOOKS.outside = _disable_current_modes
     try:
-        with fake, recorder, warnings.catch_warnings():
+        with fake, recorder, warnings.catch_warnings(), _rewinds_seen(recorder):
             # Tensor.__deepcopy__ (nn.Transformer's layer clones) asks a fake tensor for
             # its data pointer to choose clone(); the answer is right, the deprecation
             # warning is noise (and an error under -W error).
@@ -166,6 +167,37 @@ def record_construction(
     record.finals = swap_in_placeholders(module, describe)
     record.make_plan()
     return module, record
+
+
+@contextlib.contextmanager
+def _rewinds_seen(recorder: Recorder) -> Iterator[None]:
+    """``torch.get_rng_state`` and ``torch.set_rng_state`` (``torch.random.fork_rng``
+    uses them) tell the recorder what they read and are about to set, in this thread
+    while it records (see :meth:`Recorder.set_state`); other threads' calls go
+    straight through."""
+    original_set, original_get = torch.random.set_rng_state, torch.random.get_rng_state
+    thread = threading.get_ident()
+
+    def set_rng_state(new_state: torch.Tensor) -> None:
+        if threading.get_ident() == thread and recording():
+            recorder.set_state(new_state)
+        original_set(new_state)
+
+    def get_rng_state() -> torch.Tensor:
+        state = original_get()
+        if threading.get_ident() == thread and recording():
+            recorder.snapshot(state)
+        return state
+
+    functools.update_wrapper(set_rng_state, original_set)
+    functools.update_wrapper(get_rng_state, original_get)
+    torch.set_rng_state = torch.random.set_rng_state = set_rng_state
+    torch.get_rng_state = torch.random.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.set_rng_state = torch.random.set_rng_state = original_set
+        torch.get_rng_state = torch.random.get_rng_state = original_get
 
 
 def _before_materialize(module: nn.Module, args: tuple[Any, ...]) -> None:

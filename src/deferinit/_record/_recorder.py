@@ -104,6 +104,12 @@ class Recorder(TorchDispatchMode):
         self.open: list[tuple[int, torch.Tensor, bool]] = []
         self.reseeds = 0
         self.relative = True  # the state now came from the state at the start
+        # Whether the construction drew from the default generator since its state
+        # was last set (then setting that very state again is a rewind).
+        self.drawn = False
+        # The states torch.get_rng_state gave the construction, by id: the tensor and
+        # the reseed number of the point it was read at (a Reseed mark).
+        self.snapshots: dict[int, tuple[torch.Tensor, int]] = {}
 
     # -- descriptors -------------------------------------------------------------
     def sid(self, t: torch.Tensor, *, create: bool = False) -> int | None:
@@ -183,6 +189,7 @@ class Recorder(TorchDispatchMode):
         random = _RANDOM in func.tags
         if random:
             self.reseeded()
+            self.drawn = self.drawn or kwargs.get("generator") is None
         creates: list[tuple[int, int]] = []
         for r in fresh:
             if self.sid(r) is None:
@@ -229,7 +236,47 @@ class Recorder(TorchDispatchMode):
         if back is None:
             self.open.append((self.reseeds, self.rng, self.relative))
         self.rng, self.relative = state, back is not None
+        self.drawn = False
         self._event(Reseed(state, seed if fresh and back is None else None, back))
+
+    def snapshot(self, state: torch.Tensor) -> None:
+        """``torch.get_rng_state()`` gave the construction ``state``: this point is
+        one the replay can go back to (see :meth:`set_state`)."""
+        self.reseeded()
+        self.reseeds += 1
+        self._event(Reseed(self.rng, None, None, mark=True))
+        self.snapshots[id(state)] = (state, self.reseeds)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """``torch.set_rng_state(state)`` is about to run in the construction. A state
+        that ``torch.get_rng_state()`` read here (``fork_rng``, ``s = get_rng_state();
+        ...; set_rng_state(s)``) is replayed as going back to where it was read, as
+        the replay has it there: the recording draws nothing, so every state it reads
+        looks alike and only the point tells them apart. Setting a state of unknown
+        origin equal to the one last set, after draws, cannot be told from no change:
+        refused. Any other state is seen at the next look."""
+        self.reseeded()
+        read = self.snapshots.get(id(state))
+        if read is not None and read[0] is state:
+            self.reseeds += 1
+            self._event(Reseed(self.rng, None, read[1]))
+            with _disable_current_modes():
+                self.rng = state.clone()  # what the generator holds once it is set
+            self.drawn = False
+            return
+        with _disable_current_modes():
+            rewind = self.drawn and torch.equal(state.cpu(), self.rng)
+        if rewind:
+            raise RecordError(
+                f"deferred_init: the construction sets the random generator back "
+                f"(torch.set_rng_state {where()}) to a state it did not read with "
+                f"torch.get_rng_state after drawing from it, which the recording cannot "
+                f"replay: it draws nothing, so every state looks alike. Nothing was "
+                f"recorded. Expected: a state read with torch.get_rng_state in the "
+                f"construction. Fix: read it with torch.get_rng_state, give the draws a "
+                f"torch.Generator of their own (generator=...), or construct the model "
+                f"eagerly."
+            )
 
     # -- deferred layers (told by the declare stage, see _declare._recording) ----
     def declared(self, layer: nn.Module) -> None:

@@ -128,6 +128,9 @@ class Reseed(NamedTuple):
     # held at an earlier point, which depends on the state the replay started from.
     # The point: 0, the construction's start; k, right before the k-th reseed.
     back: int | None = None
+    # Only a point to go back to (``torch.get_rng_state()`` read the state here):
+    # nothing is set.
+    mark: bool = False
 
 
 class Points:
@@ -152,7 +155,9 @@ class Points:
     def reseed(self, event: Reseed) -> None:
         """Set the generator as the construction did at ``event``."""
         before = self.generator.get_state()
-        if event.back is not None:
+        if event.mark:
+            pass
+        elif event.back is not None:
             self.generator.set_state(self.saved[event.back])
         elif event.seed is not None and self.generator is torch.default_generator:
             torch.manual_seed(event.seed)  # every device, as torch.manual_seed does
