@@ -40,7 +40,8 @@ def test_rewinds_replay_as_eager(seed: int | None, at_record: int) -> None:
     model = di.deferred_init(SameInit, seed)
     torch.manual_seed(0)
     di.materialize(model)
-    for (name, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
+    ours_all, theirs_all = model.state_dict(), eager.state_dict()
+    for (name, ours), theirs in zip(ours_all.items(), theirs_all.values(), strict=True):
         assert torch.equal(ours, theirs), name
     assert torch.equal(model.a.weight, model.b.weight)
     assert torch.equal(torch.get_rng_state(), after)
@@ -67,7 +68,8 @@ def test_states_read_after_draws_go_back_to_where_they_were_read() -> None:
     model = di.deferred_init(ReadLate)
     torch.manual_seed(0)
     di.materialize(model)
-    for (name, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values()):
+    ours_all, theirs_all = model.state_dict(), eager.state_dict()
+    for (name, ours), theirs in zip(ours_all.items(), theirs_all.values(), strict=True):
         assert torch.equal(ours, theirs), name
     assert torch.equal(torch.get_rng_state(), after)
 
