@@ -16,15 +16,15 @@ import deferinit as di
 from deferinit import nn as dnn
 
 
-def _meta_built() -> nn.Module:
+def _meta_built() -> nn.Sequential:
     return di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta")
 
 
 CALLS: dict[str, Callable[[nn.Module], Any]] = {
     "materialize on meta": lambda m: di.materialize(m, device="meta"),
     "materialize integer dtype": lambda m: di.materialize(m, dtype=torch.long),
-    "materialize dtype as a string": lambda m: di.materialize(m, dtype="float32"),  # type: ignore[arg-type]
-    "materialize string seed": lambda m: di.materialize(m, seed="x"),  # type: ignore[arg-type]
+    "materialize dtype as a string": lambda m: di.materialize(m, dtype="float32"),  # type: ignore[arg-type, type-var]
+    "materialize string seed": lambda m: di.materialize(m, seed="x"),  # type: ignore[arg-type, type-var]
     "materialize unknown device": lambda m: di.materialize(m, device="nope"),
     "build unknown device": lambda m: di.build(m, (2, 3), device="nope"),
 }
@@ -58,16 +58,16 @@ def test_cuda_without_cuda_says_so(function: str) -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: di.build(42, (2, 3)),  # type: ignore[arg-type]
-        lambda: di.materialize("model"),  # type: ignore[arg-type]
-        lambda: di.initialize(None),  # type: ignore[arg-type]
-        lambda: di.initialize(nn.Linear(2, 2), 3),  # type: ignore[arg-type]
-        lambda: di.reset([]),  # type: ignore[arg-type]
-        lambda: di.adopt(object()),  # type: ignore[arg-type]
-        lambda: di.summary(1),  # type: ignore[arg-type]
-        lambda: di.build_config("x"),  # type: ignore[arg-type]
-        lambda: di.load_state_dict({}, nn.Linear(2, 2)),  # type: ignore[arg-type]
-        lambda: di.defer(int, x=di.dim(-1)),  # type: ignore[arg-type]
+        lambda: di.build(42, (2, 3)),  # type: ignore[arg-type, type-var]
+        lambda: di.materialize("model"),  # type: ignore[arg-type, type-var]
+        lambda: di.initialize(None),  # type: ignore[arg-type, type-var]
+        lambda: di.initialize(nn.Linear(2, 2), 3),  # type: ignore[arg-type, type-var]
+        lambda: di.reset([]),  # type: ignore[type-var]
+        lambda: di.adopt(object()),  # type: ignore[arg-type, type-var]
+        lambda: di.summary(1),  # type: ignore[arg-type, type-var]
+        lambda: di.build_config("x"),  # type: ignore[arg-type, type-var]
+        lambda: di.load_state_dict({}, nn.Linear(2, 2)),  # type: ignore[arg-type, type-var]
+        lambda: di.defer(int, x=di.dim(-1)),  # type: ignore[arg-type, type-var]
         lambda: di.defer(nn.Linear),
         lambda: di.defer(nn.Linear, nope=di.dim(-1)),
         lambda: di.defer(dnn.Linear, in_features=di.dim(-1)),

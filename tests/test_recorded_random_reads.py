@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import deferinit as di
-from deferinit._record import ReplayError
+from deferinit._record import ReplayError, ValueReadError
 from test_record_support import differing
 
 
@@ -85,3 +85,25 @@ def test_a_python_value_that_eager_would_set_otherwise_is_refused() -> None:
     torch.manual_seed(recorded_under)
     di.materialize(model)
     assert differing(eager, model) == [] and model.positive == eager.positive
+
+
+class _DrawsByValue(nn.Module):
+    """A draw whose count of random numbers depends on its input's values, then a
+    read steered by random numbers (trunc_normal_'s rejection loop)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind == "multinomial":
+            self.register_buffer("idx", torch.multinomial(torch.ones(10), 3))
+        else:
+            self.register_buffer("x", torch.poisson(torch.full((30,), 3.0)))
+        self.w = nn.Parameter(nn.init.trunc_normal_(torch.empty(8), std=1.0))
+
+
+@pytest.mark.parametrize("kind", ["multinomial", "poisson"])
+def test_a_read_after_a_draw_counted_by_values_is_refused_at_the_recording(kind: str) -> None:
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueReadError, match=rf"earlier draw \(aten\.{kind}.*Fix"):
+        di.deferred_init(_DrawsByValue, kind)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -123,7 +123,7 @@ def device_argument(function: str, device: object, done: str) -> torch.device | 
     if device is None:
         return None
     try:
-        target = torch.device(device)  # type: ignore[arg-type]
+        target: torch.device = torch.device(device)  # type: ignore[call-overload]
     except (RuntimeError, TypeError, ValueError) as error:
         raise ArgumentsError(
             f"{function}: device={device!r} is not a device torch knows ({error}). Nothing "

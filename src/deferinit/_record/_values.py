@@ -151,6 +151,13 @@ class Values:
         size = sum(nbytes for _, nbytes in op.creates) + sum(
             r.numel * r.dtype.itemsize for r in _tensor_refs(op)
         )
+        packet = getattr(op.func, "overloadpacket", None)
+        if getattr(packet, "__name__", None) in _COUNT_FROM_VALUES:
+            raise ValueReadError(
+                f"{what}: an earlier draw ({op.func}) takes as many random numbers as its "
+                f"input's values ask for, and the recording holds no values to replay it "
+                f"with, {_CANNOT}"
+            )
         if size > SIMULATION_LIMIT or op.kwargs.get("generator") is not None:
             reason = "its own generator" if size <= SIMULATION_LIMIT else f"{size} bytes"
             raise ValueReadError(
@@ -165,6 +172,13 @@ class Values:
             )
         engine.run(op)
 
+
+# Draws whose count of random numbers depends on their inputs' values (rejection
+# sampling, sampling without replacement): simulated on stand-in inputs they would
+# leave the private generator elsewhere than eager's.
+_COUNT_FROM_VALUES = frozenset(
+    {"multinomial", "poisson", "binomial", "_standard_gamma", "_sample_dirichlet"}
+)
 
 _CANNOT = (
     "so a value steered by random numbers cannot be simulated now. Expected: "
