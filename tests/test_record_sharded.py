@@ -79,6 +79,11 @@ def recorded(mode: str, mesh: Any, twin: bool) -> nn.Module:
     return model  # type: ignore[no-any-return]
 
 
+def _orthogonal(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight)  # needs the whole matrix, and draws for all of it
+
+
 def rank_main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -107,6 +112,20 @@ def rank_main() -> None:
         mixed = recorded(mode, mesh, twin=True)
         torch.manual_seed(0)
         check(f"{mode} mixed", full(di.materialize(mixed)), eager)
+
+        # An initializer registered on recorded layers runs on each whole tensor.
+        for init in (_orthogonal, {"*weight": nn.init.orthogonal_}):
+            reference: Any = di.deferred_init(Net)
+            di.initialize(reference, init)
+            torch.manual_seed(0)
+            di.materialize(reference)
+            single_after = torch.get_rng_state()
+            model = recorded(mode, mesh, twin=False)
+            di.initialize(model, init)
+            torch.manual_seed(0)
+            di.materialize(model)
+            check(f"{mode} initializer", full(model), full(reference))
+            assert torch.equal(torch.get_rng_state(), single_after), mode
 
         # All or nothing: a failure after the replay puts every shard back on meta.
         broken = recorded(mode, mesh, twin=False)

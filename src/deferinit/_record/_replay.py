@@ -37,7 +37,14 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .._become._initialize import apply_registered, mark_initialized, registered_for_meta
+from .._become._initialize import (
+    Registration,
+    apply_registered,
+    mark_initialized,
+    registered_for_meta,
+)
+from .._fill._placing import local_part
+from .._shards import is_dtensor
 from .._swap import exchange
 from .._tensors import is_meta, kind_of
 from ._deferred_init import RECORD_KEY
@@ -342,8 +349,49 @@ def _run_registered(
             if registered is None or "_di" in sub.__dict__ or id(sub) in seen:
                 continue
             seen.add(id(sub))
-            apply_registered(sub, registered, recurse=False, name=names.get(id(sub), ""))
+            name = names.get(id(sub), "")
+            if any(is_dtensor(t) for t in [*sub._parameters.values(), *sub._buffers.values()]):
+                _registered_on_whole(sub, registered, name)
+            else:
+                apply_registered(sub, registered, recurse=False, name=name)
             mark_initialized(sub, recurse=False)
+
+
+def _registered_on_whole(sub: nn.Module, registered: Registration, name: str) -> None:
+    """Run ``registered`` on a stand-in of the sharded module ``sub`` holding each of
+    its sharded tensors whole (gathered from every rank, one layer at a time), as a
+    single process runs it (``orthogonal_`` needs the whole matrix; a random fill
+    draws for all of it), then keep each rank's slice of the result."""
+    stand_in = object.__new__(type(sub))
+    stand_in.__dict__.update(sub.__dict__)
+    stand_in._parameters, stand_in._buffers = {}, {}
+    whole: dict[int, torch.Tensor] = {}  # sharded tensor -> its whole value (ties kept)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for table, stand_in_table in (
+        (sub._parameters, stand_in._parameters),
+        (sub._buffers, stand_in._buffers),
+    ):
+        for leaf, t in table.items():
+            if t is None or not is_dtensor(t):
+                stand_in_table[leaf] = t  # changed in place where it is
+                continue
+            held = whole.get(id(t))
+            if held is None:
+                with torch.no_grad():
+                    gathered = t.full_tensor()  # type: ignore[attr-defined]
+                held = (
+                    nn.Parameter(gathered, t.requires_grad)
+                    if table is sub._parameters
+                    else gathered
+                )
+                whole[id(t)] = held
+                pairs.append((t, held))
+            stand_in_table[leaf] = held
+    apply_registered(stand_in, registered, recurse=False, name=name)
+    with torch.no_grad():
+        for t, held in pairs:
+            local = t.to_local()  # type: ignore[attr-defined]
+            local.copy_(local_part(t, held.detach(), local.device, None))
 
 
 def replay_recorded(
