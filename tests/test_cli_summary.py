@@ -226,3 +226,30 @@ def test_python_dash_m_deferinit_summary() -> None:
     assert bad.returncode == 2
     assert bad.stderr.startswith(ERROR)
     assert bad.stdout == ""
+
+
+def test_shapes_take_the_models_dtype_and_allocate_no_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fresh_modules: None
+) -> None:
+    path = _write(
+        tmp_path,
+        "kinds.py",
+        """
+        import torch
+        from torch import nn
+        from deferinit import nn as dnn
+
+        def tokens() -> nn.Module:
+            return nn.Sequential(nn.Embedding(100, 8), dnn.Linear(3))
+
+        def doubles() -> nn.Module:
+            return nn.Sequential(dnn.Linear(4, dtype=torch.float64), dnn.Linear(2, dtype=torch.float64))
+        """,
+    )
+    code, out, _ = _main(capsys, f"{path}:tokens", "--input-shape", "2,7")
+    assert code == 0 and "Output: (2, 7, 3)" in out
+    code, out, _ = _main(capsys, f"{path}:doubles", "--input-shape", "2,3")
+    assert code == 0 and "Output: (2, 2)" in out
+    # An input of 800 GB as float32: only its shape goes through.
+    code, out, _ = _main(capsys, f"{path}:doubles", "--input-shape", "100000,100000,20")
+    assert code == 0 and "Output: (100000, 100000, 2)" in out

@@ -60,11 +60,16 @@ class _UsageError(Exception):
 def _summary(args: argparse.Namespace) -> int:
     try:
         shapes = [_shape(text) for text in args.input_shape]
-        dtype = _dtype(args.dtype)
+        dtype = _dtype(args.dtype) if args.dtype is not None else None
         device = _device(args.device)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = _load_model(args.target)
-            examples = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        # Shapes, or meta tensors of the dtype asked for: a shape-only pass allocates
+        # no input (a shape takes the model's dtype, or token ids before an Embedding).
+        examples: list[Any] = [
+            torch.Size(shape) if dtype is None else torch.empty(shape, dtype=dtype, device="meta")
+            for shape in shapes
+        ]
         try:
             table = summary(model, *examples)
         except Exception as error:  # the examples do not fit the model: still bad input
@@ -215,7 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         help="shape of one forward argument, sizes separated by commas (2,20); "
         "repeat for several arguments",
     )
-    table.add_argument("--dtype", default="float32", help="dtype of the examples (float32)")
+    table.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the examples (default: as a shape takes it: the model's floating "
+        "dtype, or token ids where an nn.Embedding comes first)",
+    )
     table.add_argument(
         "--device",
         default=None,
