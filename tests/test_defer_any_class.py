@@ -289,3 +289,22 @@ def test_defer_of_a_deferred_class_raises_type_error() -> None:
 def test_constructor_rejecting_provisional_sizes_reports_the_arguments() -> None:
     with pytest.raises(TypeError, match=r"deferinit Block\(in_dim=\?, out_dim=-1\)"):
         LazyBlock(out_dim=-1)
+
+
+def test_a_rule_returning_a_tensor_is_refused_and_the_layer_left_unbuilt() -> None:
+    class Mix(nn.Module):
+        def __init__(self, a: int, b: int, out: int = 3) -> None:
+            super().__init__()
+            self.lin = nn.Linear(a + b, out)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(torch.cat([x, y], -1))
+            return out
+
+    lazy = di.defer(
+        Mix, a=di.dim(-1), b=lambda x, y: y.shape[-1] * torch.ones((), dtype=torch.long)
+    )
+    block = lazy()
+    with pytest.raises(di.InferenceError, match=r"cannot infer b.*not a tensor.*Fix"):
+        block(torch.randn(2, 3), torch.randn(2, 5))
+    assert di.pending(block) == [""]

@@ -170,6 +170,21 @@ def arguments_materialize_on_meta() -> None:
     di.materialize(di.build(nn.Sequential(dnn.Linear(4)), (2, 3), device="meta"), device="meta")
 
 
+def not_adoptable() -> None:
+    model = nn.Sequential(nn.LazyLinear(3))
+    model[0].weight = nn.Parameter(torch.ones(3, 2))
+    di.adopt(model)
+
+
+def not_fitting_config() -> None:
+    config = di.build_config(di.build(nn.Sequential(dnn.Linear(4)), (2, 3)))
+    di.build(nn.Sequential(dnn.Conv2d(4, 3)), config=config)
+
+
+def not_adopted_lazy() -> None:
+    di.build(nn.Sequential(nn.LazyLinear(3)), (2, 3))
+
+
 def load_misfit() -> None:
     state = {"0.weight": torch.zeros(4, 3), "0.bias": torch.zeros(5)}
     di.load_state_dict(nn.Sequential(dnn.Linear(4)), state)

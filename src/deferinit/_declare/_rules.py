@@ -418,6 +418,11 @@ class _Function(Rule):
                 f"the rule {getattr(self.fn, '__name__', self.fn)!r} to accept the input",
                 f"{type(error).__name__}: {error}",
             ) from error
+        if isinstance(value, torch.Tensor):  # x.shape[-1] * torch.ones(()): a size is a number
+            raise RuleError(
+                "a size as a Python number (e.g. x.shape[-1]) from the rule, not a tensor",
+                describe(value),
+            )
         if isinstance(value, bool) or not isinstance(value, int | tuple | list):
             return value
         if isinstance(value, int) and value <= 0:
