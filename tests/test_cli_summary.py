@@ -243,7 +243,8 @@ def test_shapes_take_the_models_dtype_and_allocate_no_input(
             return nn.Sequential(nn.Embedding(100, 8), dnn.Linear(3))
 
         def doubles() -> nn.Module:
-            return nn.Sequential(dnn.Linear(4, dtype=torch.float64), dnn.Linear(2, dtype=torch.float64))
+            f64 = torch.float64
+            return nn.Sequential(dnn.Linear(4, dtype=f64), dnn.Linear(2, dtype=f64))
         """,
     )
     code, out, _ = _main(capsys, f"{path}:tokens", "--input-shape", "2,7")
