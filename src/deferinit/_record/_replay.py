@@ -32,7 +32,7 @@ named below it, filling only them, so its own init code is kept.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -367,10 +367,11 @@ def _registered_on_whole(sub: nn.Module, registered: Registration, name: str) ->
     stand_in._parameters, stand_in._buffers = {}, {}
     whole: dict[int, torch.Tensor] = {}  # sharded tensor -> its whole value (ties kept)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for table, stand_in_table in (
+    tables: list[tuple[dict[str, Any], dict[str, Any]]] = [
         (sub._parameters, stand_in._parameters),
         (sub._buffers, stand_in._buffers),
-    ):
+    ]
+    for table, stand_in_table in tables:
         for leaf, t in table.items():
             if t is None or not is_dtensor(t):
                 stand_in_table[leaf] = t  # changed in place where it is
