@@ -157,3 +157,41 @@ def test_copies_built_by_racing_first_forwards_start_equal() -> None:
     weights = [stack.get_parameter(f"{i}.weight") for i in range(4)]
     assert all(torch.equal(w, weights[0]) for w in weights)
     assert len(outputs) == 4 and all(torch.equal(o, outputs[0]) for o in outputs)
+
+
+def _stack(deferred: bool, before: bool, after: bool) -> nn.Sequential:
+    """Three copies of one layer; init queued on the layer before the copying, and on
+    the second copy only after it."""
+    layer = dnn.Linear(4) if deferred else nn.Linear(4, 4)
+    if before:
+        nn.init.normal_(layer.weight)
+    stack = nn.Sequential(*[copy.deepcopy(layer) for _ in range(3)])
+    if after:
+        nn.init.uniform_(stack.get_parameter("1.bias"))
+    return stack
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(True, False), (False, True), (True, True)],
+    ids=["before", "after", "both"],
+)
+def test_init_queued_before_the_copying_is_shared_and_after_it_is_the_copys_own(
+    how: str, before: bool, after: bool
+) -> None:
+    x = torch.randn(2, 4)
+    torch.manual_seed(0)
+    reference = _stack(False, before, after)
+    after_eager = torch.rand(3)
+    torch.manual_seed(0)
+    model = _stack(True, before, after)
+    if how == "first forward":
+        model(x)
+    elif how == "di.build":
+        di.build(model, x)
+    else:
+        di.materialize(di.build(model, x, device="meta"))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(torch.rand(3), after_eager)

@@ -12,7 +12,7 @@ its ``id()`` finds the same object after the build.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -76,7 +76,12 @@ def check_ties(
 
 
 def adopt_placeholders(
-    module: nn.Module, real: nn.Module, txn: Transaction, *, keep_device: bool
+    module: nn.Module,
+    real: nn.Module,
+    txn: Transaction,
+    *,
+    keep_device: bool,
+    run: Callable[[list[Call]], None] = run_pending,
 ) -> tuple[list[str], dict[str, tuple[torch.Tensor, list[Call]]]]:
     """Put the placeholders' objects in place of the real layer's fresh tensors, then
     run the init calls that waited on them (on real values; on meta they wait on for
@@ -163,8 +168,8 @@ def adopt_placeholders(
         waiting[name] = (tensor, pending_calls(tensor))
     if calls:
         # Right after construction, in the order they were made (the registered
-        # initializer, if any, runs next).
-        run_pending(calls)
+        # initializer, if any, runs next); ``run`` draws a copy's as its first one did.
+        run(calls)
     return ties, waiting if any(queue for _, queue in waiting.values()) else {}
 
 

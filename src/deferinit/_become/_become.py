@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from .._declare._copies import constructed_as_copy, next_operation
 from .._declare._deferred import BUILD_LOCK, Deferred, placeholders_made
-from .._declare._pending import Call
+from .._declare._pending import Call, run_pending
 from .._declare._placeholder import Holder, placeholder_tensors
 from .._declare._rules import Call as Arguments
 from .._declare._rules import Described, RuleError, describe, dim
@@ -80,13 +80,14 @@ def become(
     cls = type(module)
     args, kwargs = constructor_call(cls, state.arguments, values)
     next_operation()
+    draw = None
     try:
         if state.copies is None:  # the common case: a layer never deep-copied unbuilt
             with declared_defaults(state, device):
                 real = cls._di_cls(*args, **kwargs)
         else:
             on = _constructing_on(state, device)
-            with declared_defaults(state, device), constructed_as_copy(module, values, on):
+            with declared_defaults(state, device), constructed_as_copy(module, values, on) as draw:
                 real = cls._di_cls(*args, **kwargs)
     except Exception as error:
         if state.layout is not None:
@@ -106,7 +107,8 @@ def become(
         real.train(False)
     txn = Transaction(module)
     try:
-        _take_over(module, real, state, values, built_from, txn, adopt, device, hold, added)
+        run = draw.run if draw is not None else run_pending
+        _take_over(module, real, state, values, built_from, txn, adopt, device, hold, added, run)
     except BaseException:  # Ctrl-C between two steps included: never half-built
         txn.rollback()
         raise
@@ -138,6 +140,7 @@ def _take_over(
     device: torch.device | str | None,
     hold: bool,
     added: _Added | None,
+    run: Callable[[list[Call]], None] = run_pending,
 ) -> None:
     ties: list[str] = []
     queued: dict[str, tuple[torch.Tensor, list[Call]]] = {}
@@ -145,7 +148,9 @@ def _take_over(
         # Plain tensor attribute access: Parameter's Python __torch_function__ would
         # otherwise run for every .data/.dtype/.device read below.
         with torch._C.DisableTorchFunctionSubclass(), declared_defaults(state, device):
-            ties, queued = adopt_placeholders(module, real, txn, keep_device=device is not None)
+            ties, queued = adopt_placeholders(
+                module, real, txn, keep_device=device is not None, run=run
+            )
     new = real.__dict__
     own: dict[str, list[Any]] = {}
     ours = module.__dict__

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._become._initialize import Registration, apply_registered, mark_initialized
-from .._declare._copies import constructed_as_copy
+from .._declare._copies import CopyDraw, constructed_as_copy
 from .._declare._deferred import Deferred
 from .._declare._layout import quiet
 from .._declare._pending import Call, pending_calls, run_pending
@@ -341,6 +341,7 @@ class _ConstructAgain:
         self.explicit_device = "device" in self.kwargs
         self.tensors: dict[str, torch.Tensor] | None = None  # the layer's, by name
         self.as_copy = False  # constructed as one of several copies (exact values)
+        self.draw: CopyDraw | None = None  # how the last construction drew, as a copy
 
     def key(self) -> Hashable | None:
         """What :meth:`construct` constructs (class, arguments, dtype), where it is
@@ -370,12 +371,14 @@ class _ConstructAgain:
         with self._declared(), quiet():
             if self.explicit_device:
                 self.kwargs["device"] = default_device() or _CPU
+            self.draw = None
             if not self.as_copy or self.state.copies is None:
                 module: nn.Module = self.state.deferred._di_cls(*self.args, **self.kwargs)
             else:
                 device = torch.device(self.kwargs.get("device") or default_device() or _CPU)
-                with constructed_as_copy(self.layer, self.state.values, device):
+                with constructed_as_copy(self.layer, self.state.values, device) as draw:
                     module = self.state.deferred._di_cls(*self.args, **self.kwargs)
+                self.draw = draw
         return module
 
     def construct(self) -> nn.Module:
@@ -396,7 +399,11 @@ class _ConstructAgain:
             calls, held = _waiting(self.layer, self.tensors, skip=inner)
             if calls:
                 new = tensors_by_name(module)
-                run_pending(calls, {i: new[n] for i, n in held.items() if n in new})
+                swap = {i: new[n] for i, n in held.items() if n in new}
+                if self.draw is not None:  # one of several copies: as the first one drew
+                    self.draw.run(calls, swap)
+                else:
+                    run_pending(calls, swap)
             _build_inside(module, self.layer, self.prefix, initialize=True)
             if self.registered is not None:
                 names = set(tensors_by_name(module))
