@@ -411,6 +411,46 @@ MUTANTS: tuple[Mutant, ...] = (
         "if True:",
         ("tests/test_copies_start_equal.py", "tests/test_transformer_encoder_of_twins.py"),
     ),
+    Mutant(
+        "copies-calls-their-own",
+        "init queued before the copying is shared by the copies",
+        "_declare/_copies.py",
+        "shared = [call for call in calls if call[0] in self.drawn.calls]",
+        "shared = []",
+        ("tests/test_copies_start_equal.py",),
+    ),
+    Mutant(
+        "materialize-skips-real-layers",
+        "a layer built on meta whose tensors became real still draws at materialize",
+        "_fill/_materialize.py",
+        "            elif (\n                seed is None\n                and state.meta_versions is not None",
+        "            elif (\n                seed is None\n                and state.meta_versions is None",
+        ("tests/test_materialize_draws_for_real_layers.py",),
+    ),
+    Mutant(
+        "rewind-unseen",
+        "a rewind of the generator inside a recorded constructor replays",
+        "_record/_recorder.py",
+        "        if read is not None and read[0] is state:",
+        "        if False:",
+        ("tests/test_recorded_rewinds.py",),
+    ),
+    Mutant(
+        "load-keeps-draws",
+        "a failed load puts the generators back",
+        "_checkpoint/_load.py",
+        "            if built:\n                generators.restore()",
+        "            if False:\n                generators.restore()",
+        ("tests/test_load_missing_keys.py",),
+    ),
+    Mutant(
+        "fake-in-objects",
+        "tensors in plain objects of a recording are replayed",
+        "_record/_placeholders.py",
+        "        elif _walkable(value):\n            seen.add(id(value))",
+        "        elif False:\n            seen.add(id(value))",
+        ("tests/test_record_held_in_objects.py",),
+    ),
 )
 
 
