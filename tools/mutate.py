@@ -423,8 +423,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "materialize-skips-real-layers",
         "a layer built on meta whose tensors became real still draws at materialize",
         "_fill/_materialize.py",
-        "            elif (\n                seed is None\n                and state.meta_versions is not None",
-        "            elif (\n                seed is None\n                and state.meta_versions is None",
+        "and state.meta_versions is not None",
+        "and state.meta_versions is None",
         ("tests/test_materialize_draws_for_real_layers.py",),
     ),
     Mutant(
