@@ -262,3 +262,35 @@ def test_without_populate_a_new_tensor_is_only_advised(calls: list[Call]) -> Non
         torch.empty(1 * _MiB, dtype=torch.uint8)  # under 2 MiB: nothing
         torch.empty(4 * _MiB, dtype=torch.uint8)
     assert [advice for _, _, advice in calls] == [_HUGEPAGE]
+
+
+class _Storage:
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.address, self.size = address, nbytes
+
+    def data_ptr(self) -> int:
+        return self.address
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+class _Placed:
+    """What ``advise`` reads of a CPU tensor: its storage's address and size."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.storage = _Storage(address, nbytes)
+
+    def untyped_storage(self) -> _Storage:
+        return self.storage
+
+
+def test_huge_pages_cover_every_2_mib_block_of_the_tensors_own_pages(calls: list[Call]) -> None:
+    # 16 bytes past a 2 MiB boundary (a heap chunk's header), ending within the last
+    # 4 KiB page below the next-but-one boundary: both 2 MiB blocks are its pages.
+    base = 512 * 2 * _MiB
+    placed = _Placed(base + 16, 4 * _MiB - 16 - 100)
+    _hugepages.advise(placed, populate=True)  # type: ignore[arg-type]
+    assert calls == [(base, 4 * _MiB, _HUGEPAGE)]  # no small page left to populate

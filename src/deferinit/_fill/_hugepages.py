@@ -114,7 +114,9 @@ def advise(t: torch.Tensor, *, populate: bool = False) -> None:
     address, nbytes = storage.data_ptr(), storage.nbytes()
     first = address // _PAGE * _PAGE  # the pages the tensor's bytes lie on
     last = -(-(address + nbytes) // _PAGE) * _PAGE
-    huge = -(-address // _HUGE) * _HUGE, (address + nbytes) // _HUGE * _HUGE
+    # The tensor's pages are its own to advise (madvise changes no byte): the 2 MiB
+    # blocks they cover whole, its last page (partly past its bytes) included.
+    huge = -(-first // _HUGE) * _HUGE, last // _HUGE * _HUGE
     if huge[1] - huge[0] < _HUGE or _huge_pages_mode() == "never":
         huge = last, last  # no huge page: every page is populated
     with contextlib.suppress(OSError, ctypes.ArgumentError):
