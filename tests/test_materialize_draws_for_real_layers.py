@@ -102,3 +102,30 @@ def test_a_second_materialize_of_a_recorded_model_draws_nothing() -> None:
     before = torch.get_rng_state()
     di.materialize(model)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class _RecordedHead(nn.Module):
+    def __init__(self, eager: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 7) if eager else dnn.Linear(7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.stem(x))
+        return out
+
+
+def test_a_recorded_twin_loaded_whole_draws_once_in_its_replay() -> None:
+    torch.manual_seed(9)
+    head = {f"0.{k}": v for k, v in _RecordedHead(True).state_dict().items() if "head" in k}
+    torch.manual_seed(0)
+    eager = nn.Sequential(_RecordedHead(True), nn.Linear(7, 3))
+    eager.load_state_dict(head, strict=False)
+    after_eager = torch.get_rng_state()
+    model = nn.Sequential(di.deferred_init(_RecordedHead), dnn.Linear(3))
+    di.build(model, (2, 5), device="meta")
+    di.load_state_dict(model, head, strict=False)
+    torch.manual_seed(0)
+    di.materialize(model)
+    _same(model, eager)
+    assert torch.equal(torch.get_rng_state(), after_eager)

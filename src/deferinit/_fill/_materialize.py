@@ -50,7 +50,7 @@ from .._errors import (
 from .._lazy import refuse_lazy
 from .._naming import root_scope
 from .._random import Generators
-from .._record import awaiting_replay, changed_on_meta, replay_recorded
+from .._record import awaiting_replay, changed_on_meta, records, replay_recorded
 from .._tensors import is_meta, own_tensors
 from ._layers import own_reset, tensor_attributes
 from ._parallel import Step, filled_in_order, threads_for
@@ -76,6 +76,7 @@ def _plan(
     unknown: list[str] = []
     skip: list[str] = []
     replayed = {id(t) for t in awaiting_replay(root, seed)}  # replay_recorded fills them first
+    recorded = [name for name, _ in records(root)]  # twins below: the replay draws for them
     after: list[tuple[str, tuple[str, str, nn.Module]]] = []  # (prefix, step): see below
     for name, sub in root.named_modules():
         while after and not _below(name, after[-1][0]):
@@ -99,6 +100,7 @@ def _plan(
                 seed is None
                 and state.meta_versions is not None
                 and not any(is_meta(t) for t in [*tensors, *plain])
+                and not any(_below(name, prefix) for prefix in recorded)
             ):
                 # Built on meta, and every tensor real since (tied to a real tensor
                 # before the build, or loaded): eager's construction drew for it all
