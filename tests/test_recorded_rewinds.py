@@ -6,6 +6,8 @@ not read that way cannot be told from no change: refused, never replayed wrong."
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,59 @@ def test_setting_back_a_state_not_read_with_get_rng_state_is_refused() -> None:
         di.deferred_init(Unread)
     assert torch.equal(torch.get_rng_state(), before)
     assert (torch.get_rng_state, torch.set_rng_state) == functions  # torch's own again
+
+
+def test_recordings_in_two_threads_each_see_their_rewinds_and_torch_is_put_back() -> None:
+    functions = (torch.get_rng_state, torch.set_rng_state)
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> nn.Module:
+        a_in.set()
+        b_in.wait(10)
+        return nn.Linear(2, 2)
+
+    def second(wait: bool = True) -> nn.Module:
+        if wait:
+            b_in.set()
+            a_done.wait(10)  # the first recording ends while this one runs
+        model = nn.Module()
+        model.a = nn.Linear(2, 2)
+        with torch.random.fork_rng():
+            model.n = nn.Linear(2, 2)
+        model.b = nn.Linear(2, 2)
+        return model
+
+    made: dict[str, nn.Module] = {}
+
+    def record_second() -> None:
+        a_in.wait(10)
+        made["second"] = di.deferred_init(second)
+
+    threads = [threading.Thread(target=di.deferred_init, args=(first,))]
+    threads.append(threading.Thread(target=record_second))
+    for thread in threads:
+        thread.start()
+    threads[0].join()
+    a_done.set()
+    threads[1].join()
+    assert (torch.get_rng_state, torch.set_rng_state) == functions
+    torch.manual_seed(0)
+    eager = second(wait=False)
+    torch.manual_seed(0)
+    di.materialize(made["second"])
+    for key, value in eager.state_dict().items():
+        assert torch.equal(made["second"].state_dict()[key], value), key
+
+
+class ClonedBack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        state = torch.get_rng_state().clone()  # computed in the recording: no values
+        self.a = nn.Linear(3, 3)
+        torch.set_rng_state(state)
+        self.b = nn.Linear(3, 3)
+
+
+def test_setting_a_state_computed_in_the_recording_is_refused() -> None:
+    with pytest.raises(RecordError, match=r"computed while recorded.*Fix"):
+        di.deferred_init(ClonedBack)

@@ -169,35 +169,58 @@ def record_construction(
     return module, record
 
 
+# torch.get_rng_state / torch.set_rng_state are watched while any thread records: put
+# in place by the first recording, torch's own put back by the last (a count, under a
+# lock: recordings in several threads overlap in any order). Each thread's calls go
+# to its own recorder, if it records; other threads' go straight through.
+_WATCH = threading.Lock()
+_watching = 0
+_torch_rng: tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]] = (
+    torch.random.get_rng_state,
+    torch.random.set_rng_state,
+)
+
+
+def _watched_get_rng_state() -> torch.Tensor:
+    state = _torch_rng[0]()
+    recorder: Recorder | None = getattr(_state, "recorder", None)
+    if recorder is not None and recording():
+        recorder.snapshot(state)
+    return state
+
+
+def _watched_set_rng_state(new_state: torch.Tensor) -> None:
+    recorder: Recorder | None = getattr(_state, "recorder", None)
+    if recorder is not None and recording():
+        recorder.set_state(new_state)
+    _torch_rng[1](new_state)
+
+
 @contextlib.contextmanager
 def _rewinds_seen(recorder: Recorder) -> Iterator[None]:
-    """``torch.get_rng_state`` and ``torch.set_rng_state`` (``torch.random.fork_rng``
-    uses them) tell the recorder what they read and are about to set, in this thread
-    while it records (see :meth:`Recorder.set_state`); other threads' calls go
-    straight through."""
-    original_set, original_get = torch.random.set_rng_state, torch.random.get_rng_state
-    thread = threading.get_ident()
-
-    def set_rng_state(new_state: torch.Tensor) -> None:
-        if threading.get_ident() == thread and recording():
-            recorder.set_state(new_state)
-        original_set(new_state)
-
-    def get_rng_state() -> torch.Tensor:
-        state = original_get()
-        if threading.get_ident() == thread and recording():
-            recorder.snapshot(state)
-        return state
-
-    functools.update_wrapper(set_rng_state, original_set)
-    functools.update_wrapper(get_rng_state, original_get)
-    torch.set_rng_state = torch.random.set_rng_state = set_rng_state
-    torch.get_rng_state = torch.random.get_rng_state = get_rng_state
+    """Inside, in this thread, ``torch.get_rng_state`` and ``torch.set_rng_state``
+    (``torch.random.fork_rng`` uses them) tell ``recorder`` what they read and are
+    about to set (see :meth:`Recorder.set_state`)."""
+    global _watching, _torch_rng
+    previous = getattr(_state, "recorder", None)
+    _state.recorder = recorder
+    with _WATCH:
+        if _watching == 0:
+            _torch_rng = (torch.random.get_rng_state, torch.random.set_rng_state)
+            functools.update_wrapper(_watched_get_rng_state, _torch_rng[0])
+            functools.update_wrapper(_watched_set_rng_state, _torch_rng[1])
+            torch.get_rng_state = torch.random.get_rng_state = _watched_get_rng_state
+            torch.set_rng_state = torch.random.set_rng_state = _watched_set_rng_state
+        _watching += 1
     try:
         yield
     finally:
-        torch.set_rng_state = torch.random.set_rng_state = original_set
-        torch.get_rng_state = torch.random.get_rng_state = original_get
+        _state.recorder = previous
+        with _WATCH:
+            _watching -= 1
+            if _watching == 0:
+                torch.get_rng_state = torch.random.get_rng_state = _torch_rng[0]
+                torch.set_rng_state = torch.random.set_rng_state = _torch_rng[1]
 
 
 def _before_materialize(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -256,6 +256,15 @@ class Recorder(TorchDispatchMode):
         origin equal to the one last set, after draws, cannot be told from no change:
         refused. Any other state is seen at the next look."""
         self.reseeded()
+        if isinstance(state, FakeTensor):
+            raise RecordError(
+                f"deferred_init: the construction sets the random generator "
+                f"(torch.set_rng_state {where()}) to a tensor it computed while recorded "
+                f"(a clone of a state it read?), whose values the recording does not hold. "
+                f"Nothing was recorded. Expected: the very tensor torch.get_rng_state "
+                f"returned. Fix: set back the state torch.get_rng_state returned, without "
+                f"cloning it, or give the draws a torch.Generator of their own."
+            )
         read = self.snapshots.get(id(state))
         if read is not None and read[0] is state:
             self.reseeds += 1
