@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 import deferinit as di
 from deferinit._record import RecordError
@@ -82,3 +83,60 @@ def test_a_tensor_set_on_the_class_is_refused_at_the_recording() -> None:
 
     with pytest.raises(RecordError, match=r"its class OnClass\.table.*Fix"):
         di.deferred_init(OnClass)
+
+
+class Slotted:
+    __slots__ = ("table",)
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+
+class Unusual(nn.Module):
+    """Tensors behind __slots__, in a module held in a plain list (not registered),
+    twelve lists deep, and a reference back to a registered layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slotted = Slotted(torch.randn(4))
+        self.helpers = [nn.Linear(2, 2)]
+        deep: object = torch.randn(3)
+        for _ in range(12):
+            deep = [deep]
+        self.deep = deep
+        self.head = nn.Linear(3, 3)
+        self.shortcut = {"head": self.head}
+
+
+def _unusual(m: Unusual) -> list[torch.Tensor]:
+    deep: object = m.deep
+    for _ in range(12):
+        deep = deep[0]  # type: ignore[index]
+    return [m.slotted.table, m.helpers[0].weight, m.helpers[0].bias, deep]  # type: ignore[list-item]
+
+
+def test_slots_unregistered_modules_and_deep_nesting_are_replayed_and_dtype_converts() -> None:
+    torch.manual_seed(0)
+    eager = Unusual()
+    model = di.deferred_init(Unusual)
+    torch.manual_seed(0)
+    di.materialize(model, dtype=torch.float64)
+    for ours, theirs in zip(_unusual(model), _unusual(eager), strict=True):
+        assert not isinstance(ours, FakeTensor)
+        assert torch.equal(ours, theirs)  # plain attributes keep their dtype
+    assert model.head.weight.dtype == torch.float64  # a parameter, found through a dict too
+    assert model.shortcut["head"] is model.head
+
+
+class TooDeep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        deep: object = torch.randn(3)
+        for _ in range(40):
+            deep = [deep]
+        self.deep = deep
+
+
+def test_a_tensor_deeper_than_the_replay_looks_is_refused_at_the_recording() -> None:
+    with pytest.raises(RecordError, match=r"still holds a fake tensor.*Fix"):
+        di.deferred_init(TooDeep)

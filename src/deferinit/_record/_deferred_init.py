@@ -219,8 +219,8 @@ def _rewinds_seen(recorder: Recorder) -> Iterator[None]:
         with _WATCH:
             _watching -= 1
             if _watching == 0:
-                torch.get_rng_state = torch.random.get_rng_state = _torch_rng[0]
-                torch.set_rng_state = torch.random.set_rng_state = _torch_rng[1]
+                torch.get_rng_state = torch.random.get_rng_state = _torch_rng[0]  # type: ignore[assignment]
+                torch.set_rng_state = torch.random.set_rng_state = _torch_rng[1]  # type: ignore[assignment]
 
 
 def _before_materialize(module: nn.Module, args: tuple[Any, ...]) -> None:

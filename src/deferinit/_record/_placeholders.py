@@ -91,17 +91,23 @@ class _Swapper:
                 return type(value)(*made) if hasattr(value, "_fields") else type(value)(made)
         elif _walkable(value):
             seen.add(id(value))
-            attributes = vars(value)
+            attributes: dict[str, Any] = getattr(value, "__dict__", None) or {}
             for k, v in list(attributes.items()):
                 new = self.value(v, f"{name}.{k}", depth + 1, seen)
                 if new is not v:
                     attributes[k] = new  # as the object holds it (a frozen dataclass too)
+            for k in _slots_of(value):
+                v = getattr(value, k, None)
+                new = self.value(v, f"{name}.{k}", depth + 1, seen)
+                if new is not v:
+                    object.__setattr__(value, k, new)
         return value
 
 
-_DEPTH = 8  # how deep placeholders are looked for inside an attribute
-# Objects whose attributes are not looked into: classes, code, modules (their own
-# tables are walked as modules), tensors.
+_DEPTH = 16  # how deep placeholders are looked for inside an attribute
+# Objects whose attributes are not looked into: classes, code, Python modules, tensors.
+# (A torch module held in a plain attribute, not registered, is: its tables are
+# attributes too.)
 _OPAQUE = (
     type,
     types.ModuleType,
@@ -109,15 +115,33 @@ _OPAQUE = (
     types.MethodType,
     types.BuiltinFunctionType,
     functools.partial,
-    nn.Module,
     torch.Tensor,
 )
 
 
 def _walkable(value: object) -> bool:
-    """Whether ``value`` is a plain object whose attributes may hold tensors (a
-    helper class's instance, a dataclass)."""
-    return hasattr(value, "__dict__") and not isinstance(value, _OPAQUE)
+    """Whether ``value`` is an object whose attributes may hold tensors (a helper
+    class's instance, a dataclass, one with ``__slots__``)."""
+    if isinstance(value, _OPAQUE):
+        return False
+    return hasattr(value, "__dict__") or bool(_slots_of(value))
+
+
+def _slots_of(value: object) -> tuple[str, ...]:
+    return _slots(type(value))  # type: ignore[arg-type]  # classes hash
+
+
+@functools.lru_cache(maxsize=1024)
+def _slots(cls: type) -> tuple[str, ...]:
+    """The ``__slots__`` names of ``cls`` and its bases (not ``__dict__`` or
+    ``__weakref__``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get("__slots__", ())
+        for name in (declared,) if isinstance(declared, str) else declared:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def swap_in_placeholders(
@@ -126,13 +150,18 @@ def swap_in_placeholders(
     """Replace every fake tensor below ``root`` by a meta placeholder, in
     ``named_modules`` order; return the placeholders with their descriptors."""
     swapper = _Swapper(describe)
-    for prefix, module in root.named_modules(remove_duplicate=True):
+    modules = list(root.named_modules(remove_duplicate=True))
+    # Every parameter and buffer first, as such: an attribute may lead to another
+    # module's tables (a reference to a parent or a sibling).
+    for prefix, module in modules:
         dotted = f"{prefix}." if prefix else ""
         for table, kind in _TABLES:
             tensors = getattr(module, table)
             for leaf, t in tensors.items():
                 if isinstance(t, FakeTensor):
                     tensors[leaf] = swapper.placeholder(t, kind, dotted + leaf)
+    for prefix, module in modules:
+        dotted = f"{prefix}." if prefix else ""
         for key, value in list(vars(module).items()):
             if key in _SKIP or key.startswith("__"):
                 continue
@@ -174,9 +203,11 @@ def _leftover(root: nn.Module) -> str | None:
 
 
 def _holds_fake(value: Any, depth: int, seen: set[int]) -> bool:
+    """Whether ``value`` holds a fake tensor, looking deeper than the swap does (so
+    that one it left is found)."""
     if isinstance(value, FakeTensor):
         return True
-    if depth > _DEPTH or id(value) in seen:
+    if depth > 4 * _DEPTH or id(value) in seen:
         return False
     seen.add(id(value))
     if isinstance(value, dict):
@@ -184,7 +215,9 @@ def _holds_fake(value: Any, depth: int, seen: set[int]) -> bool:
     elif isinstance(value, list | tuple | set | frozenset):
         items = value
     elif _walkable(value):
-        items = vars(value).values()
+        attributes = getattr(value, "__dict__", None) or {}
+        items = [*attributes.values()]
+        items += [getattr(value, k, None) for k in _slots_of(value)]
     else:
         return False
     return any(_holds_fake(v, depth + 1, seen) for v in items)
