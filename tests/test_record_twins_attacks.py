@@ -578,3 +578,16 @@ def test_sharded_mixed_records_with_queued_calls_are_exact_and_all_or_nothing(
 
 if __name__ == "__main__":
     run_as_rank(rank_main)
+
+
+def test_a_twin_deep_copied_inside_a_recording_is_refused_with_the_fix() -> None:
+    # nn.TransformerEncoder clones its layer; the clones would have no place of their
+    # own in the record. Refused at the recording, never a bare torch error.
+    def factory() -> nn.Module:
+        layer = dnn.TransformerEncoderLayer(2, 16, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    with pytest.raises(RecordError, match=r"deep-copied inside the recorded construction.*Fix"):
+        di.deferred_init(factory)
+    with pytest.raises(RecordError, match="deep-copied"):
+        di.deferred_init(lambda: nn.ModuleList([copy.deepcopy(dnn.Linear(8))]))

@@ -275,6 +275,8 @@ class Deferred(nn.Module, metaclass=_DeferredMeta):
         it, which copies into another model of its own), it and its copies share
         one :class:`~deferinit._declare._copies.Copies`: they start out equal, as
         eager's copies of one constructed layer do."""
+        if HOOKS.declared is not None:  # inside di.deferred_init
+            raise _copied_while_recorded(self)
         state = self.__dict__["_di"]
         if not memo and state.copies is None:  # memo is empty for the object copied
             state.copies = Copies()
@@ -433,6 +435,20 @@ def _declaration_key(cls: type[Deferred], args: tuple[Any, ...], kwargs: dict[st
     if not _SCALAR_TYPES.issuperset(types):
         return None
     return (cls, torch.get_default_dtype(), args, types, tuple(kwargs.items()))
+
+
+def _copied_while_recorded(layer: Deferred) -> Exception:
+    from .._record._errors import RecordError  # noqa: PLC0415 - the record stage sits above
+
+    return RecordError(
+        f"deferred_init: {label(layer)} is deep-copied inside the recorded construction "
+        f"(copy.deepcopy, or nn.TransformerEncoder/TransformerDecoder cloning its layer), "
+        f"which its replay cannot construct in program order yet: the copies would have "
+        f"no place of their own in the record. Nothing was recorded. Fix: give the copied "
+        f"layer its sizes (torch.nn instead of deferinit.nn) inside the factory, or build "
+        f"the model without di.deferred_init (di.build(model, example, device='meta'), "
+        f"then di.materialize(model): its copies start equal, as eager's)."
+    )
 
 
 def placeholders_made(module: nn.Module) -> bool:
