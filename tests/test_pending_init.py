@@ -245,3 +245,17 @@ def test_copy_into_a_placeholder_waits_for_the_build() -> None:
         layer.bias.data.copy_(torch.arange(3.0))
     layer(torch.randn(2, 4))
     assert torch.equal(layer.bias.detach(), torch.arange(3.0))
+
+
+@pytest.mark.parametrize(
+    "ask",
+    [lambda w: w.size(), lambda w: w.size(1), lambda w: w.dim(), lambda w: w.ndim],
+    ids=["size()", "size(1)", "dim()", "ndim"],
+)
+def test_a_placeholders_sizes_raise_not_built_as_shape_does(ask: Any) -> None:
+    # torch's lazy placeholders answer an empty tensor's sizes (0): init code reading
+    # them (a fan-in from w.size(1)) would compute wrong values, or skip a branch.
+    layer = dnn.Linear(4)
+    with pytest.raises(di.NotBuiltError, match=r"Tensor\.(size|dim|ndim) needs the tensor's sizes"):
+        ask(layer.weight)
+    assert layer(torch.randn(2, 3)).shape == (2, 4)

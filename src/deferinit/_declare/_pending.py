@@ -58,6 +58,9 @@ _DATA = torch.Tensor.data
 # before the first conversion first and its current one last (absent: none).
 DTYPES = "_di_dtypes"
 _DETACH = torch._C.TensorBase.detach
+# Sizes a placeholder does not have yet: asked for, they raise (as .shape does).
+_SIZES = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndimension})
+_SIZE_PROPERTIES = frozenset({torch.Tensor.ndim})
 
 
 def set_owner(tensor: torch.Tensor, layer: nn.Module, name: str) -> None:
@@ -270,6 +273,14 @@ def waiting_torch_function(
         if HOOKS.queued is not None:
             HOOKS.queued(target, call)
         return target
+    if isinstance(target, cls) and (
+        func in _SIZES
+        or (wrapper and func.__self__ in _SIZE_PROPERTIES and func.__name__ == "__get__")
+    ):
+        # torch's lazy placeholders answer these with an empty tensor's sizes (0), on
+        # which init code computes silently wrong values (fan-in 0, a skipped branch).
+        name = func.__self__.__name__ if wrapper else func.__name__
+        raise refuse(target, f"Tensor.{name}")
     if func is _DETACH and isinstance(target, cls):
         # Parameter(placeholder) detaches its argument: nn.Module._apply does that when
         # moving a parameter to a device it cannot share storage with (.to("meta")).
