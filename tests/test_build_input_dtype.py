@@ -139,3 +139,28 @@ def test_di_build_takes_exactly_the_example_dtypes_the_first_forward_takes(name:
             except (RuntimeError, ValueError):
                 ran = False
             assert built == ran, (name, layer_dtype, input_dtype, built, ran)
+
+
+class _Casts(nn.Module):
+    """Its forward hands an integer tensor to a floating layer, which eager refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = dnn.Linear(4)
+        self.b = dnn.Linear(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.b(self.a(x).long())
+        return out
+
+
+@pytest.mark.parametrize("device", [None, "meta"])
+def test_an_integer_input_made_inside_the_model_is_refused_also_for_shape_examples(
+    device: str | None,
+) -> None:
+    model = _Casts()
+    with pytest.raises(di.InferenceError, match=r"layer 'b'.*int64.*Fix"):
+        di.build(model, (2, 5), device=device)
+    assert di.pending(model) == ["a", "b"]  # all or nothing, as the first forward refuses
+    with pytest.raises(di.InferenceError, match="layer 'b'"):
+        model(torch.randn(2, 5))

@@ -243,8 +243,7 @@ def _run(
     if outputs:
         _record_outputs(copy, names, result.outputs)
     answer_from_shapes(copies.values())
-    if not has_shape((args, dict(kwargs))):
-        check_input_dtypes(copies.values())
+    check_input_dtypes(copies.values(), integers_only=has_shape((args, dict(kwargs))))
     token = SHAPE_PASS.set(recorder)
     try:
         # Quiet: the shadow's constructions and forward warn at the real ones.

@@ -10,6 +10,8 @@ what the eager forward would refuse (:func:`check_input_dtypes`).
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -199,18 +201,28 @@ _HALVES = (torch.bfloat16, torch.float16)
 _TWINS_MODULE = "deferinit.nn"
 
 
-def check_input_dtypes(copies: Iterable[nn.Module]) -> None:
+def check_input_dtypes(copies: Iterable[nn.Module], *, integers_only: bool = False) -> None:
     """Make each deferred twin of ``deferinit.nn`` in the shadow refuse, at its
     first call, an input whose dtype its eager forward refuses: meta and fake
     kernels do not check dtypes, the first forward does. Classes made with
-    ``di.defer`` are the user's, and may take integers: not checked."""
+    ``di.defer`` are the user's, and may take integers: not checked.
+    ``integers_only``: where examples were given as shapes, whose floating dtype is a
+    guess (:func:`example_dtype`), only an integer input to a floating layer is
+    refused (the model's own code made it: ``x.long()``)."""
+    hook = functools.partial(_refuse_dtype, integers_only=integers_only)
     for module in copies:
         if isinstance(module, Deferred) and type(module).__module__ == _TWINS_MODULE:
             # Last: after the user's own pre-hooks, which may convert the input.
-            module.register_forward_pre_hook(_refuse_dtype, with_kwargs=True)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _refuse_dtype(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _refuse_dtype(
+    layer: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    integers_only: bool = False,
+) -> None:
     if not isinstance(layer, Deferred):
         return  # built earlier in this pass, once checked
     x = args[0] if args else next(iter(kwargs.values()), None)
@@ -219,6 +231,8 @@ def _refuse_dtype(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     if not isinstance(x, torch.Tensor):
         return
     expected = layer_dtype(layer)
+    if (x.is_floating_point() or x.is_complex()) and integers_only:
+        return
     if x.is_floating_point() or x.is_complex():
         classes = getattr(_class_of(layer), "classes", (_class_of(layer),))
         if expected is None or x.dtype == expected or _autocast(x):
