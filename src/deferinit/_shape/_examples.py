@@ -11,7 +11,6 @@ what the eager forward would refuse (:func:`check_input_dtypes`).
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Iterable, Mapping
 from typing import Any
 
