@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import (
 
 import deferinit as di
 from deferinit import nn as dnn
-from deferinit._record import RecordError
+from deferinit._record import RecordError, ReplayError
 from deferinit._record._engine import Engine
 from rank_script import run_as_rank
 from test_record_support import differing
@@ -591,3 +591,49 @@ def test_a_twin_deep_copied_inside_a_recording_is_refused_with_the_fix() -> None
         di.deferred_init(factory)
     with pytest.raises(RecordError, match="deep-copied"):
         di.deferred_init(lambda: nn.ModuleList([copy.deepcopy(dnn.Linear(8))]))
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, init: Callable[[nn.Module], None]) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.lm_head = dnn.Linear(11, bias=True)
+        self.lm_head.weight = self.wte.weight  # tied before the head's build
+        self.lm_head.apply(init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lm_head(self.wte(ids))
+        return out
+
+
+def _zero_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.zeros_(m.weight)
+
+
+def _zero_biases(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.zeros_(m.bias)
+
+
+def test_an_apply_inside_a_recording_on_a_twins_tied_tensor_is_refused_not_lost() -> None:
+    ids = torch.randint(0, 11, (2, 3))
+    model = di.deferred_init(_TiedHead, _zero_weights)
+    di.build(model, ids, device="meta")
+    with pytest.raises(ReplayError, match=r"layer 'lm_head'.*changes 'weight'.*tied.*Fix"):
+        di.materialize(model)
+    assert model.wte.weight.is_meta
+    # A function that leaves the tied tensor alone replays as eager's.
+    torch.manual_seed(0)
+    eager = _TiedHead.__new__(_TiedHead)
+    nn.Module.__init__(eager)
+    eager.wte = nn.Embedding(11, 6)
+    eager.lm_head = nn.Linear(6, 11)
+    eager.lm_head.weight = eager.wte.weight
+    eager.lm_head.apply(_zero_biases)
+    model = di.deferred_init(_TiedHead, _zero_biases)
+    di.build(model, ids, device="meta")
+    torch.manual_seed(0)
+    di.materialize(model)
+    for key, value in eager.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

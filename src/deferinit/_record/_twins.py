@@ -167,7 +167,28 @@ class TwinReplay:
                 "declared inside the deferred_init factory."
             )
         name = self.names.get(id(event.layer), "")
+        # Tensors tied (before the build) to a tensor of the recording: the function
+        # changes the fresh one, which is not placed; eager's changed the tied tensor.
+        fresh_tensors = tensors_by_name(fresh)
+        tied = {
+            leaf: fresh_tensors[leaf]._version
+            for leaf, old in tensors_by_name(event.layer).items()
+            if id(old) in self.skip and leaf in fresh_tensors
+        }
         apply_registered(fresh, Registration(None, "", (event.fn,)), recurse=True, name=name)
+        changed = [
+            leaf for leaf, version in tied.items() if fresh_tensors[leaf]._version != version
+        ]
+        if changed:
+            raise ReplayError(
+                f"materialize: {label(event.layer)}: a function applied to it inside the "
+                f"recorded construction changes {', '.join(repr(c) for c in changed)}, which "
+                f"is tied to another tensor of the recording (assigned before its build); "
+                f"the replay cannot apply it to the tied tensor in program order yet, and "
+                f"would lose it. The model was left on meta. Fix: tie after applying the "
+                f"function, or apply it to the module that owns the tensor, or give the "
+                f"layer its sizes (torch.nn instead of deferinit.nn)."
+            )
 
     def _call(self, event: Queued) -> None:
         value = self.by_name.get(
