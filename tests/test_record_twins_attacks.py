@@ -18,7 +18,7 @@ import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -585,7 +585,7 @@ def test_a_twin_deep_copied_inside_a_recording_is_refused_with_the_fix() -> None
     # own in the record. Refused at the recording, never a bare torch error.
     def factory() -> nn.Module:
         layer = dnn.TransformerEncoderLayer(2, 16, batch_first=True)
-        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        return nn.TransformerEncoder(cast(Any, layer), 2, enable_nested_tensor=False)
 
     with pytest.raises(RecordError, match=r"deep-copied inside the recorded construction.*Fix"):
         di.deferred_init(factory)
@@ -625,8 +625,7 @@ def test_an_apply_inside_a_recording_on_a_twins_tied_tensor_is_refused_not_lost(
     assert model.wte.weight.is_meta
     # A function that leaves the tied tensor alone replays as eager's.
     torch.manual_seed(0)
-    eager = _TiedHead.__new__(_TiedHead)
-    nn.Module.__init__(eager)
+    eager = nn.Module()
     eager.wte = nn.Embedding(11, 6)
     eager.lm_head = nn.Linear(6, 11)
     eager.lm_head.weight = eager.wte.weight
